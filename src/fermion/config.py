@@ -1,0 +1,317 @@
+"""Recipes: one YAML file per run, validated by pydantic models.
+
+Every section is a strict model (unknown keys are errors). `load_recipe` reads the YAML, applies `--set a.b=c`
+overrides, validates, and turns any problem into a `RecipeError` whose message names the file, the field path and
+what would be right. The CLI prints that one line and exits with code 2 before anything is written.
+"""
+
+from __future__ import annotations
+
+import difflib
+import glob
+import os
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+
+class RecipeError(ValueError):
+    """A recipe that cannot be used; the message is meant to be shown to the user as is."""
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class MoEConfig(Section):
+    n_experts: int = Field(8, ge=2)
+    top_k: int = Field(2, ge=1)
+    aux_loss_coef: float = Field(0.01, ge=0)  # Switch/Mixtral load-balancing loss weight
+    z_loss_coef: float = Field(0.001, ge=0)  # ST-MoE router z-loss weight
+
+    @model_validator(mode="after")
+    def _top_k_fits(self) -> MoEConfig:
+        if self.top_k > self.n_experts:
+            raise ValueError(f"top_k ({self.top_k}) must be at most n_experts ({self.n_experts})")
+        return self
+
+
+class ModelConfig(Section):
+    vocab_size: int = Field(4096, ge=2)
+    d_model: int = Field(256, ge=8)
+    n_layers: int = Field(4, ge=1)
+    n_heads: int = Field(8, ge=1)
+    n_kv_heads: int | None = Field(None, ge=1)  # None: as many as n_heads (plain multi-head attention)
+    head_dim: int | None = Field(None, ge=2)  # None: d_model // n_heads
+    ffn_hidden: int = Field(688, ge=1)  # SwiGLU hidden size (per expert with MoE)
+    context_length: int = Field(256, ge=2)
+    rope_theta: float = Field(10000.0, gt=0)
+    norm_eps: float = Field(1e-5, gt=0)
+    tie_embeddings: bool = True
+    qk_norm: bool = False
+    sliding_window: int | None = Field(None, ge=1)  # Mistral-style local attention span, in tokens
+    moe: MoEConfig | None = None
+    init_std: float = Field(0.02, gt=0)
+
+    @model_validator(mode="after")
+    def _heads_fit(self) -> ModelConfig:
+        if self.head_dim is None and self.d_model % self.n_heads:
+            raise ValueError(f"d_model ({self.d_model}) must be divisible by n_heads ({self.n_heads}), or set head_dim")
+        if self.n_heads % self.kv_heads:
+            raise ValueError(f"n_heads ({self.n_heads}) must be a multiple of n_kv_heads ({self.kv_heads})")
+        if self.dim_per_head % 2:
+            raise ValueError(f"head dimension ({self.dim_per_head}) must be even for RoPE")
+        return self
+
+    @property
+    def kv_heads(self) -> int:
+        return self.n_kv_heads or self.n_heads
+
+    @property
+    def dim_per_head(self) -> int:
+        return self.head_dim or self.d_model // self.n_heads
+
+
+DEFAULT_SPECIAL_TOKENS = [
+    "<|bos|>",
+    "<|eos|>",
+    "<|pad|>",
+    "<|im_start|>",
+    "<|im_end|>",
+    "<|system|>",
+    "<|user|>",
+    "<|assistant|>",
+    "<|tool|>",
+]
+
+
+class TokenizerConfig(Section):
+    path: str | None = None  # an existing tokenizer.json to use instead of training one
+    vocab_size: int = Field(4096, ge=300)
+    min_frequency: int = Field(2, ge=1)
+    special_tokens: list[str] = Field(default_factory=lambda: list(DEFAULT_SPECIAL_TOKENS))
+    train_bytes: int = Field(20_000_000, ge=1000)  # how much of the corpus the BPE trainer reads
+
+    @model_validator(mode="after")
+    def _required_specials(self) -> TokenizerConfig:
+        for token in ("<|bos|>", "<|eos|>", "<|pad|>"):
+            if token not in self.special_tokens:
+                raise ValueError(f"special_tokens must include {token!r}")
+        return self
+
+
+class SourceConfig(Section):
+    name: str = Field(min_length=1)
+    paths: list[str] = Field(default_factory=list)  # files or globs: .txt, .jsonl, .jsonl.gz
+    builtin: Literal["python-stdlib"] | None = None  # text every machine with Python has
+    text_field: str = "text"  # the field holding the text in jsonl records
+    separator: str | None = None  # splits a .txt file into documents (e.g. "<|endoftext|>"); None: one per file
+    kind: str = "web"
+    weight: float = Field(1.0, gt=0)
+    max_documents: int | None = Field(None, ge=1)
+
+    @model_validator(mode="after")
+    def _has_input(self) -> SourceConfig:
+        if not self.paths and self.builtin is None:
+            raise ValueError("give paths (files or globs) or builtin: python-stdlib")
+        return self
+
+
+class DataConfig(Section):
+    sources: list[SourceConfig] = Field(min_length=1)
+    val_fraction: float = Field(0.01, ge=0, lt=1)
+    shard_dir: str | None = None  # default: <run dir>/data
+    shard_tokens: int = Field(50_000_000, ge=1000)  # tokens per shard file
+    num_workers: int = Field(2, ge=1)
+
+
+class TrainConfig(Section):
+    steps: int = Field(1000, ge=1)
+    micro_batch_size: int = Field(8, ge=1)  # sequences per device per micro-step
+    grad_accum: int = Field(1, ge=1)
+    seq_len: int | None = Field(None, ge=2)  # default: model.context_length
+    lr: float = Field(3e-4, gt=0)
+    min_lr_ratio: float = Field(0.1, ge=0, le=1)  # final lr as a fraction of the peak
+    schedule: Literal["cosine", "wsd", "constant"] = "cosine"
+    warmup_steps: int = Field(100, ge=0)
+    decay_fraction: float = Field(0.2, gt=0, le=1)  # wsd: share of steps spent decaying
+    betas: tuple[float, float] = (0.9, 0.95)
+    eps: float = Field(1e-8, gt=0)
+    weight_decay: float = Field(0.1, ge=0)
+    decay_norms_and_embeddings: bool = False
+    grad_clip: float | None = Field(1.0, gt=0)
+    precision: Literal["fp32", "bf16"] = "fp32"
+    compile: bool = False
+    distributed: Literal["ddp", "fsdp"] = "ddp"  # used when launched with torchrun
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    eval_every: int = Field(100, ge=1)
+    eval_batches: int = Field(10, ge=1)
+    log_every: int = Field(10, ge=1)
+    checkpoint_every: int = Field(500, ge=1)
+    keep_checkpoints: int = Field(3, ge=1)
+    max_nonfinite: int = Field(3, ge=1)  # consecutive non-finite losses before the run stops
+    peak_flops: float | None = Field(None, gt=0)  # per device, for MFU; None: look the device up
+    tensorboard: bool = True
+    wandb: bool = False
+    progress: bool = True
+
+    @model_validator(mode="after")
+    def _schedule_fits(self) -> TrainConfig:
+        if self.warmup_steps > self.steps:
+            raise ValueError(f"warmup_steps ({self.warmup_steps}) must not exceed steps ({self.steps})")
+        return self
+
+
+class RunConfig(Section):
+    name: str = "run"
+    dir: str | None = None  # default: runs/<name>
+    seed: int = 1337
+
+
+class Recipe(Section):
+    run: RunConfig = Field(default_factory=RunConfig)
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    tokenizer: TokenizerConfig = Field(default_factory=TokenizerConfig)
+    data: DataConfig | None = None
+    train: TrainConfig = Field(default_factory=TrainConfig)
+
+    @model_validator(mode="after")
+    def _lengths_fit(self) -> Recipe:
+        if self.train.seq_len is not None and self.train.seq_len > self.model.context_length:
+            raise ValueError(
+                f"train.seq_len ({self.train.seq_len}) exceeds model.context_length ({self.model.context_length})"
+            )
+        return self
+
+    @property
+    def seq_len(self) -> int:
+        return self.train.seq_len or self.model.context_length
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.run.dir or os.path.join("runs", self.run.name))
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
+
+
+# ---------------------------------------------------------------------------------------------- loading + errors
+
+
+def load_recipe(path: str | os.PathLike, overrides: list[str] | None = None, check_paths: bool = True) -> Recipe:
+    """Read, override, validate. Raises RecipeError with a one-line, user-facing message."""
+    path = Path(path)
+    if not path.is_file():
+        raise RecipeError(f"{path}: recipe file not found")
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f":{mark.line + 1}" if mark else ""
+        raise RecipeError(f"{path}{where}: not valid YAML ({getattr(err, 'problem', err)})") from None
+    if not isinstance(raw, dict):
+        raise RecipeError(f"{path}: a recipe is a mapping of sections (model, tokenizer, data, train, ...)")
+    for item in overrides or []:
+        apply_override(raw, item, source=str(path))
+    return recipe_from_dict(raw, source=str(path), check_paths=check_paths)
+
+
+def recipe_from_dict(raw: dict, source: str = "recipe", check_paths: bool = True) -> Recipe:
+    try:
+        recipe = Recipe.model_validate(raw)
+    except ValidationError as err:
+        raise RecipeError(f"{source}: {describe_error(err.errors()[0], raw)}") from None
+    if check_paths:
+        check_data_paths(recipe, source)
+    return recipe
+
+
+def apply_override(raw: dict, item: str, source: str = "--set") -> None:
+    """Apply one `a.b.c=value` override in place. The value is parsed as YAML (numbers, bools, lists);
+    a number in the key indexes a list (`data.sources.0.weight=2`)."""
+    key, sep, value = item.partition("=")
+    if not sep or not key.strip():
+        raise RecipeError(f"--set {item!r}: expected KEY=VALUE, for example --set train.lr=3e-4")
+    parts: list = [int(p) if p.isdigit() else p for p in key.strip().split(".")]
+    node = raw
+    for part in parts[:-1]:
+        _check_index(node, part, item)
+        if isinstance(node, dict) and node.get(part) is None:
+            node[part] = {}
+        node = node[part]
+        if not isinstance(node, (dict, list)):
+            raise RecipeError(f"--set {item!r}: {part!r} is not a section")
+    _check_index(node, parts[-1], item)
+    try:
+        node[parts[-1]] = yaml.safe_load(value)
+    except yaml.YAMLError:
+        node[parts[-1]] = value
+
+
+def _check_index(node, part, item: str) -> None:
+    if isinstance(node, list) and not (isinstance(part, int) and part < len(node)):
+        raise RecipeError(f"--set {item!r}: {part!r} is not an index of that list (it has {len(node)} items)")
+
+
+def describe_error(error: dict, raw: dict) -> str:
+    loc = [str(p) for p in error["loc"]]
+    where = _dotted(error["loc"])
+    if error["type"] == "extra_forbidden":
+        model = _model_at(loc[:-1])
+        valid = list(model.model_fields) if model else []
+        close = difflib.get_close_matches(loc[-1], valid, n=1, cutoff=0.5)
+        if close:
+            return f"unknown key '{where}'; did you mean '{_dotted([*error['loc'][:-1], close[0]])}'?"
+        return f"unknown key '{where}' (valid keys here: {', '.join(valid)})"
+    message = error["msg"].removeprefix("Value error, ")
+    if error["type"] == "missing":
+        return f"'{where}' is required"
+    got = f" (got {error['input']!r})" if "input" in error and not isinstance(error["input"], dict) else ""
+    return f"{where or 'recipe'}: {message}{got}"
+
+
+def _dotted(loc) -> str:
+    out = ""
+    for part in loc:
+        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
+    return out
+
+
+def _model_at(loc: list[str]) -> type[BaseModel] | None:
+    model: Any = Recipe
+    for part in loc:
+        if part.isdigit():
+            continue
+        field = model.model_fields.get(part)
+        if field is None:
+            return None
+        model = _model_type(field.annotation)
+        if model is None:
+            return None
+    return model
+
+
+def _model_type(annotation) -> type[BaseModel] | None:
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return annotation
+    for arg in getattr(annotation, "__args__", ()):
+        found = _model_type(arg)
+        if found is not None:
+            return found
+    return None
+
+
+def check_data_paths(recipe: Recipe, source: str) -> None:
+    if recipe.tokenizer.path and not Path(recipe.tokenizer.path).is_file():
+        raise RecipeError(f"{source}: tokenizer.path: file not found: {recipe.tokenizer.path}")
+    if recipe.data is None:
+        return
+    for i, src in enumerate(recipe.data.sources):
+        for j, pattern in enumerate(src.paths):
+            if not glob.glob(os.path.expanduser(pattern), recursive=True):
+                raise RecipeError(
+                    f"{source}: data.sources[{i}].paths[{j}]: no file matches {pattern!r} "
+                    f"(paths are relative to the directory you run fermion from: {os.getcwd()})"
+                )

@@ -1,0 +1,85 @@
+"""The pretraining stage: tokenizer -> shards -> model -> the trainer with the pretraining objective."""
+
+from __future__ import annotations
+
+import itertools
+from pathlib import Path
+
+import torch
+from rich.console import Console
+
+from fermion.config import Recipe, RecipeError
+from fermion.data.shards import ShardSet, TokenLoader, check_tokenizer, val_batches, write_shards
+from fermion.data.sources import iter_documents
+from fermion.data.tokenizer import Tokenizer
+from fermion.model.transformer import Transformer
+from fermion.train import distributed
+from fermion.train.objectives import Pretrain
+from fermion.train.trainer import Trainer, TrainResult
+
+
+def tokenizer_path(recipe: Recipe) -> Path:
+    return Path(recipe.tokenizer.path) if recipe.tokenizer.path else recipe.run_dir / "tokenizer.json"
+
+
+def shard_dir(recipe: Recipe) -> Path:
+    return Path(recipe.data.shard_dir) if recipe.data.shard_dir else recipe.run_dir / "data"
+
+
+def require_data(recipe: Recipe) -> None:
+    if recipe.data is None:
+        raise RecipeError("the recipe has no 'data' section: add data.sources (paths or builtin: python-stdlib)")
+
+
+def train_tokenizer(recipe: Recipe, console: Console, force: bool = False) -> Path:
+    """Train the recipe's BPE tokenizer into the run directory, unless the recipe names one or it exists."""
+    path = tokenizer_path(recipe)
+    if recipe.tokenizer.path or (path.is_file() and not force):
+        return path
+    require_data(recipe)
+    texts = itertools.chain.from_iterable(iter_documents(source) for source in recipe.data.sources)
+    with console.status(f"training a {recipe.tokenizer.vocab_size:,}-token byte-level BPE tokenizer"):
+        tokenizer = Tokenizer.train(texts, recipe.tokenizer)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tokenizer.save(path)
+    console.print(f"tokenizer: {tokenizer.vocab_size:,} tokens -> {path}")
+    return path
+
+
+def build_model(recipe: Recipe, device: torch.device) -> Transformer:
+    """Build on the meta device, then materialise and initialise on the target device from the run's seed."""
+    with torch.device("meta"):
+        model = Transformer(recipe.model)
+    model.to_empty(device=device)
+    model.init_weights(torch.Generator(device).manual_seed(recipe.run.seed))
+    return model
+
+
+def pretrain(recipe: Recipe, resume: str = "auto", console: Console | None = None) -> TrainResult:
+    console = console or Console()
+    require_data(recipe)
+    info = distributed.setup(recipe.train.device)
+    try:
+        torch.manual_seed(recipe.run.seed + info.rank)
+        if info.is_main:
+            recipe.run_dir.mkdir(parents=True, exist_ok=True)
+            (recipe.run_dir / "recipe.yaml").write_text(recipe.to_yaml())
+            train_tokenizer(recipe, console)
+            write_shards(recipe.data, Tokenizer.load(tokenizer_path(recipe)), shard_dir(recipe), recipe.run.seed)
+        distributed.barrier(info)
+        tokenizer = Tokenizer.load(tokenizer_path(recipe))
+        if recipe.model.vocab_size < tokenizer.vocab_size:
+            raise RecipeError(f"model.vocab_size ({recipe.model.vocab_size}) is smaller than the tokenizer's "
+                              f"{tokenizer.vocab_size} tokens; set model.vocab_size to at least that")
+        train_shards = ShardSet(shard_dir(recipe), "train")
+        check_tokenizer(train_shards.index, tokenizer, shard_dir(recipe))
+        loader = TokenLoader(train_shards, recipe.seq_len, recipe.train.micro_batch_size, recipe.run.seed,
+                             info.rank, info.world_size)
+        validation = val_batches(ShardSet(shard_dir(recipe), "val"), recipe.seq_len, recipe.train.micro_batch_size,
+                                 recipe.train.eval_batches)
+        objective = Pretrain(torch.from_numpy(tokenizer.token_bytes()))
+        trainer = Trainer(recipe, build_model(recipe, info.device), objective, loader, validation, info,
+                          tokenizer_path(recipe), console)
+        return trainer.fit(resume)
+    finally:
+        distributed.teardown(info)

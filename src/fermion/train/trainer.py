@@ -1,0 +1,261 @@
+"""The one training loop. It takes a model, an objective, a loader and a recipe, and owns the rest: optimizer,
+schedule, gradient accumulation, clipping, mixed precision, distributed wrapping, validation, metrics, checkpoints,
+exact resume, and stopping cleanly on SIGTERM/SIGINT or on repeated non-finite losses."""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import signal
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from rich.console import Console
+
+from fermion.config import Recipe
+from fermion.model.counting import count
+from fermion.train import checkpoint
+from fermion.train.distributed import DistInfo, all_reduce, wrap
+from fermion.train.logging import MetricsLogger, format_stats, make_progress, peak_flops
+from fermion.train.objectives import summarise_eval
+from fermion.train.schedule import learning_rate
+
+
+class TrainingError(RuntimeError):
+    """The run cannot go on; the message says why and where the last good state is."""
+
+
+@dataclass
+class TrainResult:
+    status: str  # "complete" or "preempted"
+    step: int
+    checkpoint: Path | None
+    val_loss: float | None = None
+    val_bpb: float | None = None
+
+
+def build_optimizer(model: torch.nn.Module, recipe: Recipe, device: torch.device) -> torch.optim.AdamW:
+    """AdamW with weight decay on matmul weights only (norms and embeddings excluded unless configured)."""
+    cfg = recipe.train
+    decay, no_decay = [], []
+    for name, param in model.named_parameters():
+        exempt = param.ndim < 2 or "tok_emb" in name
+        (no_decay if exempt and not cfg.decay_norms_and_embeddings else decay).append(param)
+    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.betas, eps=cfg.eps, fused=True)
+
+
+class Trainer:
+    def __init__(self, recipe: Recipe, model: torch.nn.Module, objective, loader, val_batches: list, info: DistInfo,
+                 tokenizer_path: Path, console: Console | None = None):
+        self.recipe, self.cfg, self.info = recipe, recipe.train, info
+        self.objective, self.loader, self.val_batches = objective, loader, val_batches
+        self.tokenizer_path = tokenizer_path
+        self.console = console or Console()
+        self.run_dir = recipe.run_dir
+        self.sharded = info.distributed and self.cfg.distributed == "fsdp"
+        if self.cfg.compile:
+            for block in model.blocks:
+                block.compile()  # in place: parameter names stay those of the plain model
+        self.raw_model = model
+        self.model = wrap(model, self.cfg.distributed, info)
+        self.optimizer = build_optimizer(self.model, recipe, info.device)
+        self.tokens_per_step = self.cfg.micro_batch_size * recipe.seq_len * self.cfg.grad_accum * info.world_size
+        self.flops_per_token = count(recipe.model, recipe.seq_len).train_flops_per_token
+        device_name = torch.cuda.get_device_name(info.device) if info.device.type == "cuda" else None
+        self.peak_flops = self.cfg.peak_flops or peak_flops(device_name)
+        self.step, self.tokens_seen, self.nonfinite_streak, self.elapsed = 0, 0, 0, 0.0
+        self._stop_signal: str | None = None
+
+    # ------------------------------------------------------------------------------------------------ state
+
+    def trainer_state(self) -> dict:
+        return {"tokens_seen": self.tokens_seen, "loader": self.loader.state_dict(), "elapsed_s": self.elapsed,
+                "nonfinite_streak": self.nonfinite_streak, "lr": learning_rate(self.cfg, max(self.step - 1, 0))}
+
+    def save(self) -> Path:
+        return checkpoint.save(self.run_dir, self.step, self.model if self.sharded else self.raw_model,
+                               self.optimizer, self.trainer_state(), self.info, self.sharded, self.recipe,
+                               self.tokenizer_path, self.cfg.keep_checkpoints)
+
+    def restore(self, ckpt: Path) -> None:
+        saved = checkpoint.load_recipe_of(ckpt)
+        if saved.model != self.recipe.model:
+            raise TrainingError(f"{ckpt} holds a different model than this recipe's 'model' section; "
+                                f"use another run.dir or restore the recipe's model section")
+        state = checkpoint.load_training(ckpt, self.model if self.sharded else self.raw_model, self.optimizer,
+                                         self.info, self.sharded)
+        self.step, self.tokens_seen = state["step"], state["tokens_seen"]
+        self.nonfinite_streak, self.elapsed = state["nonfinite_streak"], state["elapsed_s"]
+        self.loader.load_state_dict(state["loader"])
+
+    def _resume_from(self, resume: str) -> Path | None:
+        if resume == "none":
+            if checkpoint.list_checkpoints(self.run_dir):
+                raise TrainingError(f"{self.run_dir} already has checkpoints; pass --resume auto to continue it, "
+                                    f"or set run.dir to start a new run")
+            return None
+        if resume == "auto":
+            return checkpoint.newest_good(self.run_dir, warn=self._warn)
+        return checkpoint.resolve(resume, warn=self._warn)
+
+    def _warn(self, message: str) -> None:
+        if self.info.is_main:
+            self.console.print(f"[yellow]warning:[/] {message}")
+
+    # --------------------------------------------------------------------------------------------- signals
+
+    @contextlib.contextmanager
+    def _stop_on_signals(self):
+        def request_stop(signum, _frame):
+            if self._stop_signal is not None and signum == signal.SIGINT:
+                raise KeyboardInterrupt  # a second Ctrl-C means now
+            self._stop_signal = signal.Signals(signum).name
+
+        previous = {s: signal.signal(s, request_stop) for s in (signal.SIGTERM, signal.SIGINT)}
+        try:
+            yield
+        finally:
+            for s, handler in previous.items():
+                signal.signal(s, handler)
+
+    def _stop_requested(self) -> bool:
+        flag = torch.tensor([1.0 if self._stop_signal else 0.0], device=self.info.device)
+        return bool(all_reduce(flag, self.info, op="max").item())
+
+    # ------------------------------------------------------------------------------------------------ steps
+
+    def _autocast(self):
+        return torch.autocast(self.info.device.type, dtype=torch.bfloat16, enabled=self.cfg.precision == "bf16")
+
+    def _sync_gradients(self, sync: bool):
+        if not self.info.distributed:
+            return contextlib.nullcontext()
+        if self.sharded:
+            self.model.set_requires_gradient_sync(sync)
+            return contextlib.nullcontext()
+        return contextlib.nullcontext() if sync else self.model.no_sync()
+
+    def train_step(self) -> tuple[float, float]:
+        """One optimizer step over grad_accum micro-batches; returns (mean loss, gradient norm)."""
+        self.model.train()
+        for group in self.optimizer.param_groups:
+            group["lr"] = learning_rate(self.cfg, self.step)
+        total = torch.zeros((), device=self.info.device)
+        for micro in range(self.cfg.grad_accum):
+            inputs, targets = (t.to(self.info.device, non_blocking=True) for t in self.loader.next_batch())
+            with self._sync_gradients(micro == self.cfg.grad_accum - 1), self._autocast():
+                loss, _ = self.objective.loss(self.model, (inputs, targets))
+            (loss / self.cfg.grad_accum).backward()
+            total += loss.detach()
+        mean_loss = all_reduce(total / self.cfg.grad_accum, self.info) / self.info.world_size
+        if self.cfg.grad_clip is not None:
+            grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.grad_clip)
+        else:
+            grad_norm = torch.nn.utils.get_total_norm([p.grad for p in self.model.parameters() if p.grad is not None])
+        if hasattr(grad_norm, "full_tensor"):
+            grad_norm = grad_norm.full_tensor()
+        loss_value, norm_value = mean_loss.item(), grad_norm.item()
+        if math.isfinite(loss_value) and math.isfinite(norm_value):
+            self.optimizer.step()
+            self.nonfinite_streak = 0
+        else:
+            self.nonfinite_streak += 1
+        self.optimizer.zero_grad(set_to_none=True)
+        return loss_value, norm_value
+
+    @torch.no_grad()
+    def evaluate(self) -> dict[str, float]:
+        self.model.eval()
+        sums = torch.zeros(3, device=self.info.device)
+        for inputs, targets in self.val_batches:
+            with self._autocast():
+                sums += self.objective.eval_sums(self.model, (inputs.to(self.info.device),
+                                                              targets.to(self.info.device)))
+        return summarise_eval(sums)
+
+    # ------------------------------------------------------------------------------------------------- loop
+
+    def fit(self, resume: str = "auto") -> TrainResult:
+        ckpt = self._resume_from(resume)
+        if ckpt is not None:
+            self.restore(ckpt)
+            if self.info.is_main:
+                self.console.print(f"resuming from [bold]{ckpt}[/] (step {self.step:,}, "
+                                   f"{self.tokens_seen:,} tokens seen)")
+        if self.step >= self.cfg.steps:
+            if self.info.is_main:
+                self.console.print(f"already trained to step {self.step:,} of {self.cfg.steps:,}; nothing to do")
+            return TrainResult("complete", self.step, ckpt)
+        logger = None
+        if self.info.is_main:
+            logger = MetricsLogger(self.run_dir, self.step, self.cfg.tensorboard, self.cfg.wandb,
+                                   self.recipe.model_dump(mode="json"), self.console)
+        try:
+            with self._stop_on_signals():
+                return self._loop(logger)
+        finally:
+            if logger is not None:
+                logger.close()
+
+    def _loop(self, logger: MetricsLogger | None) -> TrainResult:
+        last_eval: dict[str, float] = {}
+        path = None
+        progress = make_progress(self.console, self.cfg.progress and self.info.is_main)
+        with progress:
+            task = progress.add_task("pretrain", total=self.cfg.steps, completed=self.step, stats="")
+            while self.step < self.cfg.steps:
+                if self._stop_requested():
+                    path = self.save()
+                    self._say(f"received {self._stop_signal or 'a stop request'}: saved {path}; resume with "
+                              f"--resume auto")
+                    return TrainResult("preempted", self.step, path, **last_eval)
+                started = time.perf_counter()
+                loss, grad_norm = self.train_step()
+                seconds = time.perf_counter() - started
+                self.elapsed += seconds
+                self.step += 1
+                self.tokens_seen += self.tokens_per_step
+                record = self._step_record(loss, grad_norm, seconds)
+                if logger is not None:
+                    logger.log(record)
+                    progress.update(task, completed=self.step, stats=format_stats(record))
+                    if self.step % self.cfg.log_every == 0 and progress.disable:
+                        self._say(f"step {self.step:>6,}/{self.cfg.steps:,}  {format_stats(record)}")
+                if self.nonfinite_streak:
+                    self._handle_nonfinite(loss, grad_norm)
+                if self.step % self.cfg.eval_every == 0 or self.step == self.cfg.steps:
+                    last_eval = self.evaluate()
+                    if logger is not None:
+                        logger.log({"step": self.step, **last_eval})
+                    self._say(f"step {self.step:,}: val loss {last_eval['val_loss']:.4f} · "
+                              f"val bits/byte {last_eval['val_bpb']:.4f}")
+                if self.step % self.cfg.checkpoint_every == 0 or self.step == self.cfg.steps:
+                    path = self.save()
+        return TrainResult("complete", self.step, path, **last_eval)
+
+    def _step_record(self, loss: float, grad_norm: float, seconds: float) -> dict:
+        tokens_per_s = self.tokens_per_step / seconds
+        mfu = None
+        if self.peak_flops:
+            mfu = self.flops_per_token * tokens_per_s / (self.peak_flops * self.info.world_size)
+        return {"step": self.step, "loss": loss, "lr": learning_rate(self.cfg, self.step - 1),
+                "grad_norm": grad_norm, "tokens": self.tokens_seen, "tokens_per_s": tokens_per_s, "mfu": mfu,
+                "elapsed_s": self.elapsed}
+
+    def _handle_nonfinite(self, loss: float, grad_norm: float) -> None:
+        self._say(f"[yellow]step {self.step:,}: non-finite loss {loss} / gradient norm {grad_norm}; "
+                  f"update skipped ({self.nonfinite_streak} in a row)[/]")
+        if self.nonfinite_streak >= self.cfg.max_nonfinite:
+            path = self.save()
+            raise TrainingError(
+                f"the loss was not finite for {self.nonfinite_streak} steps in a row (up to step {self.step:,}); "
+                f"stopped. The last good weights are saved in {path}. Lower train.lr, raise train.warmup_steps "
+                f"or check the data."
+            )
+
+    def _say(self, message: str) -> None:
+        if self.info.is_main:
+            self.console.print(message)

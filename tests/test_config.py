@@ -1,0 +1,111 @@
+"""Recipes: validation errors a user can act on, overrides, and the CLI's model info."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from fermion.config import RecipeError, load_recipe
+
+REPO = Path(__file__).resolve().parents[1]
+TINY = REPO / "configs" / "tiny.yaml"
+
+
+def write_recipe(tmp_path: Path, mutate) -> Path:
+    raw = yaml.safe_load(TINY.read_text())
+    raw["run"]["dir"] = str(tmp_path / "run")
+    mutate(raw)
+    path = tmp_path / "recipe.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    return path
+
+
+def fermion(*args: str, cwd: Path = REPO) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "fermion", *args], cwd=cwd, capture_output=True, text=True,
+                          timeout=300)
+
+
+def misspelt(raw):
+    raw["train"]["lrr"] = raw["train"].pop("lr")
+
+
+def negative_lr(raw):
+    raw["train"]["lr"] = -0.001
+
+
+def missing_path(raw):
+    raw["data"]["sources"][0]["paths"] = ["no/such/corpus/*.jsonl"]
+
+
+@pytest.mark.parametrize(
+    "mutate, expected",
+    [
+        (misspelt, "unknown key 'train.lrr'; did you mean 'train.lr'?"),
+        (negative_lr, "train.lr: Input should be greater than 0 (got -0.001)"),
+        (missing_path, "data.sources[0].paths[0]: no file matches 'no/such/corpus/*.jsonl'"),
+    ],
+)
+def test_bad_recipes_give_one_clear_line_exit_2_and_write_nothing(tmp_path, mutate, expected):
+    recipe = write_recipe(tmp_path, mutate)
+    result = fermion("pretrain", str(recipe))
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    assert expected in lines[0] and str(recipe) in lines[0]
+    assert "Traceback" not in result.stderr + result.stdout
+    assert not (tmp_path / "run").exists()
+
+
+def test_overrides_apply_and_resolved_recipe_round_trips(tmp_path):
+    recipe = load_recipe(TINY, ["train.lr=3e-4", "model.qk_norm=true", "data.sources.0.weight=2"])
+    assert recipe.train.lr == 3e-4 and recipe.model.qk_norm and recipe.data.sources[0].weight == 2
+    saved = tmp_path / "resolved.yaml"
+    saved.write_text(recipe.to_yaml())
+    assert load_recipe(saved) == recipe
+
+
+def test_override_of_unknown_key_is_named():
+    with pytest.raises(RecipeError, match=r"unknown key 'train.warmup'; did you mean 'train.warmup_steps'\?"):
+        load_recipe(TINY, ["train.warmup=10"])
+
+
+def test_cross_field_checks():
+    with pytest.raises(RecipeError, match="n_heads .* must be a multiple of n_kv_heads"):
+        load_recipe(TINY, ["model.n_kv_heads=3"])
+    with pytest.raises(RecipeError, match="top_k .* must be at most n_experts"):
+        load_recipe(TINY, ["model.moe={n_experts: 2, top_k: 3}"])
+    with pytest.raises(RecipeError, match="train.seq_len .* exceeds model.context_length"):
+        load_recipe(TINY, ["train.seq_len=4096"])
+
+
+def test_model_info_published_1b_counts_exactly():
+    result = fermion("model", "info", "configs/published/auto-g-nano-1b.yaml")
+    assert result.returncode == 0, result.stderr
+    assert "1,050,002,688" in result.stdout
+
+
+def test_model_info_moe_prints_true_active_count():
+    result = fermion("model", "info", "configs/published/neo-3-1b-a90m.yaml")
+    assert result.returncode == 0, result.stderr
+    assert "1,004,659,712" in result.stdout and "325,182,464" in result.stdout
+
+
+def test_model_info_7b_is_instant_and_allocates_nothing():
+    code = (
+        "import resource, time; t = time.perf_counter();"
+        "from fermion.config import load_recipe; from fermion.model.counting import count;"
+        "c = count(load_recipe('configs/published/neutrino-7b.yaml', check_paths=False).model);"
+        "print(c.total_params, time.perf_counter() - t, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)"
+    )
+    out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, check=True)
+    total, seconds, max_rss_kib = out.stdout.split()
+    assert int(total) == 7_241_732_096
+    assert int(max_rss_kib) < 2 * 2**20  # well under the 29 GB the fp32 weights would take
+
+
+def test_help_lists_the_stages():
+    result = fermion("--help")
+    for command in ("pretrain", "tokenizer", "model", "generate", "demo"):
+        assert command in result.stdout
