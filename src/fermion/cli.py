@@ -6,7 +6,7 @@ import json
 import sys
 from importlib import resources
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
 from rich.console import Console
@@ -23,7 +23,7 @@ app.add_typer(tokenizer_app, name="tokenizer")
 app.add_typer(model_app, name="model")
 console = Console()
 
-SetOption = Annotated[Optional[list[str]], typer.Option("--set", help="Override a recipe value: --set train.lr=3e-4")]
+SetOption = Annotated[list[str] | None, typer.Option("--set", help="Override a recipe value: --set train.lr=3e-4")]
 RecipeArg = Annotated[Path, typer.Argument(help="The run's YAML recipe.")]
 DEMO_PROMPTS = ["def ", "import os\n", "class ", '    """Return the ', "for i in range("]
 

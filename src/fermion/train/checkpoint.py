@@ -18,6 +18,7 @@ import json
 import os
 import random
 import shutil
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -227,5 +228,7 @@ def load_weights(ckpt: Path, model: torch.nn.Module) -> None:
     import torch.distributed.checkpoint as dcp
 
     bundle = {"model": model.state_dict()}
-    dcp.load(bundle, checkpoint_id=str(ckpt / "dcp"))
+    with warnings.catch_warnings():  # DCP warns that it loads in one process, which is what we ask of it
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        dcp.load(bundle, checkpoint_id=str(ckpt / "dcp"))
     model.load_state_dict(bundle["model"])

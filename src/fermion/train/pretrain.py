@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import itertools
 from pathlib import Path
 
 import torch
@@ -10,7 +9,7 @@ from rich.console import Console
 
 from fermion.config import Recipe, RecipeError
 from fermion.data.shards import ShardSet, TokenLoader, check_tokenizer, val_batches, write_shards
-from fermion.data.sources import iter_documents
+from fermion.data.sources import interleave_documents
 from fermion.data.tokenizer import Tokenizer
 from fermion.model.transformer import Transformer
 from fermion.train import distributed
@@ -37,13 +36,22 @@ def train_tokenizer(recipe: Recipe, console: Console, force: bool = False) -> Pa
     if recipe.tokenizer.path or (path.is_file() and not force):
         return path
     require_data(recipe)
-    texts = itertools.chain.from_iterable(iter_documents(source) for source in recipe.data.sources)
+    texts = interleave_documents(recipe.data.sources)  # every source is represented within train_bytes
     with console.status(f"training a {recipe.tokenizer.vocab_size:,}-token byte-level BPE tokenizer"):
         tokenizer = Tokenizer.train(texts, recipe.tokenizer)
     path.parent.mkdir(parents=True, exist_ok=True)
     tokenizer.save(path)
     console.print(f"tokenizer: {tokenizer.vocab_size:,} tokens -> {path}")
     return path
+
+
+def prepare_shards(recipe: Recipe) -> None:
+    """Tokenize the sources into the run's shards (skipped when they are up to date). Shards the recipe points to
+    with data.shard_dir and that already exist are only read: another run may own them."""
+    out = shard_dir(recipe)
+    if recipe.data.shard_dir and (out / "index.json").is_file():
+        return
+    write_shards(recipe.data, Tokenizer.load(tokenizer_path(recipe)), out, recipe.run.seed)
 
 
 def build_model(recipe: Recipe, device: torch.device) -> Transformer:
@@ -65,7 +73,7 @@ def pretrain(recipe: Recipe, resume: str = "auto", console: Console | None = Non
             recipe.run_dir.mkdir(parents=True, exist_ok=True)
             (recipe.run_dir / "recipe.yaml").write_text(recipe.to_yaml())
             train_tokenizer(recipe, console)
-            write_shards(recipe.data, Tokenizer.load(tokenizer_path(recipe)), shard_dir(recipe), recipe.run.seed)
+            prepare_shards(recipe)
         distributed.barrier(info)
         tokenizer = Tokenizer.load(tokenizer_path(recipe))
         if recipe.model.vocab_size < tokenizer.vocab_size:

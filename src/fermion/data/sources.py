@@ -1,0 +1,167 @@
+"""Reading raw documents from the files (or built-in corpus) a `SourceConfig` names.
+
+Everything streams: files are read line by line, so a corpus larger than memory is fine as long as no single
+document is. Any problem with the input becomes a `DataError` whose one-line message names the file, the line and
+what would be right.
+"""
+
+from __future__ import annotations
+
+import glob
+import gzip
+import itertools
+import json
+import os
+import sysconfig
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+
+from fermion.config import SourceConfig
+
+SUPPORTED_SUFFIXES = (".txt", ".jsonl", ".jsonl.gz")
+# Folders of the standard library that are not representative Python (tests, vendored tools) or not stdlib at all.
+EXCLUDED_STDLIB_DIRS = frozenset(
+    {"site-packages", "dist-packages", "test", "tests", "idlelib", "lib2to3", "__pycache__"}
+)
+
+
+class DataError(ValueError):
+    """Input data that cannot be used; the message is meant to be shown to the user as is."""
+
+
+def iter_documents(source: SourceConfig) -> Iterator[str]:
+    """Yield the source's documents in a deterministic order, at most `source.max_documents` of them."""
+    files = expand_paths(source)  # resolved first, so a bad path fails before any reading starts
+    documents = itertools.chain.from_iterable(_file_documents(path, source) for path in files)
+    if source.builtin == "python-stdlib":
+        documents = itertools.chain(documents, _stdlib_documents())
+    return itertools.islice(documents, source.max_documents)
+
+
+def interleave_documents(sources: Iterable[SourceConfig]) -> Iterator[str]:
+    """Round-robin over the sources' documents, so a budget-capped consumer (tokenizer training) sees every source."""
+    streams = [iter_documents(source) for source in sources]
+    while streams:
+        for stream in list(streams):
+            document = next(stream, None)
+            if document is None:
+                streams.remove(stream)
+            else:
+                yield document
+
+
+def expand_paths(source: SourceConfig) -> list[str]:
+    """The files the source's paths and globs name, sorted and without duplicates."""
+    files: set[str] = set()
+    for pattern in source.paths:
+        matches = [path for path in glob.glob(os.path.expanduser(pattern), recursive=True) if os.path.isfile(path)]
+        if not matches:
+            raise DataError(
+                f"source {source.name!r}: no file matches {pattern!r} "
+                f"(paths are relative to the directory you run fermion from: {os.getcwd()})"
+            )
+        files.update(matches)
+    for path in files:
+        if not path.endswith(SUPPORTED_SUFFIXES):
+            raise DataError(
+                f"{path}: unsupported file type in source {source.name!r}; use {', '.join(SUPPORTED_SUFFIXES)} files"
+            )
+    return sorted(files)
+
+
+def _file_documents(path: str, source: SourceConfig) -> Iterator[str]:
+    if path.endswith(".txt"):
+        return _text_documents(path, source.separator)
+    return _jsonl_documents(path, source.text_field)
+
+
+def _text_documents(path: str, separator: str | None) -> Iterator[str]:
+    lines = (line for _, line in _numbered_lines(path))
+    if separator is None:
+        text = "".join(lines)
+        if text.strip():
+            yield text
+        return
+    for document in _split_stream(lines, separator):
+        document = document.strip()
+        if document:
+            yield document
+
+
+def _split_stream(chunks: Iterable[str], separator: str) -> Iterator[str]:
+    """Split streamed text on `separator`, scanning each character about once even for very long documents."""
+    keep = len(separator) - 1  # a separator can straddle two chunks, so the end of each chunk is searched again
+    current: list[str] = []  # the current document's text that can no longer be part of a separator
+    carry = ""
+    for chunk in chunks:
+        *complete, rest = (carry + chunk).split(separator)
+        if complete:
+            complete[0] = "".join(current) + complete[0]
+            current = []
+            yield from complete
+        cut = max(0, len(rest) - keep)
+        current.append(rest[:cut])
+        carry = rest[cut:]
+    yield "".join(current) + carry
+
+
+def _jsonl_documents(path: str, field: str) -> Iterator[str]:
+    for number, line in _numbered_lines(path):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as err:
+            raise DataError(
+                f"{path}:{number}: not valid JSON ({err.msg}, column {err.colno}); "
+                f"each line must be one JSON object with a {field!r} text field"
+            ) from None
+        yield _record_text(record, field, f"{path}:{number}")
+
+
+def _record_text(record: object, field: str, where: str) -> str:
+    if not isinstance(record, dict):
+        raise DataError(f"{where}: expected a JSON object with a {field!r} field, got {type(record).__name__}")
+    if field not in record:
+        raise DataError(
+            f"{where}: record has no field {field!r} (it has: {', '.join(map(str, record)) or 'none'}); "
+            "set text_field to the field that holds the text"
+        )
+    text = record[field]
+    if not isinstance(text, str):
+        raise DataError(f"{where}: field {field!r} must be a string, got {type(text).__name__}")
+    return text
+
+
+def _numbered_lines(path: str) -> Iterator[tuple[int, str]]:
+    """(line number, text) pairs of a UTF-8 file, gzip-compressed when its name ends in .gz."""
+    opener = gzip.open if path.endswith(".gz") else open
+    try:
+        with opener(path, "rb") as raw:
+            for number, line in enumerate(raw, start=1):
+                try:
+                    yield number, line.decode("utf-8")
+                except UnicodeDecodeError:
+                    raise DataError(f"{path}:{number}: not valid UTF-8 text; re-encode the file as UTF-8") from None
+    except (OSError, EOFError) as err:  # gzip.BadGzipFile is an OSError, a truncated .gz an EOFError
+        raise DataError(f"{path}: cannot be read ({err})") from None
+
+
+def _stdlib_documents() -> Iterator[str]:
+    """The running Python's standard library .py files, one document each, in order of relative path."""
+    root = Path(sysconfig.get_paths()["stdlib"])
+    for relative in sorted(_stdlib_files(root), key=lambda path: path.as_posix()):
+        try:
+            text = (root / relative).read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError):
+            continue  # a few stdlib files are deliberately undecodable test data
+        if text.strip():
+            yield text
+
+
+def _stdlib_files(root: Path) -> Iterator[Path]:
+    for folder, subfolders, names in os.walk(root):
+        subfolders[:] = [name for name in subfolders if name not in EXCLUDED_STDLIB_DIRS]
+        for name in names:
+            if name.endswith(".py"):
+                yield Path(folder, name).relative_to(root)

@@ -1,0 +1,221 @@
+"""Training: exact resume after SIGKILL (one process and FSDP2 under torchrun), SIGTERM, FSDP2 vs one process,
+damaged checkpoints, non-finite losses, schedules, and the demo and generate commands end to end."""
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from safetensors.torch import load_file
+
+from fermion.config import TrainConfig, load_recipe
+from fermion.train.schedule import learning_rate
+
+REPO = Path(__file__).resolve().parents[1]
+TINY = str(REPO / "configs" / "tiny.yaml")
+TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "fermion"]
+FERMION = [sys.executable, "-m", "fermion"]
+
+
+def losses(run_dir: Path) -> dict[int, float]:
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return {r["step"]: r["loss"] for r in records if "loss" in r}
+
+
+def run(cmd: list[str], timeout: int = 300) -> subprocess.CompletedProcess:
+    result = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=timeout)
+    assert "Traceback" not in result.stderr, result.stderr[:2500]
+    return result
+
+
+def start(cmd: list[str]) -> subprocess.Popen:
+    return subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True)
+
+
+def wait_for_step(run_dir: Path, step: int, proc: subprocess.Popen, timeout: float = 120) -> None:
+    deadline = time.monotonic() + timeout
+    metrics = run_dir / "metrics.jsonl"
+    while time.monotonic() < deadline:
+        if metrics.exists() and losses(run_dir) and max(losses(run_dir)) >= step:
+            return
+        assert proc.poll() is None, f"run ended early: {proc.stdout.read()}"
+        time.sleep(0.02)
+    raise TimeoutError(f"{run_dir} did not reach step {step}")
+
+
+def pretrain_cmd(run_dir: Path, *extra: str, launcher=FERMION) -> list[str]:
+    return [*launcher, "pretrain", TINY, "--set", f"run.dir={run_dir}", *extra]
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory) -> Path:
+    """The tiny recipe run start to finish without interruption."""
+    run_dir = tmp_path_factory.mktemp("reference") / "run"
+    result = run(pretrain_cmd(run_dir))
+    assert result.returncode == 0, result.stdout + result.stderr
+    return run_dir
+
+
+def final_weights(run_dir: Path, steps: int = 60) -> dict:
+    return load_file(run_dir / "checkpoints" / f"step_{steps:08d}" / "model.safetensors")
+
+
+def assert_bitwise_equal(a: dict, b: dict) -> None:
+    assert a.keys() == b.keys()
+    for key in a:
+        assert a[key].dtype == b[key].dtype and a[key].equal(b[key]), key
+
+
+def test_exact_resume_after_sigkill(reference, tmp_path):
+    run_dir = tmp_path / "run"
+    proc = start(pretrain_cmd(run_dir))
+    wait_for_step(run_dir, 35, proc)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    killed_at = max(losses(run_dir))
+    assert killed_at < 60
+    result = run(pretrain_cmd(run_dir, "--resume", "auto"))
+    assert result.returncode == 0, result.stderr
+    resumed_from = int(result.stdout.split("(step ")[1].split(",")[0])
+    assert 30 <= resumed_from <= killed_at
+    expected = losses(reference)
+    assert losses(run_dir) == expected  # every step, before and after the resume, to the last bit
+    assert_bitwise_equal(final_weights(run_dir), final_weights(reference))
+
+
+def test_sigterm_saves_a_checkpoint_exits_zero_and_resumes(reference, tmp_path):
+    run_dir = tmp_path / "run"
+    proc = start(pretrain_cmd(run_dir, "--set", "train.checkpoint_every=1000"))
+    wait_for_step(run_dir, 15, proc)
+    proc.send_signal(signal.SIGTERM)
+    output, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 0, output
+    stopped_at = max(losses(run_dir))
+    assert stopped_at < 60 and "received SIGTERM" in output
+    assert (run_dir / "checkpoints" / "latest").read_text().strip() == f"step_{stopped_at:08d}"
+    result = run(pretrain_cmd(run_dir, "--set", "train.checkpoint_every=1000"))
+    assert result.returncode == 0 and f"(step {stopped_at}," in result.stdout
+    assert losses(run_dir) == losses(reference)
+    assert_bitwise_equal(final_weights(run_dir), final_weights(reference))
+
+
+def test_damaged_checkpoint_is_named_and_the_previous_one_used(reference, tmp_path):
+    run_dir = tmp_path / "run"
+    shutil.copytree(reference, run_dir)
+    shutil.rmtree(run_dir / "checkpoints" / "step_00000060")
+    damaged = run_dir / "checkpoints" / "step_00000050" / "model.safetensors"
+    data = bytearray(damaged.read_bytes())
+    data[-10] ^= 0xFF
+    damaged.write_bytes(bytes(data))
+    result = run(pretrain_cmd(run_dir))
+    assert result.returncode == 0, result.stderr
+    assert f"{damaged} does not match its checksum" in result.stdout.replace("\n", "")
+    assert "(step 40," in result.stdout
+    assert_bitwise_equal(final_weights(run_dir), final_weights(reference))
+
+
+@pytest.mark.slow
+def test_fsdp_two_processes_match_one_process(tmp_path):
+    single, sharded = tmp_path / "single", tmp_path / "fsdp"
+    steps = ["--set", "train.steps=20"]
+    one = run(pretrain_cmd(single, *steps, "--set", "train.micro_batch_size=4"))
+    two = run(pretrain_cmd(sharded, *steps, "--set", "train.micro_batch_size=2", "--set", "train.distributed=fsdp",
+                           launcher=TORCHRUN))
+    assert one.returncode == 0 and two.returncode == 0, two.stderr
+    a, b = losses(single), losses(sharded)
+    assert a.keys() == b.keys() == set(range(1, 21))
+    assert max(abs(a[s] - b[s]) for s in a) < 1e-5
+    assert len(list((sharded / "checkpoints" / "step_00000020" / "dcp").glob("*.distcp"))) == 2
+
+
+@pytest.mark.slow
+def test_exact_resume_after_sigkill_under_torchrun_fsdp(tmp_path):
+    fsdp = ["--set", "train.distributed=fsdp", "--set", "train.micro_batch_size=2", "--set", "train.steps=40"]
+    reference_dir, run_dir = tmp_path / "reference", tmp_path / "run"
+    assert run(pretrain_cmd(reference_dir, *fsdp, launcher=TORCHRUN)).returncode == 0
+    proc = start(pretrain_cmd(run_dir, *fsdp, launcher=TORCHRUN))
+    wait_for_step(run_dir, 25, proc)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert max(losses(run_dir)) < 40
+    result = run(pretrain_cmd(run_dir, *fsdp, "--resume", "auto", launcher=TORCHRUN))
+    assert result.returncode == 0 and "resuming from" in result.stdout, result.stderr
+    assert losses(run_dir) == losses(reference_dir)
+    # The resharded final weights, gathered by the single-process loader, are identical too.
+    from fermion.infer.generate import load_for_inference
+
+    ours, _ = load_for_inference(run_dir)
+    theirs, _ = load_for_inference(reference_dir)
+    assert_bitwise_equal(ours.state_dict(), theirs.state_dict())
+
+
+def test_nonfinite_losses_skip_updates_then_stop_with_last_good_checkpoint(tmp_path, monkeypatch):
+    from fermion.train import objectives
+    from fermion.train.pretrain import pretrain
+    from fermion.train.trainer import TrainingError
+
+    calls = {"n": 0}
+    real_loss = objectives.Pretrain.loss
+
+    def poisoned(self, model, batch):
+        loss, metrics = real_loss(self, model, batch)
+        calls["n"] += model.training
+        return (loss * float("nan") if calls["n"] > 5 else loss), metrics
+
+    monkeypatch.setattr(objectives.Pretrain, "loss", poisoned)
+    recipe = load_recipe(TINY, [f"run.dir={tmp_path / 'run'}", "train.max_nonfinite=3"])
+    with pytest.raises(TrainingError, match=r"not finite for 3 steps in a row \(up to step 8\)"):
+        pretrain(recipe)
+    saved = tmp_path / "run" / "checkpoints" / "step_00000008"
+    assert (tmp_path / "run" / "checkpoints" / "latest").read_text().strip() == saved.name
+    state = json.loads((saved / "trainer_state.json").read_text())
+    assert state["nonfinite_streak"] == 3
+    # No poisoned step changed the weights: they are those after step 5, the last good one.
+    monkeypatch.setattr(objectives.Pretrain, "loss", real_loss)
+    good = load_recipe(TINY, [f"run.dir={tmp_path / 'good'}", "train.steps=5", "train.warmup_steps=5"])
+    pretrain(good)
+    assert_bitwise_equal(load_file(saved / "model.safetensors"),
+                         load_file(tmp_path / "good" / "checkpoints" / "step_00000005" / "model.safetensors"))
+
+
+def test_schedules():
+    cosine = TrainConfig(steps=100, warmup_steps=10, lr=1.0, min_lr_ratio=0.1, schedule="cosine")
+    assert learning_rate(cosine, 0) == pytest.approx(0.1)
+    assert learning_rate(cosine, 9) == pytest.approx(1.0)
+    assert learning_rate(cosine, 55) == pytest.approx(0.55)
+    assert learning_rate(cosine, 100) == pytest.approx(0.1)
+    wsd = TrainConfig(steps=100, warmup_steps=10, lr=1.0, min_lr_ratio=0.0, schedule="wsd", decay_fraction=0.2)
+    assert learning_rate(wsd, 50) == 1.0 and learning_rate(wsd, 79) == 1.0
+    assert learning_rate(wsd, 89) == pytest.approx(0.5) and learning_rate(wsd, 99) == pytest.approx(0.0)
+
+
+def test_generate_samples_from_a_run(reference):
+    result = run([*FERMION, "generate", str(reference), "--prompt", "Once upon a time", "--max-new-tokens", "12",
+                  "--temperature", "0"])
+    assert result.returncode == 0, result.stderr
+    assert "Once upon a time" in result.stdout
+
+
+def test_shards_from_another_tokenizer_are_refused(reference, tmp_path):
+    other = run([*FERMION, "tokenizer", "train", TINY, "--set", f"run.dir={tmp_path / 'other'}",
+                 "--set", "tokenizer.vocab_size=600", "--set", "model.vocab_size=600"])
+    assert other.returncode == 0, other.stderr
+    result = run(pretrain_cmd(tmp_path / "run", "--set", f"tokenizer.path={tmp_path / 'other' / 'tokenizer.json'}",
+                              "--set", f"data.shard_dir={reference / 'data'}", "--set", "model.vocab_size=600"))
+    assert result.returncode == 2
+    assert "made with tokenizer" in result.stderr and str(reference / "data") in result.stderr
+
+
+def test_demo_runs_end_to_end_and_prints_samples(tmp_path):
+    quick = ["run.dir=" + str(tmp_path / "demo"), "train.steps=6", "train.warmup_steps=2", "train.eval_every=3",
+             "data.sources.0.max_documents=60", "tokenizer.vocab_size=512", "model.vocab_size=512",
+             "train.micro_batch_size=2", "train.eval_batches=2"]
+    result = run([*FERMION, "demo", *[arg for item in quick for arg in ("--set", item)]])
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.count("sample ") == 5 and "final validation loss" in result.stdout
