@@ -120,18 +120,28 @@ def test_damaged_checkpoint_is_named_and_the_previous_one_used(reference, tmp_pa
     assert_bitwise_equal(final_weights(run_dir), final_weights(reference))
 
 
+@pytest.fixture(scope="module")
+def single_process_20(tmp_path_factory) -> Path:
+    run_dir = tmp_path_factory.mktemp("single") / "run"
+    assert run(pretrain_cmd(run_dir, "--set", "train.steps=20", "--set", "train.micro_batch_size=4")).returncode == 0
+    return run_dir
+
+
 @pytest.mark.slow
-def test_fsdp_two_processes_match_one_process(tmp_path):
-    single, sharded = tmp_path / "single", tmp_path / "fsdp"
-    steps = ["--set", "train.steps=20"]
-    one = run(pretrain_cmd(single, *steps, "--set", "train.micro_batch_size=4"))
-    two = run(pretrain_cmd(sharded, *steps, "--set", "train.micro_batch_size=2", "--set", "train.distributed=fsdp",
-                           launcher=TORCHRUN))
-    assert one.returncode == 0 and two.returncode == 0, two.stderr
-    a, b = losses(single), losses(sharded)
+@pytest.mark.parametrize("mode", ["fsdp", "ddp"])
+def test_two_processes_match_one_process_with_the_same_global_batch(single_process_20, tmp_path, mode):
+    two_dir = tmp_path / mode
+    two = run(pretrain_cmd(two_dir, "--set", "train.steps=20", "--set", "train.micro_batch_size=2",
+                           "--set", f"train.distributed={mode}", launcher=TORCHRUN))
+    assert two.returncode == 0, two.stderr
+    a, b = losses(single_process_20), losses(two_dir)
     assert a.keys() == b.keys() == set(range(1, 21))
     assert max(abs(a[s] - b[s]) for s in a) < 1e-5
-    assert len(list((sharded / "checkpoints" / "step_00000020" / "dcp").glob("*.distcp"))) == 2
+    final = two_dir / "checkpoints" / "step_00000020"
+    if mode == "fsdp":
+        assert len(list((final / "dcp").glob("*.distcp"))) == 2
+    else:
+        assert (final / "model.safetensors").is_file()
 
 
 @pytest.mark.slow
@@ -219,3 +229,16 @@ def test_demo_runs_end_to_end_and_prints_samples(tmp_path):
     result = run([*FERMION, "demo", *[arg for item in quick for arg in ("--set", item)]])
     assert result.returncode == 0, result.stderr
     assert result.stdout.count("sample ") == 5 and "final validation loss" in result.stdout
+    assert list((tmp_path / "demo" / "tensorboard").glob("events.out.tfevents.*"))
+
+
+def test_compiled_default_path_trains_like_eager(tmp_path):
+    """The default training path (torch.compile of model + loss, precision auto) learns like the eager one."""
+    eager, compiled = tmp_path / "eager", tmp_path / "compiled"
+    short = ["--set", "train.steps=8", "--set", "train.warmup_steps=2"]
+    assert run(pretrain_cmd(eager, *short)).returncode == 0
+    result = run(pretrain_cmd(compiled, *short, "--set", "train.compile=true"))
+    assert result.returncode == 0, result.stderr
+    a, b = losses(eager), losses(compiled)
+    assert max(abs(a[s] - b[s]) for s in a) < 1e-3
+    assert b[8] < b[1] - 0.3

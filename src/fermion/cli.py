@@ -158,8 +158,8 @@ def demo(
 
     with resources.as_file(resources.files("fermion") / "recipes" / "demo.yaml") as path:
         loaded = recipe_or_exit(path, set_)
-    console.print(f"[bold]fermion demo[/]: {loaded.model.n_layers}-layer model, {loaded.train.steps} steps on "
-                  f"the Python standard library -> {loaded.run_dir}")
+    console.print(f"[bold]fermion demo[/]: a {loaded.model.n_layers}-layer model, {loaded.train.steps} steps on the "
+                  f"Python standard library\nrun directory: {loaded.run_dir}")
     result = run_guarded(lambda: run_pretrain(loaded, resume=resume, console=console))
     if result.status == "preempted":
         raise typer.Exit(0)

@@ -142,8 +142,9 @@ class TrainConfig(Section):
     weight_decay: float = Field(0.1, ge=0)
     decay_norms_and_embeddings: bool = False
     grad_clip: float | None = Field(1.0, gt=0)
-    precision: Literal["fp32", "bf16"] = "fp32"
-    compile: bool = False
+    # auto: bf16 autocast where the device computes bf16 natively (recent GPUs, CPUs with AVX512-BF16/AMX), else fp32
+    precision: Literal["auto", "fp32", "bf16"] = "auto"
+    compile: bool = True  # torch.compile the loss (model + cross-entropy), or each block under FSDP2
     distributed: Literal["ddp", "fsdp"] = "ddp"  # used when launched with torchrun
     device: Literal["auto", "cpu", "cuda"] = "auto"
     eval_every: int = Field(100, ge=1)

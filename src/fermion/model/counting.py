@@ -69,7 +69,7 @@ def training_memory(cfg: ModelConfig, batch: int, seq_len: int, precision: str) 
     intermediates of the active experts; the logits and their gradient are kept in fp32.
     """
     counts = count(cfg, seq_len)
-    act_bytes = 2 if precision == "bf16" else 4
+    act_bytes = 4 if precision == "fp32" else 2  # "auto" is bf16 on the accelerators this estimate is for
     d, hd, heads, kv = cfg.d_model, cfg.dim_per_head, cfg.n_heads, cfg.kv_heads
     ffn_active = cfg.ffn_hidden * (cfg.moe.top_k if cfg.moe else 1)
     per_token_layer = 4 * d + (heads + 2 * kv) * hd + 4 * heads * hd + 4 * ffn_active

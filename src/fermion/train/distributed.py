@@ -35,6 +35,15 @@ def pick_device(preference: str, local_rank: int = 0) -> torch.device:
     return torch.device("cpu")
 
 
+def resolve_precision(precision: str, device: torch.device) -> str:
+    """'auto' becomes bf16 where the device has native bf16 arithmetic, fp32 elsewhere."""
+    if precision != "auto":
+        return precision
+    if device.type == "cuda":
+        return "bf16" if torch.cuda.is_bf16_supported() else "fp32"
+    return "bf16" if device.type == "cpu" and torch.ops.mkldnn._is_mkldnn_bf16_supported() else "fp32"
+
+
 def setup(preference: str) -> DistInfo:
     """Join the process group when launched by torchrun (WORLD_SIZE > 1), else run as one process."""
     world_size = int(os.environ.get("WORLD_SIZE", "1"))

@@ -21,7 +21,9 @@ class Pretrain:
         inputs, targets = batch
         logits, aux_loss = model(inputs)
         ce = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=IGNORE_INDEX)
-        return ce + aux_loss, {"ce": ce.detach(), "aux": aux_loss.detach()}
+        # Metrics are returned undetached: under torch.compile (2.13) returning a detached copy of `ce` beside the
+        # loss makes the loss lose its graph. Callers detach what they keep.
+        return ce + aux_loss, {"ce": ce, "aux": aux_loss}
 
     @torch.no_grad()
     def eval_sums(self, model, batch) -> torch.Tensor:
