@@ -17,7 +17,7 @@ from fermion.config import Recipe, RecipeError, load_recipe
 
 app = typer.Typer(help="Fermion: pretrain, post-train, evaluate and ship a small language model.",
                   no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False)
-tokenizer_app = typer.Typer(help="Train or inspect tokenizers.", no_args_is_help=True)
+tokenizer_app = typer.Typer(help="Train byte-level BPE tokenizers.", no_args_is_help=True)
 model_app = typer.Typer(help="Inspect model architectures.", no_args_is_help=True)
 app.add_typer(tokenizer_app, name="tokenizer")
 app.add_typer(model_app, name="model")
@@ -100,11 +100,11 @@ def model_info(recipe: RecipeArg, set_: SetOption = None,
         return
     table = Table(title=f"{loaded.run.name} ({recipe})", show_header=False)
     table.add_column(style="bold")
-    table.add_column(justify="right")
+    table.add_column()
     ffn = f"{cfg.moe.n_experts} experts × {cfg.ffn_hidden:,}, top-{cfg.moe.top_k}" if cfg.moe else f"{cfg.ffn_hidden:,}"
     table.add_row("architecture", f"{cfg.n_layers} layers · d_model {cfg.d_model:,} · {cfg.n_heads} heads "
                   f"({cfg.kv_heads} KV, dim {cfg.dim_per_head}) · SwiGLU {ffn}")
-    extras = [f"context {cfg.context_length:,}", f"vocab {cfg.vocab_size:,}", f"RoPE θ {cfg.rope_theta:g}",
+    extras = [f"context {cfg.context_length:,}", f"vocab {cfg.vocab_size:,}", f"RoPE θ {cfg.rope_theta:,.0f}",
               "tied" if cfg.tie_embeddings else "untied"]
     extras += ["QK-norm"] * cfg.qk_norm + ([f"sliding window {cfg.sliding_window:,}"] if cfg.sliding_window else [])
     table.add_row("", " · ".join(extras))
