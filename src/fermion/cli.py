@@ -52,6 +52,8 @@ def run_guarded(action):
         fail(str(err), code=2)
     except TrainingError as err:
         fail(str(err), code=1)
+    except KeyboardInterrupt:  # outside training (which checkpoints on Ctrl-C): nothing half-written is kept
+        fail("interrupted", code=130)
 
 
 @app.command()
