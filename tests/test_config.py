@@ -109,3 +109,47 @@ def test_help_lists_the_stages():
     result = fermion("--help")
     for command in ("pretrain", "tokenizer", "model", "generate", "demo"):
         assert command in result.stdout
+
+
+@pytest.mark.parametrize(
+    "name, total, active",
+    [
+        ("auto-g-nano-1b", 1_050_002_688, 1_050_002_688),
+        ("neo-3-1b-a90m", 1_004_659_712, 325_182_464),
+        ("nucleus-1b", 1_100_048_384, 1_100_048_384),
+        ("neutrino-7b", 7_241_732_096, 7_241_732_096),
+    ],
+)
+def test_published_recipes_count_as_their_comments_say(name, total, active):
+    from fermion.model.counting import count
+
+    path = REPO / "configs" / "published" / f"{name}.yaml"
+    counts = count(load_recipe(path, check_paths=False).model)
+    assert (counts.total_params, counts.active_params) == (total, active)
+    assert f"{total:,}" in path.read_text()
+
+
+def test_published_shapes_match_their_cards():
+    nano = load_recipe(REPO / "configs/published/auto-g-nano-1b.yaml", check_paths=False)
+    train = nano.train
+    assert (train.betas, train.weight_decay, train.lr, train.schedule) == ((0.9, 0.95), 0.1, 3e-4, "cosine")
+    assert (train.micro_batch_size, train.grad_accum, train.steps, train.precision) == (8, 16, 50_000, "bf16")
+    assert [s.weight for s in nano.data.sources] == [0.40, 0.25, 0.35]
+    neo = load_recipe(REPO / "configs/published/neo-3-1b-a90m.yaml", check_paths=False).model
+    assert (neo.moe.n_experts, neo.moe.top_k, neo.context_length, neo.vocab_size) == (8, 2, 8192, 32768)
+    assert neo.kv_heads < neo.n_heads
+    nucleus = load_recipe(REPO / "configs/published/nucleus-1b.yaml", check_paths=False).model
+    assert nucleus.sliding_window is not None and nucleus.kv_heads < nucleus.n_heads
+    neutrino = load_recipe(REPO / "configs/published/neutrino-7b.yaml", check_paths=False).model
+    assert neutrino.kv_heads < neutrino.n_heads and neutrino.moe is None and neutrino.sliding_window is None
+
+
+def test_tokenizer_train_command_writes_a_tokenizer_with_chat_specials(tmp_path):
+    from fermion.data.tokenizer import Tokenizer
+
+    result = fermion("tokenizer", "train", str(TINY), "--set", f"run.dir={tmp_path}")
+    assert result.returncode == 0, result.stderr
+    tokenizer = Tokenizer.load(tmp_path / "tokenizer.json")
+    assert tokenizer.vocab_size == 512
+    assert [tokenizer.token_id(t) for t in ("<|bos|>", "<|eos|>", "<|pad|>", "<|im_start|>", "<|im_end|>")] == \
+        [0, 1, 2, 3, 4]

@@ -242,3 +242,11 @@ def test_compiled_default_path_trains_like_eager(tmp_path):
     a, b = losses(eager), losses(compiled)
     assert max(abs(a[s] - b[s]) for s in a) < 1e-3
     assert b[8] < b[1] - 0.3
+
+
+def test_fresh_start_refuses_to_overwrite_a_run_and_finished_runs_are_left_alone(reference):
+    refused = run(pretrain_cmd(reference, "--resume", "none"))
+    assert refused.returncode == 1 and "already has checkpoints" in refused.stderr
+    again = run(pretrain_cmd(reference))
+    assert again.returncode == 0 and "already trained to step 60 of 60" in again.stdout
+    assert len(list((reference / "checkpoints").glob("step_*"))) == 6  # keep_checkpoints: 10, saved every 10

@@ -21,7 +21,7 @@ tokenizer_app = typer.Typer(help="Train byte-level BPE tokenizers.", no_args_is_
 model_app = typer.Typer(help="Inspect model architectures.", no_args_is_help=True)
 app.add_typer(tokenizer_app, name="tokenizer")
 app.add_typer(model_app, name="model")
-console = Console()
+console = Console(soft_wrap=True)  # log lines stay whole when piped to a file
 
 SetOption = Annotated[list[str] | None, typer.Option("--set", help="Override a recipe value: --set train.lr=3e-4")]
 RecipeArg = Annotated[Path, typer.Argument(help="The run's YAML recipe.")]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 from dataclasses import dataclass
 
 import torch
@@ -42,6 +43,13 @@ def resolve_precision(precision: str, device: torch.device) -> str:
     if device.type == "cuda":
         return "bf16" if torch.cuda.is_bf16_supported() else "fp32"
     return "bf16" if device.type == "cpu" and torch.ops.mkldnn._is_mkldnn_bf16_supported() else "fp32"
+
+
+def can_compile(device: torch.device) -> bool:
+    """torch.compile needs a C++ compiler to generate CPU kernels (GPU kernels come from Triton)."""
+    if device.type != "cpu":
+        return True
+    return any(shutil.which(name) for name in (os.environ.get("CXX", "g++"), "g++", "clang++", "c++"))
 
 
 def setup(preference: str) -> DistInfo:

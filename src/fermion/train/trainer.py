@@ -17,7 +17,7 @@ from rich.console import Console
 from fermion.config import Recipe
 from fermion.model.counting import count
 from fermion.train import checkpoint
-from fermion.train.distributed import DistInfo, all_reduce, resolve_precision, wrap
+from fermion.train.distributed import DistInfo, all_reduce, can_compile, resolve_precision, wrap
 from fermion.train.logging import MetricsLogger, format_stats, make_progress, peak_flops
 from fermion.train.objectives import summarise_eval
 from fermion.train.schedule import learning_rate
@@ -60,17 +60,20 @@ class Trainer:
         self.precision = resolve_precision(self.cfg.precision, info.device)
         self.raw_model = model
         self.loss_fn = objective.loss
-        if self.cfg.compile and self.sharded:
+        self.compiled = self.cfg.compile and can_compile(info.device)
+        if self.cfg.compile and not self.compiled:
+            self._warn("train.compile needs a C++ compiler on CPU and none was found; training in eager mode")
+        if self.compiled and self.sharded:
             for block in model.blocks:
                 block.compile()  # per block before sharding (torchtitan); parameter names stay unchanged
-        elif self.cfg.compile:
+        elif self.compiled:
             # The loss with the model inside: one graph from embeddings to cross-entropy lets the compiler fuse the
             # norms, rotary embeddings, SwiGLU and the loss (1.2x over compiling the model alone on CPU).
             self.loss_fn = torch.compile(objective.loss)
         self.model = wrap(model, self.cfg.distributed, info)
         self.optimizer = build_optimizer(self.model, recipe, info.device)
         self.tokens_per_step = self.cfg.micro_batch_size * recipe.seq_len * self.cfg.grad_accum * info.world_size
-        self.flops_per_token = count(recipe.model, recipe.seq_len).train_flops_per_token
+        self.counts = count(recipe.model, recipe.seq_len)
         device_name = torch.cuda.get_device_name(info.device) if info.device.type == "cuda" else None
         self.peak_flops = self.cfg.peak_flops or peak_flops(device_name)
         self.step, self.tokens_seen, self.nonfinite_streak, self.elapsed = 0, 0, 0, 0.0
@@ -185,17 +188,23 @@ class Trainer:
 
     # ------------------------------------------------------------------------------------------------- loop
 
+    def plan(self) -> str:
+        counts, steps = self.counts, self.cfg.steps
+        mode = f" ({self.cfg.distributed})" if self.info.distributed else ""
+        return (f"plan: {counts.total_params:,} parameters ({counts.active_params:,} active) · {steps:,} steps × "
+                f"{self.tokens_per_step:,} tokens = {steps * self.tokens_per_step:,} tokens · "
+                f"{self.info.world_size} × {self.info.device.type}{mode} · {self.precision}"
+                f"{' · compiled' if self.compiled else ''} · {self.run_dir}")
+
     def fit(self, resume: str = "auto") -> TrainResult:
+        self._say(self.plan())
         ckpt = self._resume_from(resume)
         if ckpt is not None:
             self.restore(ckpt)
-            if self.info.is_main:
-                self.console.print(f"resuming from [bold]{ckpt}[/] (step {self.step:,}, "
-                                   f"{self.tokens_seen:,} tokens seen)")
+            self._say(f"resuming from [bold]{ckpt}[/] (step {self.step:,}, {self.tokens_seen:,} tokens seen)")
         if self.step >= self.cfg.steps:
-            if self.info.is_main:
-                self.console.print(f"already trained to step {self.step:,} of {self.cfg.steps:,}; nothing to do")
-            return TrainResult("complete", self.step, ckpt)
+            self._say(f"already trained to step {self.step:,} of {self.cfg.steps:,}; nothing to do")
+            return TrainResult("complete", self.step, ckpt, **self.evaluate())
         logger = None
         if self.info.is_main:
             logger = MetricsLogger(self.run_dir, self.step, self.cfg.tensorboard, self.cfg.wandb,
@@ -247,7 +256,7 @@ class Trainer:
         tokens_per_s = self.tokens_per_step / seconds
         mfu = None
         if self.peak_flops:
-            mfu = self.flops_per_token * tokens_per_s / (self.peak_flops * self.info.world_size)
+            mfu = self.counts.train_flops_per_token * tokens_per_s / (self.peak_flops * self.info.world_size)
         return {"step": self.step, "loss": loss, "lr": learning_rate(self.cfg, self.step - 1),
                 "grad_norm": grad_norm, "tokens": self.tokens_seen, "tokens_per_s": tokens_per_s, "mfu": mfu,
                 "elapsed_s": self.elapsed}
