@@ -225,23 +225,28 @@ def test_shards_from_another_tokenizer_are_refused(reference, tmp_path):
 def test_demo_runs_end_to_end_and_prints_samples(tmp_path):
     quick = ["run.dir=" + str(tmp_path / "demo"), "train.steps=6", "train.warmup_steps=2", "train.eval_every=3",
              "data.sources.0.max_documents=60", "tokenizer.vocab_size=512", "model.vocab_size=512",
-             "train.micro_batch_size=2", "train.eval_batches=2"]
+             "train.micro_batch_size=2", "train.eval_batches=2", "train.wandb=true"]
     result = run([*FERMION, "demo", *[arg for item in quick for arg in ("--set", item)]])
     assert result.returncode == 0, result.stderr
     assert result.stdout.count("sample ") == 5 and "final validation loss" in result.stdout
     assert list((tmp_path / "demo" / "tensorboard").glob("events.out.tfevents.*"))
+    assert "wandb is not installed; logging locally only" in result.stdout  # W&B is optional, never required
 
 
-def test_compiled_default_path_trains_like_eager(tmp_path):
-    """The default training path (torch.compile of model + loss, precision auto) learns like the eager one."""
-    eager, compiled = tmp_path / "eager", tmp_path / "compiled"
+def test_default_path_is_repeatable_and_trains_like_eager_fp32(tmp_path):
+    """The default path (torch.compile of model + loss, precision auto: bf16 on this CPU) gives the same bits on
+    every run, and learns like plain fp32 eager training."""
     short = ["--set", "train.steps=8", "--set", "train.warmup_steps=2"]
-    assert run(pretrain_cmd(eager, *short)).returncode == 0
-    result = run(pretrain_cmd(compiled, *short, "--set", "train.compile=true"))
-    assert result.returncode == 0, result.stderr
-    a, b = losses(eager), losses(compiled)
-    assert max(abs(a[s] - b[s]) for s in a) < 1e-3
-    assert b[8] < b[1] - 0.3
+    default = [*short, "--set", "train.compile=true", "--set", "train.precision=auto"]
+    assert run(pretrain_cmd(tmp_path / "eager", *short)).returncode == 0
+    for name in ("first", "second"):
+        result = run(pretrain_cmd(tmp_path / name, *default))
+        assert result.returncode == 0, result.stderr
+    eager, first, second = (losses(tmp_path / name) for name in ("eager", "first", "second"))
+    assert first == second
+    assert_bitwise_equal(final_weights(tmp_path / "first", 8), final_weights(tmp_path / "second", 8))
+    assert max(abs(eager[s] - first[s]) for s in eager) < 2e-2
+    assert first[8] < first[1] - 0.3
 
 
 def test_fresh_start_refuses_to_overwrite_a_run_and_finished_runs_are_left_alone(reference):

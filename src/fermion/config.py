@@ -145,6 +145,9 @@ class TrainConfig(Section):
     # auto: bf16 autocast where the device computes bf16 natively (recent GPUs, CPUs with AVX512-BF16/AMX), else fp32
     precision: Literal["auto", "fp32", "bf16"] = "auto"
     compile: bool = True  # torch.compile the loss (model + cross-entropy), or each block under FSDP2
+    # Deterministic kernels: the same run gives the same bits, which exact resume relies on. Under bf16 +
+    # torch.compile on CPU it is what makes runs repeatable, at no measured cost; turn off only to chase GPU speed.
+    deterministic: bool = True
     distributed: Literal["ddp", "fsdp"] = "ddp"  # used when launched with torchrun
     device: Literal["auto", "cpu", "cuda"] = "auto"
     eval_every: int = Field(100, ge=1)

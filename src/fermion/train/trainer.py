@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import os
 import signal
 import time
 from dataclasses import dataclass
@@ -58,6 +59,9 @@ class Trainer:
         self.run_dir = recipe.run_dir
         self.sharded = info.distributed and self.cfg.distributed == "fsdp"
         self.precision = resolve_precision(self.cfg.precision, info.device)
+        if self.cfg.deterministic:
+            os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # cuBLAS needs it for repeatable GEMMs
+        torch.use_deterministic_algorithms(self.cfg.deterministic, warn_only=True)
         self.raw_model = model
         self.loss_fn = objective.loss
         self.compiled = self.cfg.compile and can_compile(info.device)
