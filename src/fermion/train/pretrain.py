@@ -67,27 +67,27 @@ def pretrain(recipe: Recipe, resume: str = "auto", console: Console | None = Non
     console = console or Console()
     require_data(recipe)
     info = distributed.setup(recipe.train.device)
-    try:
-        torch.manual_seed(recipe.run.seed + info.rank)
-        if info.is_main:
-            recipe.run_dir.mkdir(parents=True, exist_ok=True)
-            (recipe.run_dir / "recipe.yaml").write_text(recipe.to_yaml())
-            train_tokenizer(recipe, console)
-            prepare_shards(recipe)
-        distributed.barrier(info)
-        tokenizer = Tokenizer.load(tokenizer_path(recipe))
-        if recipe.model.vocab_size < tokenizer.vocab_size:
-            raise RecipeError(f"model.vocab_size ({recipe.model.vocab_size}) is smaller than the tokenizer's "
-                              f"{tokenizer.vocab_size} tokens; set model.vocab_size to at least that")
-        train_shards = ShardSet(shard_dir(recipe), "train")
-        check_tokenizer(train_shards.index, tokenizer, shard_dir(recipe))
-        loader = TokenLoader(train_shards, recipe.seq_len, recipe.train.micro_batch_size, recipe.run.seed,
-                             info.rank, info.world_size)
-        validation = val_batches(ShardSet(shard_dir(recipe), "val"), recipe.seq_len, recipe.train.micro_batch_size,
-                                 recipe.train.eval_batches)
-        objective = Pretrain(torch.from_numpy(tokenizer.token_bytes()))
-        trainer = Trainer(recipe, build_model(recipe, info.device), objective, loader, validation, info,
-                          tokenizer_path(recipe), console)
-        return trainer.fit(resume)
-    finally:
-        distributed.teardown(info)
+    # No teardown on errors: its barrier would wait for ranks that may never arrive; the process exits anyway.
+    torch.manual_seed(recipe.run.seed + info.rank)
+    if info.is_main:
+        recipe.run_dir.mkdir(parents=True, exist_ok=True)
+        (recipe.run_dir / "recipe.yaml").write_text(recipe.to_yaml())
+        train_tokenizer(recipe, console)
+        prepare_shards(recipe)
+    distributed.barrier(info)
+    tokenizer = Tokenizer.load(tokenizer_path(recipe))
+    if recipe.model.vocab_size < tokenizer.vocab_size:
+        raise RecipeError(f"model.vocab_size ({recipe.model.vocab_size}) is smaller than the tokenizer's "
+                          f"{tokenizer.vocab_size} tokens; set model.vocab_size to at least that")
+    train_shards = ShardSet(shard_dir(recipe), "train")
+    check_tokenizer(train_shards.index, tokenizer, shard_dir(recipe))
+    loader = TokenLoader(train_shards, recipe.seq_len, recipe.train.micro_batch_size, recipe.run.seed,
+                         info.rank, info.world_size)
+    validation = val_batches(ShardSet(shard_dir(recipe), "val"), recipe.seq_len, recipe.train.micro_batch_size,
+                             recipe.train.eval_batches)
+    objective = Pretrain(torch.from_numpy(tokenizer.token_bytes()))
+    trainer = Trainer(recipe, build_model(recipe, info.device), objective, loader, validation, info,
+                      tokenizer_path(recipe), console)
+    result = trainer.fit(resume)
+    distributed.teardown(info)
+    return result
