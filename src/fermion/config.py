@@ -307,6 +307,15 @@ def _model_type(annotation) -> type[BaseModel] | None:
     return None
 
 
+def matching_files(pattern: str) -> list[str]:
+    """The files a data path or glob names (relative to the working directory, ~ expanded)."""
+    return [p for p in glob.glob(os.path.expanduser(pattern), recursive=True) if os.path.isfile(p)]
+
+
+def no_match_message(pattern: str) -> str:
+    return f"no file matches {pattern!r} (paths are relative to the directory you run fermion from: {os.getcwd()})"
+
+
 def check_data_paths(recipe: Recipe, source: str) -> None:
     if recipe.tokenizer.path and not Path(recipe.tokenizer.path).is_file():
         raise RecipeError(f"{source}: tokenizer.path: file not found: {recipe.tokenizer.path}")
@@ -314,8 +323,5 @@ def check_data_paths(recipe: Recipe, source: str) -> None:
         return
     for i, src in enumerate(recipe.data.sources):
         for j, pattern in enumerate(src.paths):
-            if not glob.glob(os.path.expanduser(pattern), recursive=True):
-                raise RecipeError(
-                    f"{source}: data.sources[{i}].paths[{j}]: no file matches {pattern!r} "
-                    f"(paths are relative to the directory you run fermion from: {os.getcwd()})"
-                )
+            if not matching_files(pattern):
+                raise RecipeError(f"{source}: data.sources[{i}].paths[{j}]: {no_match_message(pattern)}")

@@ -7,7 +7,6 @@ what would be right.
 
 from __future__ import annotations
 
-import glob
 import gzip
 import itertools
 import json
@@ -16,7 +15,7 @@ import sysconfig
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
-from fermion.config import SourceConfig
+from fermion.config import SourceConfig, matching_files, no_match_message
 
 SUPPORTED_SUFFIXES = (".txt", ".jsonl", ".jsonl.gz")
 # Folders of the standard library that are not representative Python (tests, vendored tools) or not stdlib at all.
@@ -54,12 +53,9 @@ def expand_paths(source: SourceConfig) -> list[str]:
     """The files the source's paths and globs name, sorted and without duplicates."""
     files: set[str] = set()
     for pattern in source.paths:
-        matches = [path for path in glob.glob(os.path.expanduser(pattern), recursive=True) if os.path.isfile(path)]
+        matches = matching_files(pattern)
         if not matches:
-            raise DataError(
-                f"source {source.name!r}: no file matches {pattern!r} "
-                f"(paths are relative to the directory you run fermion from: {os.getcwd()})"
-            )
+            raise DataError(f"source {source.name!r}: {no_match_message(pattern)}")
         files.update(matches)
     for path in files:
         if not path.endswith(SUPPORTED_SUFFIXES):
