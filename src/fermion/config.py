@@ -93,9 +93,13 @@ class TokenizerConfig(Section):
     min_frequency: int = Field(2, ge=1)
     special_tokens: list[str] = Field(default_factory=lambda: list(DEFAULT_SPECIAL_TOKENS))
     train_bytes: int = Field(20_000_000, ge=1000)  # how much of the corpus the BPE trainer reads
+    # The chat template SFT renders with and export writes: chatml, alpaca, tagged, a .jinja file or a Jinja string.
+    chat_template: str = "chatml"
 
     @model_validator(mode="after")
     def _required_specials(self) -> TokenizerConfig:
+        if self.path is not None:  # an existing tokenizer (ours or imported) is not trained: its specials stand
+            return self
         for token in ("<|bos|>", "<|eos|>", "<|pad|>"):
             if token not in self.special_tokens:
                 raise ValueError(f"special_tokens must include {token!r}")
@@ -128,6 +132,9 @@ class DataConfig(Section):
 
 
 class TrainConfig(Section):
+    # Start from these weights instead of a random init: a fermion run or checkpoint directory, or a Hugging Face
+    # Llama/Mistral/Qwen3/Mixtral folder. The model and tokenizer come from it (continued pretraining, SFT).
+    init_from: str | None = None
     steps: int = Field(1000, ge=1)
     micro_batch_size: int = Field(8, ge=1)  # sequences per device per micro-step
     grad_accum: int = Field(1, ge=1)

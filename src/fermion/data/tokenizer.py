@@ -8,6 +8,7 @@ recognised as the special token.
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 from collections.abc import Iterable, Iterator
 from functools import cached_property
@@ -23,9 +24,14 @@ from fermion.data.sources import DataError
 BOS, EOS, PAD = "<|bos|>", "<|eos|>", "<|pad|>"
 
 
+CONFIG_NAME = "tokenizer_config.json"  # Hugging Face's name; holds which tokens play bos/eos/pad when not ours
+
+
 class Tokenizer:
-    def __init__(self, inner: tokenizers.Tokenizer):
+    def __init__(self, inner: tokenizers.Tokenizer, bos: str = BOS, eos: str = EOS, pad: str | None = PAD):
         self.inner = inner
+        self.bos_token, self.eos_token = bos, eos
+        self.pad_token = pad if pad is not None else eos  # imported tokenizers often have no pad: reuse eos
 
     @classmethod
     def train(cls, texts: Iterable[str], config: TokenizerConfig) -> Tokenizer:
@@ -45,16 +51,30 @@ class Tokenizer:
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> Tokenizer:
+        """tokenizer.json, plus the bos/eos/pad names from a tokenizer_config.json beside it when there is one."""
         if not Path(path).is_file():
             raise DataError(f"{path}: tokenizer file not found; train one first or fix tokenizer.path")
         try:
             inner = tokenizers.Tokenizer.from_file(str(path))
         except Exception as err:  # the tokenizers library raises a bare Exception for unparsable files
             raise DataError(f"{path}: not a valid tokenizer.json ({err})") from None
-        for token in (BOS, EOS, PAD):
-            if inner.token_to_id(token) is None:
-                raise DataError(f"{path}: tokenizer lacks the special token {token!r}, which Fermion needs")
-        return cls(inner)
+        names = {"bos": BOS, "eos": EOS, "pad": PAD}
+        config_path = Path(path).with_name(CONFIG_NAME)
+        if config_path.is_file():
+            try:
+                config = json.loads(config_path.read_text(encoding="utf-8"))
+            except (json.JSONDecodeError, UnicodeDecodeError) as err:
+                raise DataError(f"{config_path}: not valid JSON ({err})") from None
+            for role in names:
+                value = config.get(f"{role}_token", names[role] if role != "pad" else None)
+                names[role] = value.get("content") if isinstance(value, dict) else value
+        for role, token in names.items():
+            if token is None and role == "pad":
+                continue
+            if token is None or inner.token_to_id(token) is None:
+                raise DataError(f"{path}: tokenizer lacks the {role} token {token!r}; Fermion needs bos and eos tokens "
+                                f"(name them as {role}_token in {CONFIG_NAME} beside it)")
+        return cls(inner, names["bos"], names["eos"], names["pad"])
 
     def save(self, path: str | os.PathLike) -> None:
         """Write atomically, so a crash never leaves a truncated tokenizer.json behind."""
@@ -63,6 +83,11 @@ class Tokenizer:
         temporary = path.with_name(f".{path.name}.tmp-{os.getpid()}")
         self.inner.save(str(temporary))
         os.replace(temporary, path)
+        config_path = path.with_name(CONFIG_NAME)
+        if (self.bos_token, self.eos_token, self.pad_token) != (BOS, EOS, PAD):
+            config = {"bos_token": self.bos_token, "eos_token": self.eos_token, "pad_token": self.pad_token}
+            temporary.write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
+            os.replace(temporary, config_path)
 
     def encode(self, text: str) -> list[int]:
         return self.inner.encode(text, add_special_tokens=False).ids
@@ -79,15 +104,15 @@ class Tokenizer:
 
     @property
     def bos_id(self) -> int:
-        return self.token_id(BOS)
+        return self.token_id(self.bos_token)
 
     @property
     def eos_id(self) -> int:
-        return self.token_id(EOS)
+        return self.token_id(self.eos_token)
 
     @property
     def pad_id(self) -> int:
-        return self.token_id(PAD)
+        return self.token_id(self.pad_token)
 
     def token_id(self, token: str) -> int:
         found = self.inner.token_to_id(token)
