@@ -1,91 +1,17 @@
-"""The model against real peers: Hugging Face Llama, Mistral, Qwen3 and Mixtral given the same weights must produce
-the same logits. Plus causality, the sliding window, MoE routing, and exact counting."""
+"""The model on its own: causality, the sliding window, MoE routing, and exact counting. Its agreement with real
+peers (transformers' Llama, Mistral, Qwen3, Mixtral, Qwen3-MoE; llama.cpp; ONNX Runtime) is tested through the
+exports, in tests/test_export_*.py."""
 
 import pytest
 import torch
-import transformers
+from conftest import TINY, tiny_model
 
 from fermion.config import ModelConfig
 from fermion.model.counting import count
 from fermion.model.moe import MoEFeedForward
 from fermion.model.transformer import Transformer
 
-TINY = dict(vocab_size=97, d_model=64, n_layers=2, n_heads=4, n_kv_heads=2, ffn_hidden=96, context_length=48,
-            rope_theta=5000.0, tie_embeddings=False)
-
-
-def build(**overrides) -> Transformer:
-    torch.manual_seed(0)
-    model = Transformer(ModelConfig(**{**TINY, **overrides}))
-    model.init_weights(torch.Generator().manual_seed(0))
-    with torch.no_grad():  # non-trivial norm weights, so a wrong norm mapping would show
-        for name, param in model.named_parameters():
-            if name.endswith("norm.weight"):
-                param.uniform_(0.5, 1.5)
-    return model.eval()
-
-
-def hf_state_dict(model: Transformer) -> dict:
-    """Our weights under Hugging Face Llama-family names (fused projections split)."""
-    cfg = model.cfg
-    q_size, kv_size = cfg.n_heads * cfg.dim_per_head, cfg.kv_heads * cfg.dim_per_head
-    out = {"model.embed_tokens.weight": model.tok_emb.weight, "model.norm.weight": model.norm.weight,
-           "lm_head.weight": model.output_weight()}
-    for i, block in enumerate(model.blocks):
-        p = f"model.layers.{i}."
-        q, k, v = block.attn.wqkv.weight.split([q_size, kv_size, kv_size])
-        out.update({p + "self_attn.q_proj.weight": q, p + "self_attn.k_proj.weight": k,
-                    p + "self_attn.v_proj.weight": v, p + "self_attn.o_proj.weight": block.attn.wo.weight,
-                    p + "input_layernorm.weight": block.attn_norm.weight,
-                    p + "post_attention_layernorm.weight": block.ffn_norm.weight})
-        if cfg.qk_norm:
-            out[p + "self_attn.q_norm.weight"] = block.attn.q_norm.weight
-            out[p + "self_attn.k_norm.weight"] = block.attn.k_norm.weight
-        if cfg.moe:
-            out[p + "mlp.gate.weight"] = block.ffn.router.weight
-            out[p + "mlp.experts.gate_up_proj"] = block.ffn.w_gate_up.transpose(1, 2)
-            out[p + "mlp.experts.down_proj"] = block.ffn.w_down.transpose(1, 2)
-        else:
-            gate, up = block.ffn.w_gate_up.weight.chunk(2)
-            out.update({p + "mlp.gate_proj.weight": gate, p + "mlp.up_proj.weight": up,
-                        p + "mlp.down_proj.weight": block.ffn.w_down.weight})
-    return {k: v.detach().clone() for k, v in out.items()}
-
-
-def hf_model(model: Transformer, family: str):
-    cfg = model.cfg
-    common = dict(vocab_size=cfg.vocab_size, hidden_size=cfg.d_model, intermediate_size=cfg.ffn_hidden,
-                  num_hidden_layers=cfg.n_layers, num_attention_heads=cfg.n_heads, num_key_value_heads=cfg.kv_heads,
-                  head_dim=cfg.dim_per_head, max_position_embeddings=cfg.context_length, rms_norm_eps=cfg.norm_eps,
-                  rope_theta=cfg.rope_theta, tie_word_embeddings=False, attn_implementation="eager")
-    if family == "llama":
-        hf_cfg = transformers.LlamaConfig(**common)
-    elif family == "mistral":
-        hf_cfg = transformers.MistralConfig(**common, sliding_window=cfg.sliding_window)
-    elif family == "qwen3":
-        hf_cfg = transformers.Qwen3Config(**common)
-    else:
-        hf_cfg = transformers.MixtralConfig(**common, num_local_experts=cfg.moe.n_experts,
-                                            num_experts_per_tok=cfg.moe.top_k)
-    hf = transformers.AutoModelForCausalLM.from_config(hf_cfg).eval()
-    missing, unexpected = hf.load_state_dict(hf_state_dict(model), strict=False)
-    assert not unexpected and all("rotary" in k for k in missing), (missing, unexpected)
-    return hf
-
-
-@pytest.mark.parametrize(
-    "family, overrides",
-    [("llama", {}), ("llama", {"n_kv_heads": 4}), ("mistral", {"sliding_window": 8}), ("qwen3", {"qk_norm": True}),
-     ("mixtral", {"moe": {"n_experts": 4, "top_k": 2}})],
-)
-def test_logits_match_transformers(family, overrides):
-    model = build(**overrides)
-    hf = hf_model(model, family)
-    ids = torch.randint(0, TINY["vocab_size"], (2, 40), generator=torch.Generator().manual_seed(1))
-    with torch.no_grad():
-        ours, _ = model(ids)
-        theirs = hf(ids).logits
-    torch.testing.assert_close(ours, theirs, atol=2e-5, rtol=1e-4)
+build = tiny_model
 
 
 def test_causal_and_sliding_window():

@@ -62,7 +62,8 @@ class Attention(nn.Module):
         self.q_norm = RMSNorm(self.head_dim, cfg.norm_eps) if cfg.qk_norm else None
         self.k_norm = RMSNorm(self.head_dim, cfg.norm_eps) if cfg.qk_norm else None
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    def project(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
+        """x [B, T, d] -> rotated q [B, H, T, hd] and k, plus v [B, H_kv, T, hd]; cos/sin [T, hd] or [B, 1, T, hd]."""
         B, T, _ = x.shape
         q, k, v = self.wqkv(x).split(
             [self.n_heads * self.head_dim, self.n_kv_heads * self.head_dim, self.n_kv_heads * self.head_dim], dim=-1
@@ -72,8 +73,11 @@ class Attention(nn.Module):
         v = v.view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
-        q = apply_rope(q.transpose(1, 2), cos, sin)
-        k = apply_rope(k.transpose(1, 2), cos, sin)
+        return apply_rope(q.transpose(1, 2), cos, sin), apply_rope(k.transpose(1, 2), cos, sin), v
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        B, T, _ = x.shape
+        q, k, v = self.project(x, cos, sin)
         if self.n_kv_heads != self.n_heads:
             # Expanding K/V keeps SDPA on its fused kernels on every backend.
             repeat = self.n_heads // self.n_kv_heads
@@ -159,5 +163,8 @@ class Transformer(nn.Module):
         for block in self.blocks:
             x, block_aux = block(x, cos, sin)
             aux_loss = aux_loss + block_aux
-        x = self.norm(x)
-        return F.linear(x, self.output_weight()), aux_loss
+        return self.logits(self.norm(x)), aux_loss
+
+    def logits(self, x: torch.Tensor) -> torch.Tensor:
+        """Final hidden states -> logits. A quantizer may install `lm_head` even when embeddings are tied."""
+        return F.linear(x, self.tok_emb.weight) if self.lm_head is None else self.lm_head(x)

@@ -1,0 +1,252 @@
+"""Weight-only quantization of a trained model for inference.
+
+`quantize(model, "int8" | "int4")` swaps the matmul weights of every block (and the output projection) for
+quantized copies in place; norms, the embedding table and the MoE router stay float. Decoding one token reads
+every weight once, so it is bound by memory bandwidth: storing weights in 8 or 4 bits makes it faster provided the
+matmul reads the narrow weights directly instead of widening them first. PyTorch ships such kernels:
+
+- int8: `aten._weight_int8pack_mm(x [M, K], w int8 [N, K], scales [N])` = x @ (w * scales[:, None]).T, one scale
+  per output channel, symmetric. x must be 2-D and contiguous, and scales must have x's dtype.
+- int4: tinygemm. Weights are quantized asymmetrically in groups of `group_size` along the input dimension, to
+  q in [0, 15] with w = (q - 8) * scale + zero, where `zero` lives in the float domain (not an integer offset).
+  `scales_and_zeros` is [K / group_size, N, 2]. On CPU, `_convert_weight_to_int4pack_for_cpu` takes q as int32
+  [N, K] and `_weight_int4pack_mm_for_cpu` takes a 2-D contiguous x with scales_and_zeros of x's dtype; N must be
+  a multiple of 16 and group_size one of 32, 64, 128, 256. On CUDA, `_convert_weight_to_int4pack` takes two
+  values per uint8 byte (even k in the high nibble) and `_weight_int4pack_mm` wants bf16 and N a multiple of 8.
+
+The CPU kernels accept fp32, fp16 and bf16 activations but vectorise only bf16: given fp32 they run 15-30x slower
+than a plain fp32 matmul (measured, PyTorch 2.13, AVX-512 CPU). So quantized layers on CPU compute in bf16 and cast
+the result back; the rounding this adds is small next to the weight quantization error. The int8 kernel is tuned
+for decode (a few rows); for many rows (prefill) widening the weights to bf16 for the ordinary matmul is faster.
+Off CPU, int8 layers widen the weights to the activations' dtype: the pattern gpt-fast relies on and
+`torch.compile` fuses (the CUDA build of the int8 op is a naive kernel, slower than cuBLAS).
+
+Packed int4 layouts depend on the device (and on CPU the instruction set), so quantize after moving the model to
+the device it will run on, and never save packed weights: quantize at load time. A layer the int4 kernel cannot
+take (in-features not a multiple of group_size, out-features off the tile size, a device without the kernel) is
+stored as int8 instead, and `model.quant_report` names it with the reason.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from fermion.model.moe import MoEFeedForward
+from fermion.model.transformer import Transformer
+
+MODES = ("none", "int8", "int4")
+INT4_GROUP_SIZES = (32, 64, 128, 256)  # the only group sizes the tinygemm kernels are built for
+# Rows at which widening int8 weights to bf16 for the ordinary matmul catches up with the CPU int8 kernel (one thread,
+# a 512 -> 2816 layer, kernel vs widened: 1 row 0.04 vs 0.26 ms, 16 rows 0.33 vs 0.34, 512 rows 10.6 vs 3.7).
+KERNEL_MAX_ROWS = 16
+
+
+def quantize(model: Transformer, mode: str, *, group_size: int = 128) -> Transformer:
+    """Convert `model` in place for inference and return it; `model.quant_report` says what became what.
+
+    The report is {"mode", "group_size", "layers": {name: "int8" | "int4" | "float"}, "fallbacks": {name: why}}.
+    """
+    if mode not in MODES:
+        raise ValueError(f"unknown quantization mode {mode!r}; valid modes: {', '.join(MODES)}")
+    if mode == "none":
+        return model
+    if hasattr(model, "quant_report"):
+        raise ValueError("model is already quantized; quantize a float model")
+    if mode == "int4" and group_size not in INT4_GROUP_SIZES:
+        raise ValueError(f"int4 group_size must be one of {INT4_GROUP_SIZES} (the kernels' choices), got {group_size}")
+    report = {"mode": mode, "group_size": group_size, "layers": {}, "fallbacks": {}}
+
+    def convert(weight: torch.Tensor, name: str) -> nn.Module:
+        layer, why_not_int4 = _quantized_linear(weight, mode, group_size)
+        report["layers"][name] = "int4" if isinstance(layer, Int4Linear) else "int8"
+        if why_not_int4:
+            report["fallbacks"][name] = why_not_int4
+        return layer
+
+    with torch.no_grad():
+        # Listed first because the walk swaps modules in the tree it walks.
+        for name, module in list(model.blocks.named_modules()):
+            parent_name, _, child = name.rpartition(".")
+            parent, full_name = model.blocks.get_submodule(parent_name), f"blocks.{name}"
+            if isinstance(module, MoEFeedForward):
+                setattr(parent, child, QuantMoEFeedForward(module, convert, full_name))
+                report["layers"][f"{full_name}.router"] = "float"
+            elif isinstance(module, nn.Linear) and child != "router":
+                setattr(parent, child, convert(module.weight, full_name))
+        # Tied or not, the projection gets its own quantized copy; the embedding lookup keeps the float table.
+        model.lm_head = convert(model.output_weight(), "lm_head")
+    model.quant_report = report
+    return model
+
+
+def quantized_bytes(module: nn.Module) -> int:
+    """Bytes of the weights as stored: parameters and persistent buffers, shared storage counted once."""
+    storages = {}
+    for tensor in module.state_dict().values():
+        storage = tensor.untyped_storage()
+        storages[(tensor.device, storage.data_ptr())] = storage.nbytes()
+    return sum(storages.values())
+
+
+def _quantized_linear(weight: torch.Tensor, mode: str, group_size: int) -> tuple[nn.Module, str | None]:
+    """A float [N, K] weight -> (quantized layer, why it is int8 although int4 was asked, or None)."""
+    if mode == "int4":
+        why_not = int4_unsupported(weight, group_size)
+        if why_not is None:
+            layer = Int4Linear(weight, group_size)
+            why_not = _int4_disagrees(layer, weight)
+            if why_not is None:
+                return layer, None
+        return Int8Linear(weight), why_not
+    return Int8Linear(weight), None
+
+
+# ------------------------------------------------------------------------------------------------------------ int8
+
+
+def quantize_int8(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Float [N, K] -> (int8 [N, K], fp32 scales [N]): symmetric, one scale per output channel."""
+    w = weight.float().contiguous()  # expert weights arrive as transposed views; the kernel wants rows
+    # [-127, 127] so that negating a weight never clips; an all-zero row keeps a usable scale.
+    scales = w.abs().amax(dim=1).clamp(min=1e-12) / 127
+    return (w / scales[:, None]).round().clamp(-127, 127).to(torch.int8), scales
+
+
+class Int8Linear(nn.Module):
+    """A bias-free Linear whose weight is int8 with one scale per output channel."""
+
+    def __init__(self, weight: torch.Tensor):
+        super().__init__()
+        qweight, scales = quantize_int8(weight)
+        self.register_buffer("qweight", qweight)
+        # The scales are kept in the dtype the layer computes in (bf16 on CPU, see the module docstring).
+        self.register_buffer("scales", scales.to(torch.bfloat16 if weight.device.type == "cpu" else weight.dtype))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x2d = x.reshape(-1, x.shape[-1]).to(self.scales.dtype)
+        if x.device.type == "cpu" and x2d.shape[0] < KERNEL_MAX_ROWS:
+            y = torch.ops.aten._weight_int8pack_mm(x2d.contiguous(), self.qweight, self.scales)
+        else:
+            y = F.linear(x2d, self.qweight.to(x2d.dtype)) * self.scales
+        return y.to(x.dtype).view(*x.shape[:-1], -1)
+
+
+# ------------------------------------------------------------------------------------------------------------ int4
+
+
+def quantize_int4(weight: torch.Tensor, group_size: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Float [N, K] -> (q int32 [N, K] in [0, 15], scales [N, K/g], zeros [N, K/g]), all in fp32.
+
+    Asymmetric min/max per group, so all 16 levels are used: w ~ q * scale + min = (q - 8) * scale + zero with
+    zero = min + 8 * scale, the float-domain zero point the kernels expect.
+    """
+    n, k = weight.shape
+    w = weight.float().contiguous().view(n, k // group_size, group_size)
+    low, high = w.amin(dim=-1), w.amax(dim=-1)
+    scales = ((high - low) / 15).clamp(min=1e-12)
+    q = ((w - low[..., None]) / scales[..., None]).round().clamp(0, 15).to(torch.int32)
+    return q.view(n, k), scales, low + 8 * scales
+
+
+def dequantize_int4(q: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, group_size: int) -> torch.Tensor:
+    expand = lambda t: t.repeat_interleave(group_size, dim=1)
+    return (q.float() - 8) * expand(scales) + expand(zeros)
+
+
+def int4_unsupported(weight: torch.Tensor, group_size: int) -> str | None:
+    """Why the int4 kernel of the weight's device cannot take this [N, K] weight, or None when it can."""
+    n, k = weight.shape
+    n_tile = {"cpu": 16, "cuda": 8}.get(weight.device.type)
+    if n_tile is None:
+        return f"no int4 kernel on {weight.device.type}"
+    if k % group_size:
+        return f"in-features {k} not a multiple of group_size {group_size}"
+    if n % n_tile:
+        return f"out-features {n} not a multiple of {n_tile}"
+    return None
+
+
+class Int4Linear(nn.Module):
+    """A bias-free Linear whose weight is packed int4 for the tinygemm kernel of the device it was built on."""
+
+    def __init__(self, weight: torch.Tensor, group_size: int):
+        super().__init__()
+        self.group_size, self.out_features, self.packed_for = group_size, weight.shape[0], weight.device.type
+        q, scales, zeros = quantize_int4(weight, group_size)
+        # bf16 on both devices: CUDA's tinygemm takes nothing else, the CPU one vectorises nothing else.
+        self.register_buffer("scales_and_zeros", torch.stack([scales.t(), zeros.t()], dim=-1).to(torch.bfloat16))
+        self.register_buffer("packed", self._pack(q))
+
+    def _pack(self, q: torch.Tensor) -> torch.Tensor:
+        if self.packed_for == "cpu":
+            return torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, 1)  # the CPU packing ignores inner k-tiles
+        # Untested (no GPU here): the byte layout and arguments follow aten's tinygemm source, and `_int4_disagrees`
+        # checks the result against the dequantised weights at conversion, falling back to int8 if it differs.
+        k = q.shape[1]
+        inner_k_tiles = 8 if k % 128 == 0 else 4 if k % 64 == 0 else 2
+        pairs = (q[:, 0::2] << 4 | q[:, 1::2]).to(torch.uint8)
+        return torch.ops.aten._convert_weight_to_int4pack(pairs.contiguous(), inner_k_tiles)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.device.type != self.packed_for:
+            raise RuntimeError(f"int4 weights were packed for {self.packed_for}, the input is on {x.device.type}: "
+                               "quantize after moving the model")
+        x2d = x.reshape(-1, x.shape[-1]).to(torch.bfloat16).contiguous()
+        if self.packed_for == "cpu":
+            y = torch.ops.aten._weight_int4pack_mm_for_cpu(x2d, self.packed, self.group_size, self.scales_and_zeros)
+        else:
+            y = torch.ops.aten._weight_int4pack_mm(x2d, self.packed, self.group_size, self.scales_and_zeros)
+        return y.to(x.dtype).view(*x.shape[:-1], self.out_features)
+
+
+def _int4_disagrees(layer: Int4Linear, weight: torch.Tensor) -> str | None:
+    """Run the kernel once against the dequantised weights, so a device whose kernel misbehaves gets int8."""
+    reference_weight = dequantize_int4(*quantize_int4(weight, layer.group_size), layer.group_size)
+    x = torch.randn(2, weight.shape[1], device=weight.device, generator=torch.Generator(weight.device).manual_seed(0))
+    try:
+        got = layer(x).float()
+    except (RuntimeError, NotImplementedError) as err:
+        return f"int4 kernel failed: {str(err).splitlines()[0]}"
+    expected = x @ reference_weight.t()
+    error = ((got - expected).abs().max() / expected.abs().max().clamp(min=1e-12)).item()
+    # bf16 activations and tables account for ~1e-2; a wrong layout gives errors of order 1.
+    return None if error < 5e-2 else f"int4 kernel disagrees with the dequantised weights (relative error {error:.2g})"
+
+
+# ------------------------------------------------------------------------------------------------------------- MoE
+
+
+class QuantMoEFeedForward(nn.Module):
+    """MoEFeedForward with each expert's two matmuls quantized like any Linear; the router stays float.
+
+    The router is d_model x n_experts, a sliver of the weights, and its output is a discrete top-k choice:
+    quantization noise near a tie would send a token to another expert, a far larger change than the weight error
+    itself (AutoAWQ and vLLM leave MoE gates unquantized for the same reason).
+    """
+
+    route = MoEFeedForward.route  # the float model's routing and auxiliary loss, unchanged
+
+    def __init__(self, moe: MoEFeedForward, convert, name: str):
+        super().__init__()
+        self.n_experts, self.top_k = moe.n_experts, moe.top_k
+        self.aux_loss_coef, self.z_loss_coef = moe.aux_loss_coef, moe.z_loss_coef
+        self.router = moe.router
+        # The float stacks are [expert, in, out]; quantized layers take [out, in] and scale per output channel.
+        self.gate_up = nn.ModuleList(convert(w.t(), f"{name}.gate_up.{e}") for e, w in enumerate(moe.w_gate_up))
+        self.down = nn.ModuleList(convert(w.t(), f"{name}.down.{e}") for e, w in enumerate(moe.w_down))
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        shape = x.shape
+        x = x.reshape(-1, shape[-1])
+        top_ids, top_weights, aux_loss = self.route(x)
+        slot_experts, slot_weights = top_ids.flatten(), top_weights.flatten()
+        out = torch.zeros_like(x)
+        for expert in slot_experts.unique().tolist():
+            slots = (slot_experts == expert).nonzero().squeeze(1)
+            rows = slots // self.top_k  # slot s holds one of token s // top_k's choices
+            gate, up = self.gate_up[expert](x[rows]).chunk(2, dim=-1)
+            expert_out = self.down[expert](F.silu(gate) * up)
+            out.index_add_(0, rows, (expert_out * slot_weights[slots, None]).to(x.dtype))
+        return out.view(shape), aux_loss

@@ -1,0 +1,37 @@
+"""Shared test helpers: tiny models with non-trivial weights, and a small tokenizer trained on real text."""
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from fermion.config import ModelConfig, TokenizerConfig
+from fermion.data.tokenizer import Tokenizer
+from fermion.model.transformer import Transformer
+
+SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+SHAKESPEARE = SHARED_DATA / "pretrain" / "tinyshakespeare" / "input.txt"
+TINY = dict(vocab_size=97, d_model=64, n_layers=2, n_heads=4, n_kv_heads=2, ffn_hidden=96, context_length=48,
+            rope_theta=5000.0, tie_embeddings=False)
+
+
+def tiny_model(**overrides) -> Transformer:
+    """A seeded tiny model in eval mode. Norm weights are drawn from [0.5, 1.5] rather than left at one, so a
+    mistake in mapping or applying a norm shows up in the outputs."""
+    model = Transformer(ModelConfig(**{**TINY, **overrides}))
+    model.init_weights(torch.Generator().manual_seed(0))
+    norms = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if name.endswith("norm.weight"):
+                param.uniform_(0.5, 1.5, generator=norms)
+    return model.eval()
+
+
+@pytest.fixture(scope="session")
+def shakespeare_tokenizer() -> Tokenizer:
+    """A 512-token byte-level BPE tokenizer trained on the first 300 kB of Shakespeare."""
+    if not SHAKESPEARE.is_file():
+        pytest.skip(f"{SHAKESPEARE} is missing")
+    text = SHAKESPEARE.read_text(encoding="utf-8")[:300_000]
+    return Tokenizer.train([text], TokenizerConfig(vocab_size=512, train_bytes=300_000))
