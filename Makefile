@@ -23,6 +23,7 @@ test: install
 
 bench: install
 	$(PY) bench/train_throughput.py
+	$(PY) bench/decode.py
 
 lint: install
 	$(VENV)/bin/ruff check .

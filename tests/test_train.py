@@ -158,10 +158,10 @@ def test_exact_resume_after_sigkill_under_torchrun_fsdp(tmp_path):
     assert result.returncode == 0 and "resuming from" in result.stdout, result.stderr
     assert losses(run_dir) == losses(reference_dir)
     # The resharded final weights, gathered by the single-process loader, are identical too.
-    from fermion.infer.generate import load_for_inference
+    from fermion.infer.engine import load_model
 
-    ours, _ = load_for_inference(run_dir)
-    theirs, _ = load_for_inference(reference_dir)
+    ours, _, _ = load_model(run_dir)
+    theirs, _, _ = load_model(reference_dir)
     assert_bitwise_equal(ours.state_dict(), theirs.state_dict())
 
 

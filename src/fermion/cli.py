@@ -42,13 +42,15 @@ def recipe_or_exit(path: Path, overrides: list[str] | None, check_paths: bool = 
 
 def run_guarded(action):
     """Run a stage, turning the project's own errors into one clear line and an exit code."""
+    from fermion.chat.templates import TemplateError
     from fermion.data.sources import DataError
+    from fermion.export import ExportError
     from fermion.train.checkpoint import CheckpointError
     from fermion.train.trainer import TrainingError
 
     try:
         return action()
-    except (RecipeError, DataError, CheckpointError) as err:
+    except (RecipeError, DataError, CheckpointError, ExportError, TemplateError) as err:
         fail(str(err), code=2)
     except TrainingError as err:
         fail(str(err), code=1)
@@ -130,23 +132,152 @@ def _gib(n_bytes: float) -> str:
     return f"{n_bytes / 2**30:,.2f} GiB"
 
 
+QuantOption = Annotated[str, typer.Option(help="Weight-only quantization for inference: none, int8 or int4.")]
+DtypeOption = Annotated[str, typer.Option(help="Inference dtype: auto (bf16 where native, else fp32), fp32, bf16, "
+                                               "fp16.")]
+ModelArg = Annotated[Path, typer.Argument(help="A run directory, a checkpoint directory or a Hugging Face folder.")]
+
+
+def load_engine(path: Path, quant: str = "none", device: str = "cpu", dtype: str = "auto", max_batch: int = 8):
+    """Model + tokenizer + recipe from any checkpoint-like path, in the inference dtype, quantized if asked,
+    weights laid out for decoding, wrapped in an engine."""
+    import torch
+
+    from fermion.infer.engine import Engine, inference_dtype, load_model, prepare_for_decode
+    from fermion.infer.quantize import quantize
+
+    try:
+        torch_dtype = inference_dtype(dtype, torch.device(device))
+    except (ValueError, RuntimeError) as err:
+        fail(str(err))
+    model, tokenizer, recipe = run_guarded(lambda: load_model(path, device=device, dtype=torch_dtype,
+                                                              warn=console.print))
+    try:
+        quantize(model, quant)
+    except ValueError as err:
+        fail(str(err))
+    return Engine(prepare_for_decode(model), tokenizer, max_batch=max_batch), recipe
+
+
 @app.command()
 def generate(
-    run: Annotated[Path, typer.Argument(help="A run directory or a checkpoint directory.")],
+    run: ModelArg,
     prompt: Annotated[list[str], typer.Option(help="Prompt text; repeat for several.")] = ["def "],  # noqa: B006
     max_new_tokens: Annotated[int, typer.Option(min=1)] = 100,
     temperature: Annotated[float, typer.Option(min=0.0, help="0 means greedy.")] = 0.8,
     top_k: Annotated[int, typer.Option(min=0, help="0 disables top-k.")] = 50,
+    top_p: Annotated[float, typer.Option(min=0.0, max=1.0)] = 1.0,
+    min_p: Annotated[float, typer.Option(min=0.0, max=1.0)] = 0.0,
+    repetition_penalty: Annotated[float, typer.Option(min=0.0)] = 1.0,
+    stop: Annotated[list[str] | None, typer.Option(help="Stop string; repeat for several.")] = None,
     seed: int = 0,
+    chat: Annotated[bool, typer.Option(help="Send each prompt as a user message through the chat template.")] = False,
+    quant: QuantOption = "none",
+    dtype: DtypeOption = "auto",
+    device: Annotated[str, typer.Option(help="cpu, cuda, ...")] = "cpu",
 ) -> None:
-    """Sample continuations of prompts from a trained checkpoint."""
-    from fermion.infer.generate import generate_text, load_for_inference
+    """Continue prompts with the KV-cache engine, streaming the text as it is generated."""
+    import time
 
-    model, tokenizer = run_guarded(lambda: load_for_inference(run, warn=console.print))
+    from fermion.chat.templates import ChatTemplate
+    from fermion.infer.engine import SamplingParams
+
+    engine, recipe = load_engine(run, quant, device, dtype)
+    template = run_guarded(lambda: ChatTemplate.get(recipe.tokenizer.chat_template)) if chat else None
+    try:
+        params = SamplingParams(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
+                                min_p=min_p, repetition_penalty=repetition_penalty, seed=seed,
+                                stop=list(stop or []) + (template.stop_strings if template else []))
+    except ValueError as err:
+        fail(str(err))
     for text in prompt:
-        completion = generate_text(model, tokenizer, text, max_new_tokens, temperature, top_k or None, seed)
         console.rule(repr(text))
-        console.print(text + completion, highlight=False, markup=False)
+        message = [{"role": "user", "content": text}]
+        ids = (run_guarded(lambda m=message: template.encode(engine.tokenizer, m, add_generation_prompt=True)).ids
+               if template else engine.tokenizer.encode(text))
+        if not template:
+            console.out(text, end="", highlight=False)
+        start, pieces = time.perf_counter(), 0
+        try:
+            for piece in engine.stream(ids, params):
+                console.out(piece, end="", highlight=False)
+                pieces += 1
+        except ValueError as err:
+            fail(str(err))
+        seconds = time.perf_counter() - start
+        tokens = len(engine.last.token_ids) if engine.last else pieces
+        console.print(f"\n[dim]{tokens} tokens in {seconds:.2f} s · {tokens / seconds:,.1f} tokens/s · "
+                      f"finish: {engine.last.finish_reason if engine.last else '?'}[/]")
+
+
+@app.command("export")
+def export_cmd(
+    run: ModelArg,
+    format_: Annotated[list[str], typer.Option("--format", help="hf, gguf or onnx; repeat for several.")] = ["hf"],  # noqa: B006
+    out: Annotated[Path | None, typer.Option(help="Output folder (default: <run>/export/<format>).")] = None,
+    dtype: Annotated[str | None, typer.Option(help="hf: bf16|fp16|fp32 (bf16); gguf: f32|f16|q8_0 (f16); "
+                                                   "onnx: fp32|fp16 (fp32).")] = None,
+    template: Annotated[str | None, typer.Option(help="Chat template (default: the recipe's).")] = None,
+) -> None:
+    """Export a checkpoint to a Hugging Face folder, a GGUF file (+ Ollama Modelfile) or an ONNX model."""
+    from fermion.chat.templates import ChatTemplate
+    from fermion.infer.engine import load_model
+
+    formats = [f.strip() for spec in format_ for f in spec.split(",") if f.strip()]
+    unknown = [f for f in formats if f not in ("hf", "gguf", "onnx")]
+    if unknown:
+        fail(f"--format {unknown[0]!r} is not one of hf, gguf, onnx")
+    if out is not None and len(formats) > 1:
+        fail("--out names one folder; export one format at a time with it, or leave it out")
+    model, tokenizer, recipe = run_guarded(lambda: load_model(run, warn=console.print))
+    chat_template = run_guarded(lambda: ChatTemplate.get(template or recipe.tokenizer.chat_template))
+    base = _export_root(run)
+    for fmt in formats:
+        folder = out or base / fmt
+        def write(fmt=fmt, folder=folder):
+            if fmt == "hf":
+                from fermion.export.hf import export_hf
+
+                return export_hf(model, tokenizer, folder, template=chat_template, dtype=dtype or "bf16")
+            elif fmt == "gguf":
+                from fermion.export.gguf import export_gguf
+
+                return export_gguf(model, tokenizer, folder, dtype=dtype or "f16", chat_template=chat_template.source,
+                                   template_name=chat_template.name, name=recipe.run.name)
+            else:
+                from fermion.export.onnx import export_onnx
+
+            return export_onnx(model, folder, dtype=dtype or "fp32")
+
+        try:
+            console.print(f"{fmt}: {run_guarded(write)}")
+        except ModuleNotFoundError as err:
+            fail(f"the {fmt} export needs the '{err.name}' package: pip install 'fermion[export]'")
+
+
+def _export_root(run: Path) -> Path:
+    """<run>/export for a run directory or one of its checkpoints; beside the folder otherwise."""
+    from fermion.train.checkpoint import checkpoints_dir
+
+    if checkpoints_dir(run).is_dir():
+        return run / "export"
+    if run.parent.name == "checkpoints":
+        return run.parent.parent / "export"
+    return run.parent / f"{run.name}-export"
+
+
+@app.command("import")
+def import_cmd(
+    folder: Annotated[Path, typer.Argument(help="A Hugging Face Llama/Mistral/Qwen3/Mixtral/Qwen3-MoE folder.")],
+    out: Annotated[Path, typer.Argument(help="The fermion checkpoint directory to write.")],
+) -> None:
+    """Turn a Hugging Face folder into a fermion checkpoint (for generate, export, or train.init_from)."""
+    from fermion.export.hf import imported_recipe
+    from fermion.train.checkpoint import save_weights
+
+    model, tokenizer, recipe = run_guarded(lambda: imported_recipe(folder))
+    path = run_guarded(lambda: save_weights(model, recipe, tokenizer, out))
+    console.print(f"imported {folder} ({recipe.model.n_layers} layers, vocab {recipe.model.vocab_size:,}) -> {path}")
 
 
 @app.command()
@@ -155,7 +286,7 @@ def demo(
     resume: Annotated[str, typer.Option(help="auto, none, or a checkpoint directory")] = "auto",
 ) -> None:
     """The built-in recipe, offline: a tokenizer and a small model trained on the Python standard library."""
-    from fermion.infer.generate import generate_text, load_for_inference
+    from fermion.infer.engine import SamplingParams
     from fermion.train.pretrain import pretrain as run_pretrain
 
     with resources.as_file(resources.files("fermion") / "recipes" / "demo.yaml") as path:
@@ -165,11 +296,11 @@ def demo(
     result = run_guarded(lambda: run_pretrain(loaded, resume=resume, console=console))
     if result.status == "preempted":
         raise typer.Exit(0)
-    model, tokenizer = run_guarded(lambda: load_for_inference(loaded.run_dir, warn=console.print))
+    engine, _ = load_engine(loaded.run_dir)
     for i, text in enumerate(DEMO_PROMPTS):
         console.rule(f"sample {i + 1}: {text!r}")
-        console.print(text + generate_text(model, tokenizer, text, 80, temperature=0.7, seed=i),
-                      highlight=False, markup=False)
+        completion = engine.complete(text, SamplingParams(max_new_tokens=80, temperature=0.7, top_k=50, seed=i))
+        console.print(text + completion.text, highlight=False, markup=False)
     if result.val_loss is not None:
         console.print(f"[bold]final validation loss {result.val_loss:.4f} · {result.val_bpb:.4f} bits/byte[/]")
 

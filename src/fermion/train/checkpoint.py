@@ -26,7 +26,9 @@ import torch
 import yaml
 from safetensors.torch import load_file, save_file
 
+from fermion.atomic import replaced_dir
 from fermion.config import Recipe, recipe_from_dict
+from fermion.data.tokenizer import Tokenizer
 from fermion.train.distributed import DistInfo, barrier
 
 STEP_PREFIX = "step_"
@@ -143,7 +145,7 @@ def save(
                  "format": "dcp" if sharded else "safetensors"}
         (tmp / "trainer_state.json").write_text(json.dumps(state, indent=2))
         (tmp / "recipe.yaml").write_text(recipe.to_yaml())
-        shutil.copyfile(tokenizer_path, tmp / "tokenizer.json")
+        Tokenizer.load(tokenizer_path).save(tmp / "tokenizer.json")  # with its tokenizer_config.json, if any
         manifest = {"step": step, "files": {str(p.relative_to(tmp)): _sha256(p) for p in _files(tmp)}}
         (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2))
         shutil.rmtree(final, ignore_errors=True)
@@ -153,6 +155,22 @@ def save(
             shutil.rmtree(old, ignore_errors=True)
     barrier(info)
     return final
+
+
+def save_weights(model: torch.nn.Module, recipe: Recipe, tokenizer: Tokenizer, out: Path) -> Path:
+    """A weights-only checkpoint (no optimizer or trainer state): what `fermion import` writes and `init_from` reads.
+
+    It has the same layout and manifest as a training checkpoint, so every command that takes one takes this too.
+    """
+    out = Path(out)
+    with replaced_dir(out, "manifest.json", CheckpointError, "a checkpoint") as tmp:
+        state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
+        save_file(state, tmp / "model.safetensors")
+        (tmp / "recipe.yaml").write_text(recipe.to_yaml())
+        tokenizer.save(tmp / "tokenizer.json")
+        manifest = {"step": 0, "files": {str(p.relative_to(tmp)): _sha256(p) for p in _files(tmp)}}
+        (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2))
+    return out
 
 
 def _write_latest(root: Path, name: str) -> None:

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import torch
 from rich.console import Console
+from safetensors.torch import load_file
 
 from fermion.config import Recipe, RecipeError
 from fermion.data.shards import ShardSet, TokenLoader, check_tokenizer, val_batches, write_shards
@@ -45,6 +46,16 @@ def train_tokenizer(recipe: Recipe, console: Console, force: bool = False) -> Pa
     return path
 
 
+def _adopt_tokenizer(recipe: Recipe, tokenizer: Tokenizer) -> None:
+    """The init_from source's tokenizer becomes the run's; a different one named by the recipe is refused."""
+    path = tokenizer_path(recipe)
+    if path.is_file() and Tokenizer.load(path).hash != tokenizer.hash:
+        raise RecipeError(f"{path} differs from the tokenizer of train.init_from ({recipe.train.init_from}); "
+                          "a model must keep the tokenizer it was trained with")
+    if not path.is_file():
+        tokenizer.save(path)
+
+
 def prepare_shards(recipe: Recipe) -> None:
     """Tokenize the sources into the run's shards (skipped when they are up to date). Shards the recipe points to
     with data.shard_dir and that already exist are only read: another run may own them."""
@@ -54,24 +65,67 @@ def prepare_shards(recipe: Recipe) -> None:
     write_shards(recipe.data, Tokenizer.load(tokenizer_path(recipe)), out, recipe.run.seed)
 
 
-def build_model(recipe: Recipe, device: torch.device) -> Transformer:
-    """Build on the meta device, then materialise and initialise on the target device from the run's seed."""
+def build_model(recipe: Recipe, device: torch.device, weights: dict | None = None) -> Transformer:
+    """Build on the meta device, then materialise on the target device: the given weights, or a random init from
+    the run's seed."""
     with torch.device("meta"):
         model = Transformer(recipe.model)
     model.to_empty(device=device)
-    model.init_weights(torch.Generator(device).manual_seed(recipe.run.seed))
+    if weights is None:
+        model.init_weights(torch.Generator(device).manual_seed(recipe.run.seed))
+    else:
+        model.load_state_dict(weights)
+        model.reset_rope()
     return model
+
+
+def start_from(recipe: Recipe) -> tuple[Recipe, dict | None, Tokenizer | None]:
+    """For train.init_from: the recipe with the source's model (and chat template), its weights and tokenizer.
+
+    A model section the recipe writes out must describe the source exactly; one it leaves out is taken from it.
+    """
+    source = recipe.train.init_from
+    if not source:
+        return recipe, None, None
+    from fermion.export.hf import imported_recipe, is_hf_folder
+    from fermion.train import checkpoint
+
+    if is_hf_folder(source):
+        model, tokenizer, source_recipe = imported_recipe(Path(source))
+        weights = model.state_dict()
+    else:
+        ckpt = checkpoint.resolve(source)
+        source_recipe = checkpoint.load_recipe_of(ckpt)
+        weights = load_file(ckpt / "model.safetensors") if (ckpt / "model.safetensors").is_file() else None
+        if weights is None:
+            model = build_model(source_recipe, torch.device("cpu"))
+            checkpoint.load_weights(ckpt, model)
+            weights = model.state_dict()
+        tokenizer = Tokenizer.load(ckpt / "tokenizer.json")
+    if "model" in recipe.model_fields_set and recipe.model != source_recipe.model:
+        ours, theirs = recipe.model.model_dump(), source_recipe.model.model_dump()
+        diff = [f"model.{k} ({ours[k]} here, {theirs[k]} in {source})" for k in ours if ours[k] != theirs[k]]
+        raise RecipeError(f"train.init_from: the recipe's model differs from the source's: {', '.join(diff)}; "
+                          "remove the model section to take the source's")
+    update = {"model": source_recipe.model}
+    if "chat_template" not in recipe.tokenizer.model_fields_set:
+        update["tokenizer"] = recipe.tokenizer.model_copy(update={"chat_template":
+                                                                  source_recipe.tokenizer.chat_template})
+    return recipe.model_copy(update=update), weights, tokenizer
 
 
 def pretrain(recipe: Recipe, resume: str = "auto", console: Console | None = None) -> TrainResult:
     console = console or Console()
     require_data(recipe)
+    recipe, weights, source_tokenizer = start_from(recipe)
     info = distributed.setup(recipe.train.device)
     # No teardown on errors: its barrier would wait for ranks that may never arrive; the process exits anyway.
     torch.manual_seed(recipe.run.seed + info.rank)
     if info.is_main:
         recipe.run_dir.mkdir(parents=True, exist_ok=True)
         (recipe.run_dir / "recipe.yaml").write_text(recipe.to_yaml())
+        if source_tokenizer is not None:
+            _adopt_tokenizer(recipe, source_tokenizer)
         train_tokenizer(recipe, console)
         prepare_shards(recipe)
     distributed.barrier(info)
@@ -86,7 +140,7 @@ def pretrain(recipe: Recipe, resume: str = "auto", console: Console | None = Non
     validation = val_batches(ShardSet(shard_dir(recipe), "val"), recipe.seq_len, recipe.train.micro_batch_size,
                              recipe.train.eval_batches)
     objective = Pretrain(torch.from_numpy(tokenizer.token_bytes()))
-    trainer = Trainer(recipe, build_model(recipe, info.device), objective, loader, validation, info,
+    trainer = Trainer(recipe, build_model(recipe, info.device, weights), objective, loader, validation, info,
                       tokenizer_path(recipe), console)
     result = trainer.fit(resume)
     distributed.teardown(info)

@@ -1,0 +1,34 @@
+"""Writing a directory so that readers see the old one or the new one, never half of either."""
+
+from __future__ import annotations
+
+import os
+import shutil
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+
+@contextmanager
+def replaced_dir(out: Path, marker: str, error: type[Exception], what: str) -> Iterator[Path]:
+    """Yield a temporary directory beside `out`; when the block succeeds it becomes `out`.
+
+    An existing `out` is replaced only when it holds `marker` (an earlier output of the same kind) or is empty, so
+    a mistyped path never deletes someone's files; otherwise `error` names the path. On failure the temporary
+    directory goes and `out` is left as it was.
+    """
+    out = Path(out)
+    if out.exists() and any(out.iterdir()) and not (out / marker).is_file():
+        raise error(f"{out} exists and is not {what}; choose a new or empty directory")
+    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    try:
+        yield tmp
+        old = out.with_name(f".{out.name}.old-{os.getpid()}")
+        if out.exists():
+            os.replace(out, old)
+        os.replace(tmp, out)
+        shutil.rmtree(old, ignore_errors=True)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)

@@ -1,0 +1,160 @@
+"""ONNX export: token ids [batch, sequence] -> logits [batch, sequence, vocab], both axes dynamic.
+
+The graph comes from torch's dynamo-based exporter (`torch.onnx.export(..., dynamo=True)`), the default since
+torch 2.9; the TorchScript one warns that it is deprecated. It traces through `torch.export` with symbolic batch and
+sequence sizes declared as `Dim`s (the sequence bounded by the context length, the size of the rotary tables), so
+shape arithmetic such as slicing those tables stays symbolic in the graph. It does not make Python branches on
+shapes symbolic: it keeps the branch the trace took, silently. So the two parts of the model whose Python decisions
+depend on sizes or data get export-only forwards here (the model files stay untouched): the sliding-window branch
+`T > window`, and the mixture-of-experts dispatch, whose loop and expert counts follow the routing of the traced
+tokens (that one fails loudly).
+
+fp16 exports store weights and compute in fp16 (RMSNorm and the router's softmax stay fp32 inside, as in PyTorch)
+and return fp32 logits, so a consumer reads the same output type whichever dtype was exported.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import logging
+import os
+import tempfile
+import types
+import warnings
+from collections.abc import Iterator
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from fermion.export import ExportError
+from fermion.model.moe import MoEFeedForward
+from fermion.model.transformer import Attention, Transformer, sliding_window_mask
+
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16}
+# Above this much weight data the weights go to `model.onnx.data`: protobuf refuses single files over 2 GiB.
+EXTERNAL_DATA_BYTES = int(1.5 * 2**30)
+# torch's ONNX functions start at opset 18; asked for less, it exports 18 anyway after a failed down-conversion.
+MIN_OPSET = 18
+
+
+def export_onnx(model: Transformer, out_dir: Path, *, dtype: str = "fp32", opset: int | None = None) -> Path:
+    """Write `out_dir/model.onnx` (plus `model.onnx.data` for big models) and return its path.
+
+    The graph accepts any batch size and any sequence length up to the model's context length. `opset` None takes
+    the exporter's default (20 with torch 2.13).
+    """
+    if dtype not in DTYPES:
+        raise ExportError(f"unsupported ONNX dtype {dtype!r}; valid: {', '.join(DTYPES)}")
+    if opset is not None and opset < MIN_OPSET:
+        raise ExportError(f"ONNX opset {opset} is older than the exporter supports; use {MIN_OPSET} or later")
+    # Converting a copy leaves the caller's weights alone; without a conversion the model itself is exported.
+    subject = copy.deepcopy(model).to(DTYPES[dtype]) if DTYPES[dtype] != model.tok_emb.weight.dtype else model
+    context = subject.cfg.context_length
+    # Two rows and several tokens: torch.export specialises sizes 0 and 1, so the trace must not use them.
+    example = torch.randint(0, subject.cfg.vocab_size, (2, min(8, context)), device=subject.tok_emb.weight.device)
+    dynamic = {"input_ids": {0: torch.export.Dim("batch"), 1: torch.export.Dim("sequence", max=context)}}
+    with exportable(subject) as module, quiet_exporter():
+        program = torch.onnx.export(
+            module, (example,), input_names=["input_ids"], output_names=["logits"],
+            dynamic_shapes=dynamic, opset_version=opset, dynamo=True, verbose=False,
+        )
+    weight_bytes = sum(p.numel() * p.element_size() for p in subject.parameters())
+    return _save_atomically(program, Path(out_dir), external_data=weight_bytes > EXTERNAL_DATA_BYTES)
+
+
+class _LogitsOnly(nn.Module):
+    """The graph's one output is the logits; the auxiliary MoE loss only matters in training."""
+
+    def __init__(self, model: Transformer):
+        super().__init__()
+        self.model = model
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return self.model(input_ids)[0].float()
+
+
+@contextlib.contextmanager
+def exportable(model: Transformer) -> Iterator[nn.Module]:
+    """The model as one logits-only module, its shape- or data-dependent forwards replaced until the block exits."""
+    patched = []
+    for module in model.modules():
+        if isinstance(module, Attention) and module.sliding_window is not None:
+            module.forward = types.MethodType(_banded_attention, module)
+            patched.append(module)
+        elif isinstance(module, MoEFeedForward):
+            module.forward = types.MethodType(_dense_moe, module)
+            patched.append(module)
+    was_training = model.training
+    try:
+        yield _LogitsOnly(model).eval()  # eval only quiets the exporter's warning: the model has no dropout
+    finally:
+        model.train(was_training)
+        for module in patched:
+            del module.forward  # uncovers the class's own forward again
+
+
+def _banded_attention(self: Attention, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    # The exporter keeps whichever side of `T > window` the trace took, so a trace shorter than the window would give
+    # a graph with no band. The banded mask equals the causal one whenever T <= window, so always taking the masked
+    # path is exact for every length, at the cost of an explicit [T, T] mask.
+    B, T, _ = x.shape
+    q, k, v = self.project(x, cos, sin)
+    repeat = self.n_heads // self.n_kv_heads
+    k, v = k.repeat_interleave(repeat, dim=1), v.repeat_interleave(repeat, dim=1)
+    mask = sliding_window_mask(T, self.sliding_window, x.device)
+    y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+    return self.wo(y.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim))
+
+
+def _dense_moe(self: MoEFeedForward, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    # The training forward groups tokens by expert with counts read back to Python, which a graph with symbolic
+    # shapes cannot hold. Here every expert runs on every token and the routing weights (zero for experts a token
+    # does not use) pick the mix: the same sum, with n_experts / top_k times the feed-forward FLOPs and an
+    # [n_experts, tokens, hidden] activation. That is the price of a static graph without a grouped-matmul
+    # operator in ONNX, and acceptable for the model sizes this exporter targets.
+    shape = x.shape
+    x = x.reshape(-1, shape[-1])
+    top_ids, top_weights, _ = self.route(x)
+    weights = torch.zeros(x.shape[0], self.n_experts, dtype=top_weights.dtype, device=x.device)
+    weights = weights.scatter(1, top_ids, top_weights).T.unsqueeze(-1)  # [E, N, 1]
+    gate, up = (x @ self.w_gate_up).chunk(2, dim=-1)  # [N, d] @ [E, d, 2h] -> [E, N, 2h]
+    expert_out = (F.silu(gate) * up) @ self.w_down  # [E, N, d]
+    # `where`, not a plain product: in fp16 an unused expert may overflow to inf, and 0 * inf would be NaN.
+    out = torch.where(weights > 0, expert_out * weights, 0.0).sum(dim=0)
+    return out.to(x.dtype).view(shape), x.new_zeros((), dtype=torch.float32)
+
+
+@contextlib.contextmanager
+def quiet_exporter() -> Iterator[None]:
+    """Hide the exporter's notices that concern torch's own internals, not this model."""
+    registration = logging.getLogger("torch.onnx._internal.exporter._registration")
+    level = registration.level
+    registration.setLevel(logging.ERROR)  # "torchvision is not installed. Skipping torchvision::nms" and kin
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)", category=FutureWarning)
+            yield
+    finally:
+        registration.setLevel(level)
+
+
+def _save_atomically(program: torch.onnx.ONNXProgram, out_dir: Path, *, external_data: bool) -> Path:
+    # Written in a temporary folder beside the target and renamed into place, the data file before model.onnx, so a
+    # crash mid-write leaves the previous export intact. Only one between the two renames of an external-data export
+    # could pair an old model.onnx with new weights.
+    out_dir.mkdir(parents=True, exist_ok=True)
+    target, data = out_dir / "model.onnx", out_dir / "model.onnx.data"
+    with tempfile.TemporaryDirectory(dir=out_dir, prefix=".model.onnx.") as tmp:
+        staged = Path(tmp) / target.name
+        program.save(staged, external_data=external_data)
+        staged_data = staged.with_name(data.name)
+        wrote_data = staged_data.exists()
+        if wrote_data:
+            os.replace(staged_data, data)
+        os.replace(staged, target)
+        if not wrote_data and data.exists():
+            data.unlink()  # left by an earlier external-data export; the new model.onnx does not read it
+    return target

@@ -1,0 +1,147 @@
+"""Export to a Hugging Face folder, checked against transformers itself: the folder loads with no custom code, gives
+fermion's logits and greedy tokens, its tokenizer renders every chat template exactly as fermion does, and an
+export -> import -> export round trip reproduces every tensor."""
+
+import json
+
+import pytest
+import torch
+import transformers
+from conftest import tiny_model
+from safetensors.torch import load_file
+
+from fermion.chat.templates import BUILTIN, ChatTemplate
+from fermion.data.tokenizer import Tokenizer
+from fermion.export import ExportError
+from fermion.export.hf import architecture, export_hf, hf_config, import_hf, to_hf_state_dict
+from fermion.infer.engine import Engine, SamplingParams
+from fermion.model.transformer import Transformer
+
+CONVERSATION = [
+    {"role": "system", "content": "You answer briefly."},
+    {"role": "user", "content": "What is 2 + 2?"},
+    {"role": "assistant", "content": "4, of course!"},
+    {"role": "user", "content": "Summarise this.", "input": "To be, or not to be: that is the question."},
+    {"role": "assistant", "content": "A question of being.\nNothing more."},
+]
+
+
+@pytest.fixture(scope="module")
+def tokenizer(shakespeare_tokenizer) -> Tokenizer:
+    return shakespeare_tokenizer
+
+
+def build(vocab: int, **overrides) -> Transformer:
+    return tiny_model(vocab_size=vocab, context_length=64, **overrides)
+
+
+VARIANTS = {
+    "llama-untied": ("llama", {}),
+    "llama-tied-mha": ("llama", {"tie_embeddings": True, "n_kv_heads": 4}),
+    "mistral-window": ("mistral", {"sliding_window": 8}),
+    "qwen3-qknorm": ("qwen3", {"qk_norm": True}),
+    "qwen3-qknorm-window": ("qwen3", {"qk_norm": True, "sliding_window": 8}),
+    "mixtral-moe": ("mixtral", {"moe": {"n_experts": 4, "top_k": 2}}),
+    "mixtral-moe-window-tied": ("mixtral", {"moe": {"n_experts": 4, "top_k": 2}, "sliding_window": 8,
+                                            "tie_embeddings": True}),
+    "qwen3moe-qknorm": ("qwen3_moe", {"moe": {"n_experts": 4, "top_k": 2}, "qk_norm": True}),
+}
+
+
+@pytest.mark.parametrize("variant", list(VARIANTS))
+def test_transformers_loads_export_with_same_logits_and_greedy_tokens(tokenizer, tmp_path, variant):
+    arch, overrides = VARIANTS[variant]
+    model = build(tokenizer.vocab_size, **overrides)
+    assert architecture(model.cfg) == arch
+    out = export_hf(model, tokenizer, tmp_path / "hf", template=ChatTemplate.get("chatml"), dtype="fp32")
+    hf = transformers.AutoModelForCausalLM.from_pretrained(out, attn_implementation="eager").eval()
+    assert type(hf).__name__ == json.loads((out / "config.json").read_text())["architectures"][0]
+
+    prompts = torch.randint(0, tokenizer.vocab_size, (4, 40), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        ours, _ = model(prompts)
+        theirs = hf(prompts).logits
+    assert (ours - theirs).abs().max().item() < 1e-4
+
+    prompt = prompts[0, :8].tolist()
+    engine = Engine(model, tokenizer)
+    greedy = engine.generate([prompt], SamplingParams(max_new_tokens=32, temperature=0.0, ignore_eos=True))[0]
+    hf.generation_config.eos_token_id = None  # neither side stops early: 32 tokens each
+    with torch.no_grad():
+        hf_out = hf.generate(torch.tensor([prompt]), max_new_tokens=32, do_sample=False, pad_token_id=tokenizer.pad_id)
+    assert greedy.token_ids == hf_out[0, len(prompt):].tolist()
+
+
+@pytest.mark.parametrize("name", list(BUILTIN))
+def test_exported_tokenizer_renders_each_template_like_fermion(tokenizer, tmp_path, name):
+    model = build(tokenizer.vocab_size)
+    template = ChatTemplate.get(name)
+    out = export_hf(model, tokenizer, tmp_path / "hf", template=template, dtype="fp32")
+    hf_tok = transformers.AutoTokenizer.from_pretrained(out)
+    ours = template.encode(tokenizer, CONVERSATION)
+    text = hf_tok.apply_chat_template(CONVERSATION, tokenize=False)
+    assert text == ours.text
+    rendered = hf_tok.apply_chat_template(CONVERSATION, tokenize=True, return_dict=True,
+                                          return_assistant_tokens_mask=True)
+    assert rendered["input_ids"] == ours.ids
+    assert [bool(m) for m in rendered["assistant_masks"]] == ours.mask  # HF's {% generation %} masks agree too
+    prompt = CONVERSATION[:2]
+    assert hf_tok.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True) == template.render(
+        prompt, tokenizer, add_generation_prompt=True)
+    assert hf_tok.decode(ours.ids) == ours.text
+
+
+@pytest.mark.parametrize("variant", ["llama-tied-mha", "qwen3moe-qknorm", "mixtral-moe"])
+def test_round_trip_export_import_export_is_identical(tokenizer, tmp_path, variant):
+    model = build(tokenizer.vocab_size, **VARIANTS[variant][1])
+    template = ChatTemplate.get("tagged")
+    first = export_hf(model, tokenizer, tmp_path / "first", template=template, dtype="fp32")
+    imported = import_hf(first)
+    assert hf_config(imported.config, tokenizer) == hf_config(model.cfg, tokenizer)  # the same architecture
+    assert imported.chat_template == template.source
+    again = Transformer(imported.config)
+    again.load_state_dict(imported.state_dict)
+    second = export_hf(again, imported.tokenizer, tmp_path / "second",
+                       template=ChatTemplate.get(imported.chat_template), dtype="fp32")
+    a, b = load_file(first / "model.safetensors"), load_file(second / "model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    for name in ("config.json", "tokenizer.json", "tokenizer_config.json", "generation_config.json"):
+        assert (first / name).read_text() == (second / name).read_text()
+
+
+def test_import_reads_a_folder_transformers_saved(tokenizer, tmp_path):
+    """A base model someone else trained: transformers writes it (v5 fuses Mixtral experts on save)."""
+    model = build(tokenizer.vocab_size, moe={"n_experts": 4, "top_k": 2})
+    first = export_hf(model, tokenizer, tmp_path / "first", template=ChatTemplate.get("chatml"), dtype="fp32")
+    hf = transformers.AutoModelForCausalLM.from_pretrained(first)
+    hf.save_pretrained(tmp_path / "saved")
+    tokenizer.inner.save(str(tmp_path / "saved" / "tokenizer.json"))
+    imported = import_hf(tmp_path / "saved")
+    reference = to_hf_state_dict(model)
+    again = Transformer(imported.config)
+    again.load_state_dict(imported.state_dict)
+    assert all(torch.equal(reference[k], v) for k, v in to_hf_state_dict(again).items())
+
+
+def test_sharded_export_and_dtypes(tokenizer, tmp_path):
+    model = build(tokenizer.vocab_size)
+    out = export_hf(model, tokenizer, tmp_path / "hf", template=ChatTemplate.get("chatml"), dtype="bf16",
+                    max_shard_bytes=100_000)
+    index = json.loads((out / "model.safetensors.index.json").read_text())
+    assert len(set(index["weight_map"].values())) > 1
+    hf = transformers.AutoModelForCausalLM.from_pretrained(out)
+    assert hf.model.embed_tokens.weight.dtype == torch.bfloat16
+    with pytest.raises(ExportError, match="int3"):
+        export_hf(model, tokenizer, tmp_path / "bad", template=ChatTemplate.get("chatml"), dtype="int3")
+
+
+def test_import_refuses_what_fermion_cannot_compute(tokenizer, tmp_path):
+    model = build(tokenizer.vocab_size)
+    out = export_hf(model, tokenizer, tmp_path / "hf", template=ChatTemplate.get("chatml"), dtype="fp32")
+    config = json.loads((out / "config.json").read_text())
+    for field, value, message in [("attention_bias", True, "attention_bias"),
+                                  ("rope_parameters", {"rope_type": "llama3", "rope_theta": 1e4}, "llama3"),
+                                  ("model_type", "gpt2", "gpt2")]:
+        (out / "config.json").write_text(json.dumps({**config, field: value}))
+        with pytest.raises(ExportError, match=message):
+            import_hf(out)
