@@ -11,6 +11,7 @@ from conftest import tiny_model
 from safetensors.torch import load_file
 
 from fermion.chat.templates import BUILTIN, ChatTemplate
+from fermion.config import ModelConfig
 from fermion.data.tokenizer import Tokenizer
 from fermion.export import ExportError
 from fermion.export.hf import architecture, export_hf, hf_config, import_hf, to_hf_state_dict
@@ -145,3 +146,16 @@ def test_import_refuses_what_fermion_cannot_compute(tokenizer, tmp_path):
         (out / "config.json").write_text(json.dumps({**config, field: value}))
         with pytest.raises(ExportError, match=message):
             import_hf(out)
+
+
+def test_an_option_no_architecture_has_is_refused_by_name(tokenizer, tmp_path):
+    class WithParallelBlocks(ModelConfig):  # a hypothetical future option (GPT-J-style parallel attention + MLP)
+        parallel_blocks: bool = False
+
+    model = build(tokenizer.vocab_size)
+    model.cfg = WithParallelBlocks(**model.cfg.model_dump(), parallel_blocks=True)
+    with pytest.raises(ExportError, match="model.parallel_blocks = True"):
+        export_hf(model, tokenizer, tmp_path / "hf", template=ChatTemplate.get("chatml"))
+    assert not (tmp_path / "hf").exists()
+    model.cfg = WithParallelBlocks(**model.cfg.model_dump(exclude={"parallel_blocks"}))  # off: exports as usual
+    assert (export_hf(model, tokenizer, tmp_path / "hf", template=ChatTemplate.get("chatml")) / "config.json").is_file()

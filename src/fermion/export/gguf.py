@@ -30,7 +30,7 @@ from gguf import MODEL_TENSOR, GGMLQuantizationType, LlamaFileType, TokenType
 from fermion.chat.templates import STOP_STRINGS
 from fermion.config import ModelConfig
 from fermion.data.tokenizer import Tokenizer
-from fermion.export import ExportError
+from fermion.export import ExportError, check_mapped
 from fermion.model.transformer import Transformer
 
 # dtype name -> (type of the 2-D weight matrices, the file type recorded in the header).
@@ -112,6 +112,7 @@ def export_gguf(model: Transformer, tokenizer: Tokenizer, out_dir: Path, *, dtyp
 
 def _check_representable(cfg: ModelConfig, tokenizer: Tokenizer, spec: dict) -> None:
     """Refuse what llama.cpp would load but compute differently."""
+    check_mapped(cfg, "llama.cpp's architectures")
     if cfg.sliding_window is not None and cfg.sliding_window < cfg.context_length:
         raise ExportError(
             f"model.sliding_window ({cfg.sliding_window}) < model.context_length ({cfg.context_length}): llama.cpp's "

@@ -29,7 +29,7 @@ from fermion.atomic import replaced_dir
 from fermion.chat.templates import ChatTemplate
 from fermion.config import ModelConfig, MoEConfig, Recipe, RunConfig, TokenizerConfig
 from fermion.data.tokenizer import CONFIG_NAME, Tokenizer
-from fermion.export import ExportError
+from fermion.export import ExportError, check_mapped
 from fermion.model.transformer import Transformer
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -40,6 +40,7 @@ WEIGHTS_INDEX = "model.safetensors.index.json"
 
 def architecture(cfg: ModelConfig) -> str:
     """The transformers model_type that reproduces this configuration exactly."""
+    check_mapped(cfg, "any transformers architecture")
     windowed = cfg.sliding_window is not None and cfg.sliding_window < cfg.context_length
     if cfg.moe:
         return "qwen3_moe" if cfg.qk_norm else "mixtral"
