@@ -1,5 +1,7 @@
 """Shared test helpers: tiny models with non-trivial weights, and a small tokenizer trained on real text."""
 
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -9,7 +11,8 @@ from fermion.config import ModelConfig, TokenizerConfig
 from fermion.data.tokenizer import Tokenizer
 from fermion.model.transformer import Transformer
 
-SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+REPO = Path(__file__).resolve().parents[1]
+SHARED_DATA = REPO.parent / "shared" / "data"
 SHAKESPEARE = SHARED_DATA / "pretrain" / "tinyshakespeare" / "input.txt"
 TINY = dict(vocab_size=97, d_model=64, n_layers=2, n_heads=4, n_kv_heads=2, ffn_hidden=96, context_length=48,
             rope_theta=5000.0, tie_embeddings=False)
@@ -35,3 +38,21 @@ def shakespeare_tokenizer() -> Tokenizer:
         pytest.skip(f"{SHAKESPEARE} is missing")
     text = SHAKESPEARE.read_text(encoding="utf-8")[:300_000]
     return Tokenizer.train([text], TokenizerConfig(vocab_size=512, train_bytes=300_000))
+
+
+def fermion(*args: str, timeout: int = 300) -> subprocess.CompletedProcess:
+    """Run the `fermion` command from the repository root; a traceback on stderr fails the test outright."""
+    result = subprocess.run([sys.executable, "-m", "fermion", *args], cwd=REPO, capture_output=True, text=True,
+                            timeout=timeout)
+    assert "Traceback" not in result.stderr, result.stderr[:2500]
+    return result
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tmp_path_factory) -> Path:
+    """configs/tiny.yaml pretrained for 20 steps (one checkpoint, step 20): the base the later stages start from."""
+    run_dir = tmp_path_factory.mktemp("tiny") / "run"
+    result = fermion("pretrain", str(REPO / "configs" / "tiny.yaml"), "--set", f"run.dir={run_dir}",
+                     "--set", "train.steps=20", "--set", "train.checkpoint_every=20", "--set", "train.eval_every=20")
+    assert result.returncode == 0, result.stderr
+    return run_dir

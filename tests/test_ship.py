@@ -2,12 +2,12 @@
 pretraining from it, and generate (also quantized) from a run, a checkpoint and a Hugging Face folder."""
 
 import json
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
+from conftest import fermion
 from safetensors.torch import load_file
 
 REPO = Path(__file__).resolve().parents[1]
@@ -15,19 +15,12 @@ TINY = str(REPO / "configs" / "tiny.yaml")
 FERMION = [sys.executable, "-m", "fermion"]
 
 
-def run(*args: str, timeout: int = 300) -> subprocess.CompletedProcess:
-    result = subprocess.run([*FERMION, *args], cwd=REPO, capture_output=True, text=True, timeout=timeout)
-    assert "Traceback" not in result.stderr, result.stderr[:2500]
-    return result
+run = fermion
 
 
 @pytest.fixture(scope="module")
-def trained(tmp_path_factory) -> Path:
-    run_dir = tmp_path_factory.mktemp("ship") / "run"
-    result = run("pretrain", TINY, "--set", f"run.dir={run_dir}", "--set", "train.steps=20",
-                 "--set", "train.checkpoint_every=20", "--set", "train.eval_every=20")
-    assert result.returncode == 0, result.stderr
-    return run_dir
+def trained(tiny_run) -> Path:
+    return tiny_run
 
 
 def test_export_every_format_from_a_run(trained):

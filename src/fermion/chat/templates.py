@@ -5,10 +5,10 @@ Every template is a Jinja string in the dialect Hugging Face uses for `chat_temp
 jinja2 exactly as transformers does, so the template that SFT trains on is byte for byte the one `export` writes into
 tokenizer_config.json, and `apply_chat_template` of the exported tokenizer gives the same ids.
 
-The loss mask comes from the `{% generation %}` blocks: a token carries loss when its first character lies inside
-one. Each built-in template puts the assistant's content *and* its end-of-turn marker inside the block, so the model
-learns to stop. Token ids come from tokenizing the whole rendered text once, never piece by piece, so BPE merges at
-the seams cannot make training and inference disagree.
+The loss mask comes from the `{% generation %}` blocks: a token carries loss when any of its characters lies inside
+one (as in transformers' `return_assistant_tokens_mask`). Each built-in template puts the assistant's content *and*
+its end-of-turn marker inside the block, so the model learns to stop. Token ids come from tokenizing the whole
+rendered text once, never piece by piece, so BPE merges at the seams cannot make training and inference disagree.
 
 Messages are dicts with `role` (system, user, assistant) and `content`. A user message may carry `input`, the
 Alpaca "input" field: the alpaca template gives it its own section, the others append it to the content.
@@ -185,7 +185,9 @@ class ChatTemplate:
     def encode(self, tokenizer: Tokenizer, messages: list[dict], add_generation_prompt: bool = False) -> Encoded:
         text, spans = self.render_spans(messages, tokenizer, add_generation_prompt)
         encoding = tokenizer.inner.encode(text, add_special_tokens=False)
-        mask = [any(start <= first < end for start, end in spans) for first, _ in encoding.offsets]
+        # A token carries loss when any of its characters is inside a block, as transformers' assistant masks
+        # count it: a token that merges template text with the reply's first characters is the reply's.
+        mask = [any(first < end and last > start for start, end in spans) for first, last in encoding.offsets]
         return Encoded(encoding.ids, mask, text)
 
     def stop_strings_for(self, tokenizer: Tokenizer) -> list[str]:

@@ -49,7 +49,74 @@ def interleave_documents(sources: Iterable[SourceConfig]) -> Iterator[str]:
                 yield document
 
 
-def expand_paths(source: SourceConfig) -> list[str]:
+RECORD_SUFFIXES = (".jsonl", ".jsonl.gz", ".json")
+
+
+def iter_records(source: SourceConfig) -> Iterator[tuple[str, dict]]:
+    """(where, record) for each JSON object of a source: jsonl lines, a .json file's array, or a Hugging Face
+    dataset's rows. `where` ("file:line", "file[index]", "dataset[split]#row") is what error messages cite."""
+    files = expand_paths(source, RECORD_SUFFIXES)
+    records = itertools.chain.from_iterable(_file_records(path) for path in files)
+    if source.dataset is not None:
+        records = itertools.chain(records, _dataset_records(source))
+    return itertools.islice(records, source.max_documents)
+
+
+def _file_records(path: str) -> Iterator[tuple[str, dict]]:
+    if path.endswith(".json"):
+        try:
+            with open(path, "rb") as f:
+                data = json.loads(f.read().decode("utf-8"))
+        except (json.JSONDecodeError, UnicodeDecodeError) as err:
+            raise DataError(f"{path}: not a valid UTF-8 JSON file ({err}); expected an array of objects") from None
+        if isinstance(data, dict):  # {"data": [...]}-style wrappers are common; take the one list inside
+            lists = [v for v in data.values() if isinstance(v, list)]
+            data = lists[0] if len(lists) == 1 else data
+        if not isinstance(data, list):
+            raise DataError(f"{path}: expected a JSON array of objects at the top level, got {type(data).__name__}")
+        for index, record in enumerate(data):
+            yield _checked_record(record, f"{path}[{index}]")
+        return
+    for number, line in _numbered_lines(path):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as err:
+            raise DataError(f"{path}:{number}: not valid JSON ({err.msg}, column {err.colno}); "
+                            "each line must be one JSON object") from None
+        yield _checked_record(record, f"{path}:{number}")
+
+
+def _checked_record(record: object, where: str) -> tuple[str, dict]:
+    if not isinstance(record, dict):
+        raise DataError(f"{where}: expected a JSON object, got {type(record).__name__}")
+    return where, record
+
+
+def _dataset_records(source: SourceConfig) -> Iterator[tuple[str, dict]]:
+    """Rows of a Hugging Face dataset: a name on the Hub (downloaded and cached by `datasets`) or a local folder
+    written by `save_to_disk`."""
+    try:
+        import datasets
+    except ImportError:
+        raise DataError(f"source {source.name!r}: reading a dataset needs the 'datasets' package "
+                        "(pip install datasets)") from None
+    try:
+        if Path(source.dataset).is_dir() and (Path(source.dataset) / "dataset_info.json").is_file():
+            table = datasets.load_from_disk(source.dataset)
+            if isinstance(table, datasets.DatasetDict):
+                table = table[source.split]
+        else:
+            table = datasets.load_dataset(source.dataset, split=source.split)
+    except Exception as err:  # datasets raises many unrelated types (network, missing split, bad files)
+        raise DataError(f"source {source.name!r}: cannot load dataset {source.dataset!r} split {source.split!r} "
+                        f"({type(err).__name__}: {err})") from None
+    for index, row in enumerate(table):
+        yield f"{source.dataset}[{source.split}]#{index}", dict(row)
+
+
+def expand_paths(source: SourceConfig, suffixes: tuple[str, ...] = SUPPORTED_SUFFIXES) -> list[str]:
     """The files the source's paths and globs name, sorted and without duplicates."""
     files: set[str] = set()
     for pattern in source.paths:
@@ -58,10 +125,8 @@ def expand_paths(source: SourceConfig) -> list[str]:
             raise DataError(f"source {source.name!r}: {no_match_message(pattern)}")
         files.update(matches)
     for path in files:
-        if not path.endswith(SUPPORTED_SUFFIXES):
-            raise DataError(
-                f"{path}: unsupported file type in source {source.name!r}; use {', '.join(SUPPORTED_SUFFIXES)} files"
-            )
+        if not path.endswith(suffixes):
+            raise DataError(f"{path}: unsupported file type in source {source.name!r}; use {', '.join(suffixes)} files")
     return sorted(files)
 
 
@@ -102,17 +167,8 @@ def _split_stream(chunks: Iterable[str], separator: str) -> Iterator[str]:
 
 
 def _jsonl_documents(path: str, field: str) -> Iterator[str]:
-    for number, line in _numbered_lines(path):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as err:
-            raise DataError(
-                f"{path}:{number}: not valid JSON ({err.msg}, column {err.colno}); "
-                f"each line must be one JSON object with a {field!r} text field"
-            ) from None
-        yield _record_text(record, field, f"{path}:{number}")
+    for where, record in _file_records(path):
+        yield _record_text(record, field, where)
 
 
 def _record_text(record: object, field: str, where: str) -> str:

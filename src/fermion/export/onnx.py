@@ -96,7 +96,8 @@ def exportable(model: Transformer) -> Iterator[nn.Module]:
             del module.forward  # uncovers the class's own forward again
 
 
-def _banded_attention(self: Attention, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+def _banded_attention(self: Attention, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                      mask: torch.Tensor | None = None) -> torch.Tensor:
     # The exporter keeps whichever side of `T > window` the trace took, so a trace shorter than the window would give
     # a graph with no band. The banded mask equals the causal one whenever T <= window, so always taking the masked
     # path is exact for every length, at the cost of an explicit [T, T] mask.

@@ -43,6 +43,15 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     return (x * cos + rotated * sin).type_as(x)
 
 
+def document_mask(segments: torch.Tensor, window: int | None = None) -> torch.Tensor:
+    """Boolean [B, 1, T, T] for packed sequences: causal, within the same segment (document), within the window."""
+    T = segments.shape[1]
+    i = torch.arange(T, device=segments.device)[:, None]
+    j = torch.arange(T, device=segments.device)[None, :]
+    allowed = (j <= i) if window is None else (j <= i) & (j > i - window)
+    return (allowed & (segments[:, :, None] == segments[:, None, :]))[:, None]
+
+
 def sliding_window_mask(seq_len: int, window: int, device=None) -> torch.Tensor:
     """Boolean [T, T]: position i sees j when i - window < j <= i (Mistral's convention)."""
     i = torch.arange(seq_len, device=device)[:, None]
@@ -75,14 +84,17 @@ class Attention(nn.Module):
             q, k = self.q_norm(q), self.k_norm(k)
         return apply_rope(q.transpose(1, 2), cos, sin), apply_rope(k.transpose(1, 2), cos, sin), v
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                mask: torch.Tensor | None = None) -> torch.Tensor:
         B, T, _ = x.shape
         q, k, v = self.project(x, cos, sin)
         if self.n_kv_heads != self.n_heads:
             # Expanding K/V keeps SDPA on its fused kernels on every backend.
             repeat = self.n_heads // self.n_kv_heads
             k, v = k.repeat_interleave(repeat, dim=1), v.repeat_interleave(repeat, dim=1)
-        if self.sliding_window is not None and T > self.sliding_window:
+        if mask is not None:  # packed documents: the caller's mask already holds causality and the window
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        elif self.sliding_window is not None and T > self.sliding_window:
             mask = sliding_window_mask(T, self.sliding_window, x.device)
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
         else:
@@ -111,8 +123,8 @@ class Block(nn.Module):
         self.ffn_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
         self.ffn = MoEFeedForward(cfg) if cfg.moe else FeedForward(cfg.d_model, cfg.ffn_hidden)
 
-    def forward(self, x, cos, sin) -> tuple[torch.Tensor, torch.Tensor]:
-        x = x + self.attn(self.attn_norm(x), cos, sin)
+    def forward(self, x, cos, sin, mask=None) -> tuple[torch.Tensor, torch.Tensor]:
+        x = x + self.attn(self.attn_norm(x), cos, sin, mask)
         ffn_out, aux_loss = self.ffn(self.ffn_norm(x))
         return x + ffn_out, aux_loss
 
@@ -152,16 +164,25 @@ class Transformer(nn.Module):
     def output_weight(self) -> torch.Tensor:
         return self.tok_emb.weight if self.lm_head is None else self.lm_head.weight
 
-    def forward(self, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Token ids [B, T] -> (logits [B, T, vocab], summed MoE auxiliary loss)."""
+    def forward(self, idx: torch.Tensor, positions: torch.Tensor | None = None,
+                segments: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Token ids [B, T] -> (logits [B, T, vocab], summed MoE auxiliary loss).
+
+        Packed sequences pass `positions` (each document's own 0, 1, 2, ...) and `segments` (a document id per
+        token): every document then sees only itself, exactly as if it were run alone.
+        """
         T = idx.shape[1]
         if T > self.cfg.context_length:
             raise ValueError(f"sequence of {T} tokens exceeds the context length {self.cfg.context_length}")
-        cos, sin = self.rope_cos[:T], self.rope_sin[:T]
+        if positions is None:
+            cos, sin = self.rope_cos[:T], self.rope_sin[:T]
+        else:
+            cos, sin = self.rope_cos[positions].unsqueeze(1), self.rope_sin[positions].unsqueeze(1)
+        mask = None if segments is None else document_mask(segments, self.cfg.sliding_window)
         x = self.tok_emb(idx)
         aux_loss = torch.zeros((), device=idx.device)
         for block in self.blocks:
-            x, block_aux = block(x, cos, sin)
+            x, block_aux = block(x, cos, sin, mask)
             aux_loss = aux_loss + block_aux
         return self.logits(self.norm(x)), aux_loss
 

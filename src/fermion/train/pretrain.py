@@ -6,7 +6,6 @@ from pathlib import Path
 
 import torch
 from rich.console import Console
-from safetensors.torch import load_file
 
 from fermion.config import Recipe, RecipeError
 from fermion.data.shards import ShardSet, TokenLoader, check_tokenizer, val_batches, write_shards
@@ -87,26 +86,10 @@ def start_from(recipe: Recipe) -> tuple[Recipe, dict | None, Tokenizer | None]:
     source = recipe.train.init_from
     if not source:
         return recipe, None, None
-    from fermion.export.hf import imported_recipe, is_hf_folder
-    from fermion.train import checkpoint
+    from fermion.train.posttrain import check_same_model, load_source
 
-    if is_hf_folder(source):
-        model, tokenizer, source_recipe = imported_recipe(Path(source))
-        weights = model.state_dict()
-    else:
-        ckpt = checkpoint.resolve(source)
-        source_recipe = checkpoint.load_recipe_of(ckpt)
-        weights = load_file(ckpt / "model.safetensors") if (ckpt / "model.safetensors").is_file() else None
-        if weights is None:
-            model = build_model(source_recipe, torch.device("cpu"))
-            checkpoint.load_weights(ckpt, model)
-            weights = model.state_dict()
-        tokenizer = Tokenizer.load(ckpt / "tokenizer.json")
-    if "model" in recipe.model_fields_set and recipe.model != source_recipe.model:
-        ours, theirs = recipe.model.model_dump(), source_recipe.model.model_dump()
-        diff = [f"model.{k} ({ours[k]} here, {theirs[k]} in {source})" for k in ours if ours[k] != theirs[k]]
-        raise RecipeError(f"train.init_from: the recipe's model differs from the source's: {', '.join(diff)}; "
-                          "remove the model section to take the source's")
+    source_recipe, weights, tokenizer = load_source(source)
+    check_same_model(recipe, source_recipe, source, "train.init_from")
     update = {"model": source_recipe.model}
     if "chat_template" not in recipe.tokenizer.model_fields_set:
         update["tokenizer"] = recipe.tokenizer.model_copy(update={"chat_template":

@@ -9,7 +9,7 @@ import math
 import os
 import signal
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -20,7 +20,6 @@ from fermion.model.counting import count
 from fermion.train import checkpoint
 from fermion.train.distributed import DistInfo, all_reduce, can_compile, resolve_precision, wrap
 from fermion.train.logging import MetricsLogger, format_stats, make_progress, peak_flops
-from fermion.train.objectives import summarise_eval
 from fermion.train.schedule import learning_rate
 
 
@@ -33,8 +32,22 @@ class TrainResult:
     status: str  # "complete" or "preempted"
     step: int
     checkpoint: Path | None
-    val_loss: float | None = None
-    val_bpb: float | None = None
+    metrics: dict[str, float] = field(default_factory=dict)  # the last validation's, as the objective names them
+
+    @property
+    def val_loss(self) -> float | None:
+        return self.metrics.get("val_loss")
+
+    @property
+    def val_bpb(self) -> float | None:
+        return self.metrics.get("val_bpb")
+
+
+def to_device(batch, device: torch.device):
+    """A batch is a tuple (or dict) of tensors, in whatever layout its objective reads."""
+    if isinstance(batch, dict):
+        return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+    return tuple(t.to(device, non_blocking=True) for t in batch)
 
 
 def build_optimizer(model: torch.nn.Module, recipe: Recipe, device: torch.device) -> torch.optim.AdamW:
@@ -154,19 +167,26 @@ class Trainer:
             return contextlib.nullcontext()
         return contextlib.nullcontext() if sync else self.model.no_sync()
 
-    def train_step(self) -> tuple[float, float]:
-        """One optimizer step over grad_accum micro-batches; returns (mean loss, gradient norm)."""
+    def train_step(self) -> tuple[float, float, dict[str, float]]:
+        """One optimizer step over grad_accum micro-batches; returns (mean loss, gradient norm, mean metrics)."""
         self.model.train()
         for group in self.optimizer.param_groups:
             group["lr"] = learning_rate(self.cfg, self.step)
         total = torch.zeros((), device=self.info.device)
+        sums: dict[str, torch.Tensor] = {}
         for micro in range(self.cfg.grad_accum):
-            inputs, targets = (t.to(self.info.device, non_blocking=True) for t in self.loader.next_batch())
+            batch = to_device(self.loader.next_batch(), self.info.device)
             with self._sync_gradients(micro == self.cfg.grad_accum - 1), self._autocast():
-                loss, _ = self.loss_fn(self.model, (inputs, targets))
+                loss, metrics = self.loss_fn(self.model, batch)
             (loss / self.cfg.grad_accum).backward()
             total += loss.detach()
+            for name in getattr(self.objective, "logged", ()):
+                sums[name] = sums.get(name, 0) + metrics[name].detach().float()
         mean_loss = all_reduce(total / self.cfg.grad_accum, self.info) / self.info.world_size
+        extra = {}
+        if sums:  # one reduction for all of them
+            stacked = all_reduce(torch.stack(list(sums.values())) / self.cfg.grad_accum, self.info)
+            extra = dict(zip(sums, (stacked / self.info.world_size).tolist(), strict=True))
         if self.cfg.grad_clip is not None:
             grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.grad_clip)
         else:
@@ -180,17 +200,17 @@ class Trainer:
         else:
             self.nonfinite_streak += 1
         self.optimizer.zero_grad(set_to_none=True)
-        return loss_value, norm_value
+        return loss_value, norm_value, extra
 
     @torch.no_grad()
     def evaluate(self) -> dict[str, float]:
         self.model.eval()
-        sums = torch.zeros(3, device=self.info.device)
-        for inputs, targets in self.val_batches:
+        sums = None
+        for batch in self.val_batches:
             with self._autocast():
-                sums += self.objective.eval_sums(self.model, (inputs.to(self.info.device),
-                                                              targets.to(self.info.device)))
-        return summarise_eval(sums)
+                batch_sums = self.objective.eval_sums(self.model, to_device(batch, self.info.device))
+            sums = batch_sums if sums is None else sums + batch_sums
+        return self.objective.summarise(sums) if sums is not None else {}
 
     # ------------------------------------------------------------------------------------------------- loop
 
@@ -210,7 +230,7 @@ class Trainer:
             self._say(f"resuming from [bold]{ckpt}[/] (step {self.step:,}, {self.tokens_seen:,} tokens seen)")
         if self.step >= self.cfg.steps:
             self._say(f"already trained to step {self.step:,} of {self.cfg.steps:,}; nothing to do")
-            return TrainResult("complete", self.step, ckpt, **self.evaluate())
+            return TrainResult("complete", self.step, ckpt, self.evaluate())
         logger = None
         if self.info.is_main:
             logger = MetricsLogger(self.run_dir, self.step, self.cfg.tensorboard, self.cfg.wandb,
@@ -227,20 +247,20 @@ class Trainer:
         path = None
         progress = make_progress(self.console, self.cfg.progress and self.info.is_main)
         with progress:
-            task = progress.add_task("pretrain", total=self.cfg.steps, completed=self.step, stats="")
+            task = progress.add_task(self.objective.name, total=self.cfg.steps, completed=self.step, stats="")
             while self.step < self.cfg.steps:
                 if self._stop_requested():
                     path = self.save()
                     self._say(f"received {self._stop_signal or 'a stop request'}: saved {path}; resume with "
                               f"--resume auto")
-                    return TrainResult("preempted", self.step, path, **last_eval)
+                    return TrainResult("preempted", self.step, path, last_eval)
                 started = time.perf_counter()
-                loss, grad_norm = self.train_step()
+                loss, grad_norm, metrics = self.train_step()
                 seconds = time.perf_counter() - started
                 self.elapsed += seconds
                 self.step += 1
                 self.tokens_seen += self.tokens_per_step
-                record = self._step_record(loss, grad_norm, seconds)
+                record = {**self._step_record(loss, grad_norm, seconds), **metrics}
                 if logger is not None:
                     logger.log(record)
                     progress.update(task, completed=self.step, stats=format_stats(record))
@@ -250,13 +270,13 @@ class Trainer:
                     self._handle_nonfinite(loss, grad_norm)
                 if self.step % self.cfg.eval_every == 0 or self.step == self.cfg.steps:
                     last_eval = self.evaluate()
-                    if logger is not None:
-                        logger.log({"step": self.step, **last_eval})
-                    self._say(f"step {self.step:,}: val loss {last_eval['val_loss']:.4f} · "
-                              f"val bits/byte {last_eval['val_bpb']:.4f}")
+                    if last_eval:  # no validation data, no validation
+                        if logger is not None:
+                            logger.log({"step": self.step, **last_eval})
+                        self._say(f"step {self.step:,}: {self.objective.describe(last_eval)}")
                 if self.step % self.cfg.checkpoint_every == 0 or self.step == self.cfg.steps:
                     path = self.save()
-        return TrainResult("complete", self.step, path, **last_eval)
+        return TrainResult("complete", self.step, path, last_eval)
 
     def _step_record(self, loss: float, grad_norm: float, seconds: float) -> dict:
         tokens_per_s = self.tokens_per_step / seconds

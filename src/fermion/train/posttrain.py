@@ -1,0 +1,198 @@
+"""What the post-training stages (SFT, DPO) share: where they start from, their own run directory and recipe,
+reading and counting their records, and the train/validation split.
+
+Each stage is the one trainer with its own objective and its own `train` section (learning rate, schedule,
+batch): the stage's recipe is the run's recipe with `train` replaced and `run.dir` pointing at the stage's
+directory (`<run>/sft`, `<run>/dpo`), so checkpoints, metrics and exact resume work as in pretraining.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+from collections import Counter
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file
+
+from fermion.chat.conversations import Skipped
+from fermion.chat.templates import ChatTemplate
+from fermion.config import Recipe, RecipeError, SourceConfig
+from fermion.data.sources import DataError, iter_records
+from fermion.data.tokenizer import Tokenizer
+
+
+def load_source(source: str) -> tuple[Recipe, dict[str, torch.Tensor], Tokenizer]:
+    """Weights to start from: a fermion run or checkpoint directory, or a Hugging Face folder."""
+    from fermion.export.hf import imported_recipe, is_hf_folder
+    from fermion.model.transformer import Transformer
+    from fermion.train import checkpoint
+
+    if is_hf_folder(source):
+        model, tokenizer, source_recipe = imported_recipe(Path(source))
+        return source_recipe, model.state_dict(), tokenizer
+    ckpt = checkpoint.resolve(source)
+    source_recipe = checkpoint.load_recipe_of(ckpt)
+    if (ckpt / "model.safetensors").is_file():
+        weights = load_file(ckpt / "model.safetensors")
+    else:  # DCP shards from an FSDP run: gather them in this process
+        with torch.device("meta"):
+            model = Transformer(source_recipe.model)
+        model.to_empty(device="cpu")
+        checkpoint.load_weights(ckpt, model)
+        weights = model.state_dict()
+    return source_recipe, weights, Tokenizer.load(ckpt / "tokenizer.json")
+
+
+def check_same_model(recipe: Recipe, source_recipe: Recipe, source: str, field_name: str) -> None:
+    """A model section the recipe writes out must describe the source exactly; one it leaves out is taken from it."""
+    if "model" in recipe.model_fields_set and recipe.model != source_recipe.model:
+        ours, theirs = recipe.model.model_dump(), source_recipe.model.model_dump()
+        diff = [f"model.{k} ({ours[k]} here, {theirs[k]} in {source})" for k in ours if ours[k] != theirs[k]]
+        raise RecipeError(f"{field_name}: the recipe's model differs from the source's: {', '.join(diff)}; "
+                          "remove the model section to take the source's")
+
+
+@dataclass
+class Stage:
+    name: str  # "sft" or "dpo"
+    recipe: Recipe  # the run's recipe with this stage's train section and directory
+    weights: dict[str, torch.Tensor]
+    tokenizer: Tokenizer
+    tokenizer_path: Path
+    template: ChatTemplate
+    init_from: str
+
+
+def stage_dir(recipe: Recipe, name: str) -> Path:
+    section = getattr(recipe, name)
+    return Path(section.dir) if section is not None and section.dir else recipe.run_dir / name
+
+
+def default_init(recipe: Recipe, name: str) -> str:
+    """SFT starts from the run's pretraining, DPO from its SFT, unless train.init_from says otherwise."""
+    return str(recipe.run_dir if name == "sft" else stage_dir(recipe, "sft"))
+
+
+def setup_stage(recipe: Recipe, name: str) -> Stage:
+    section = getattr(recipe, name)
+    if section is None:
+        raise RecipeError(f"the recipe has no '{name}' section: add {name}.sources (the {name.upper()} data)")
+    init_from = section.train.init_from or default_init(recipe, name)
+    source_recipe, weights, tokenizer = load_source(init_from)
+    check_same_model(recipe, source_recipe, init_from, f"{name}.train.init_from")
+    template_spec = (recipe.tokenizer.chat_template if "chat_template" in recipe.tokenizer.model_fields_set
+                     else source_recipe.tokenizer.chat_template)
+    directory = stage_dir(recipe, name)
+    stage_recipe = recipe.model_copy(update={
+        "model": source_recipe.model,
+        "train": section.train,
+        "run": recipe.run.model_copy(update={"dir": str(directory), "name": f"{recipe.run.name}-{name}"}),
+        "tokenizer": source_recipe.tokenizer.model_copy(update={"chat_template": template_spec}),
+    })
+    if stage_recipe.train.seq_len and stage_recipe.train.seq_len > stage_recipe.model.context_length:
+        raise RecipeError(f"{name}.train.seq_len ({stage_recipe.train.seq_len}) exceeds the model's context length "
+                          f"({stage_recipe.model.context_length})")
+    return Stage(name, stage_recipe, weights, tokenizer, directory / "tokenizer.json", ChatTemplate.get(template_spec),
+                 init_from)
+
+
+@dataclass
+class Report:
+    """Counts of what a stage read and what it left out, by reason, with the first example of each."""
+
+    stage: str
+    read: int = 0
+    used: int = 0
+    skipped: Counter = field(default_factory=Counter)
+    first: dict[str, str] = field(default_factory=dict)
+    truncated: int = 0
+    extra: dict = field(default_factory=dict)
+
+    def skip(self, reason: str, where: str) -> None:
+        self.skipped[reason] += 1
+        self.first.setdefault(reason, where)
+
+    def lines(self) -> list[str]:
+        out = [f"{self.stage} data: {self.read:,} records read, {self.used:,} used"
+               + (f", {self.truncated:,} truncated to fit the context" if self.truncated else "")]
+        for reason, n in self.skipped.most_common():
+            out.append(f"  skipped {n:,}: {reason} (first: {self.first[reason]})")
+        return out
+
+    def write(self, directory: Path) -> None:
+        directory.mkdir(parents=True, exist_ok=True)
+        data = {"stage": self.stage, "records_read": self.read, "records_used": self.used,
+                "truncated": self.truncated, "skipped": dict(self.skipped), "first_skipped": self.first, **self.extra}
+        tmp = directory / f".report.json.tmp-{os.getpid()}"
+        tmp.write_text(json.dumps(data, indent=2) + "\n")
+        os.replace(tmp, directory / "report.json")
+
+
+def read_examples(sources: list[SourceConfig], convert: Callable[[dict, str, str], object], report: Report,
+                  section: str) -> Iterator[tuple[str, object]]:
+    """(where, converted) for every usable record of the sources; skipped ones are counted in the report."""
+    for source in sources:
+        for where, record in iter_records(source):
+            report.read += 1
+            try:
+                yield where, convert(record, where, source.format)
+            except Skipped as skipped:
+                report.skip(skipped.reason, where)
+    if report.read == 0:
+        raise DataError(f"{section}.sources: no records found in {', '.join(s.name for s in sources)}")
+
+
+def encode_all(examples: Iterator[tuple[str, object]], encode: Callable[[object, str], tuple[object, bool]],
+               report: Report) -> list:
+    """Tokenize every (where, example) with `encode` -> (encoded, truncated); Skipped ones are counted, not kept."""
+    encoded = []
+    for where, example in examples:
+        try:
+            item, truncated = encode(example, where)
+        except Skipped as skipped:
+            report.skip(skipped.reason, where)
+            continue
+        report.truncated += truncated
+        encoded.append(item)
+    report.used = len(encoded)
+    return encoded
+
+
+def write_stage_files(stage: Stage, report: Report, console) -> None:
+    """On the main rank, before training: the stage's tokenizer, resolved recipe and data report (also printed)."""
+    directory = stage.recipe.run_dir
+    directory.mkdir(parents=True, exist_ok=True)
+    stage.tokenizer.save(stage.tokenizer_path)
+    (directory / "recipe.yaml").write_text(stage.recipe.to_yaml())
+    report.write(directory)
+    for line in report.lines():
+        console.print(line, markup=False, highlight=False)
+
+
+def split(items: list, val_fraction: float, seed: int, key: Callable[[object], object] | None = None
+          ) -> tuple[list, list]:
+    """A seeded shuffle, then the last val_fraction (at least one when asked for any) held out.
+
+    With `key`, items sharing a key (pairs with the same prompt) go to the same side, so the held-out set measures
+    prompts training never saw rather than new replies to familiar ones.
+    """
+    groups: dict = {}
+    for index, item in enumerate(items):
+        groups.setdefault(key(item) if key else index, []).append(item)
+    order = list(groups)
+    random.Random(seed).shuffle(order)
+    wanted = math.ceil(len(items) * val_fraction) if val_fraction > 0 and len(items) > 1 else 0
+    val: list = []
+    while order and len(val) < wanted and len(order) > 1:
+        val.extend(groups[order.pop()])
+    return [item for k in order for item in groups[k]], val
+
+
+def steps_for(epochs: float | None, batches_per_epoch: int, configured: int) -> int:
+    return max(1, math.ceil(epochs * batches_per_epoch)) if epochs is not None else configured

@@ -1,0 +1,221 @@
+"""The SFT stage: conversations -> token ids with an assistant-only loss mask -> packed (or padded) batches ->
+the one trainer with the SFT objective.
+
+A conversation of n tokens is trained as inputs ids[:-1] and targets ids[1:], a target kept only where the chat
+template marks the token as the assistant's (its text and end-of-turn marker), IGNORE_INDEX elsewhere.
+
+Packing puts several conversations into one row of `seq_len` tokens. Each carries its own positions (0, 1, ...) and
+a segment id, and the model's attention mask keeps every conversation to itself, so a packed row computes exactly
+what the conversations would alone (tested). Padding instead gives each conversation its own row, batched with
+others of similar length (shuffle, then sort within groups of 64 batches) so little compute goes to padding.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from rich.console import Console
+
+from fermion.chat.conversations import Skipped, to_messages
+from fermion.chat.templates import ChatTemplate, TemplateError
+from fermion.config import Recipe
+from fermion.data.sources import DataError
+from fermion.data.tokenizer import Tokenizer
+from fermion.train import distributed
+from fermion.train.objectives import IGNORE_INDEX, SFT
+from fermion.train.posttrain import (
+    Report,
+    encode_all,
+    read_examples,
+    setup_stage,
+    split,
+    steps_for,
+    write_stage_files,
+)
+from fermion.train.pretrain import build_model
+from fermion.train.trainer import Trainer, TrainResult
+
+GROUP_BATCHES = 64  # padding mode sorts by length within groups of this many batches
+
+
+@dataclass(frozen=True)
+class Example:
+    ids: np.ndarray  # int64 [n] tokens of the whole conversation
+    targets: np.ndarray  # int64 [n - 1]: ids[1:] where the assistant's, else IGNORE_INDEX
+
+
+def encode(template: ChatTemplate, tokenizer: Tokenizer, messages: list[dict], max_tokens: int, overlong: str,
+           where: str) -> tuple[Example, bool]:
+    """(example, truncated). Raises Skipped when the conversation cannot be trained on within max_tokens."""
+    encoded = template.encode(tokenizer, messages)
+    ids, mask = encoded.ids, encoded.mask
+    truncated = len(ids) > max_tokens
+    if truncated:
+        if overlong == "drop":
+            raise Skipped(where, "longer than the context", f" ({len(ids)} tokens > {max_tokens})")
+        ids, mask = ids[:max_tokens], mask[:max_tokens]
+    targets = np.where(np.array(mask[1:], dtype=bool), np.array(ids[1:], dtype=np.int64), IGNORE_INDEX)
+    if not (targets != IGNORE_INDEX).any():
+        raise Skipped(where, "no assistant tokens within the context")
+    return Example(np.array(ids, dtype=np.int64), targets), truncated
+
+
+def pack(examples: list[Example], seq_len: int) -> list[list[Example]]:
+    """Greedy, in order: a conversation goes into the current row if its inputs fit, else starts a new row."""
+    rows: list[list[Example]] = []
+    used = seq_len
+    for example in examples:
+        length = len(example.targets)
+        if used + length > seq_len:
+            rows.append([])
+            used = 0
+        rows[-1].append(example)
+        used += length
+    return rows
+
+
+def collate_packed(rows: list[list[Example]], seq_len: int, pad_id: int) -> tuple[torch.Tensor, ...]:
+    """(inputs, targets, positions, segments), each [rows, seq_len]; padding is its own segment and unlearned."""
+    inputs = np.full((len(rows), seq_len), pad_id, dtype=np.int64)
+    targets = np.full((len(rows), seq_len), IGNORE_INDEX, dtype=np.int64)
+    positions = np.zeros((len(rows), seq_len), dtype=np.int64)
+    segments = np.full((len(rows), seq_len), -1, dtype=np.int64)
+    for r, row in enumerate(rows):
+        start = 0
+        for s, example in enumerate(row):
+            n = len(example.targets)
+            inputs[r, start:start + n] = example.ids[:-1]
+            targets[r, start:start + n] = example.targets
+            positions[r, start:start + n] = np.arange(n)
+            segments[r, start:start + n] = s
+            start += n
+    return tuple(torch.from_numpy(a) for a in (inputs, targets, positions, segments))
+
+
+def collate_padded(examples: list[Example], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(inputs, targets) right-padded to the longest in the batch; causal attention never sees the padding."""
+    width = max(len(e.targets) for e in examples)
+    inputs = np.full((len(examples), width), pad_id, dtype=np.int64)
+    targets = np.full((len(examples), width), IGNORE_INDEX, dtype=np.int64)
+    for r, example in enumerate(examples):
+        n = len(example.targets)
+        inputs[r, :n], targets[r, :n] = example.ids[:-1], example.targets
+    return torch.from_numpy(inputs), torch.from_numpy(targets)
+
+
+class SFTLoader:
+    """Epochs over the training conversations in a seeded order per epoch, packed or length-grouped; resumable.
+
+    Each step takes `batch_size * world_size` rows of the epoch's list and rank r the r-th slice of them, so the
+    global sequence of batches does not depend on the world size. The last, partial global batch of an epoch is
+    dropped (every rank must take the same number of steps).
+    """
+
+    def __init__(self, examples: list[Example], seq_len: int, batch_size: int, seed: int, pad_id: int,
+                 packing: bool, rank: int = 0, world_size: int = 1):
+        self.examples, self.seq_len, self.batch_size, self.seed = examples, seq_len, batch_size, seed
+        self.pad_id, self.packing, self.rank, self.world_size = pad_id, packing, rank, world_size
+        self.epoch, self.cursor = 0, 0
+        self._items = self._epoch_items(0)
+        if len(self._items) < batch_size * world_size:
+            raise DataError(f"sft: {len(self._items)} {'packed rows' if packing else 'conversations'} is fewer than "
+                            f"one global batch ({batch_size} × {world_size} processes); lower "
+                            "sft.train.micro_batch_size or add data")
+
+    def _epoch_items(self, epoch: int) -> list:
+        order = list(self.examples)
+        random.Random(self.seed * 1_000_003 + epoch).shuffle(order)
+        if self.packing:
+            return pack(order, self.seq_len)
+        global_batch = self.batch_size * self.world_size
+        group = global_batch * GROUP_BATCHES
+        items = []
+        for start in range(0, len(order), group):
+            items.extend(sorted(order[start:start + group], key=lambda e: len(e.targets), reverse=True))
+        batches = [items[i:i + global_batch] for i in range(0, len(items) - global_batch + 1, global_batch)]
+        random.Random(self.seed * 1_000_003 + epoch + 1).shuffle(batches)
+        return [example for batch in batches for example in batch]
+
+    @property
+    def batches_per_epoch(self) -> int:
+        return len(self._items) // (self.batch_size * self.world_size)
+
+    def next_batch(self) -> tuple[torch.Tensor, ...]:
+        global_batch = self.batch_size * self.world_size
+        if self.cursor + global_batch > len(self._items):
+            self.epoch, self.cursor = self.epoch + 1, 0
+            self._items = self._epoch_items(self.epoch)
+        mine = self._items[self.cursor + self.rank * self.batch_size: self.cursor + (self.rank + 1) * self.batch_size]
+        self.cursor += global_batch
+        if self.packing:
+            return collate_packed(mine, self.seq_len, self.pad_id)
+        return collate_padded(mine, self.pad_id)
+
+    def state_dict(self) -> dict:
+        return {"epoch": self.epoch, "cursor": self.cursor}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.epoch, self.cursor = state["epoch"], state["cursor"]
+        self._items = self._epoch_items(self.epoch)
+
+
+def val_batches(examples: list[Example], seq_len: int, batch_size: int, pad_id: int, packing: bool,
+                limit: int) -> list[tuple[torch.Tensor, ...]]:
+    if packing:
+        rows = pack(examples, seq_len)
+        chunks = [rows[i:i + batch_size] for i in range(0, len(rows), batch_size)]
+        return [collate_packed(chunk, seq_len, pad_id) for chunk in chunks[:limit]]
+    # In split order, not sorted by length: capped at `limit` batches, sorting would score only the shortest.
+    chunks = [examples[i:i + batch_size] for i in range(0, len(examples), batch_size)]
+    return [collate_padded(chunk, pad_id) for chunk in chunks[:limit]]
+
+
+def prepare(recipe: Recipe, console: Console | None = None):
+    """The stage, its tokenized train/val conversations and the report (no model built)."""
+    stage = setup_stage(recipe, "sft")
+    if "generation" not in stage.template.source:
+        raise TemplateError(f"chat template {stage.template.name!r} has no {{% generation %}} block, so no token "
+                            "would carry loss; wrap each assistant message and its end-of-turn marker in "
+                            "{% generation %}...{% endgeneration %}")
+    cfg = recipe.sft
+    report = Report("sft")
+    max_tokens = stage.recipe.seq_len + 1
+    examples = encode_all(read_examples(cfg.sources, to_messages, report, "sft"), lambda messages, where: encode(
+        stage.template, stage.tokenizer, messages, max_tokens, cfg.overlong, where), report)
+    if not examples:
+        raise DataError("sft.sources: no usable conversation (" + "; ".join(
+            f"{n} skipped: {reason}" for reason, n in report.skipped.items()) + ")")
+    train, val = split(examples, cfg.val_fraction, recipe.run.seed)
+    report.extra.update(train_conversations=len(train), val_conversations=len(val),
+                        train_tokens=int(sum(len(e.targets) for e in train)),
+                        assistant_tokens=int(sum((e.targets != IGNORE_INDEX).sum() for e in train)),
+                        template=stage.template.name, init_from=stage.init_from)
+    return stage, train, val, report
+
+
+def sft(recipe: Recipe, resume: str = "auto", console: Console | None = None) -> TrainResult:
+    console = console or Console()
+    stage, train, val, report = prepare(recipe, console)
+    info = distributed.setup(stage.recipe.train.device)
+    torch.manual_seed(recipe.run.seed + info.rank)
+    cfg, train_cfg = recipe.sft, stage.recipe.train
+    tokenizer = stage.tokenizer
+    loader = SFTLoader(train, stage.recipe.seq_len, train_cfg.micro_batch_size, recipe.run.seed, tokenizer.pad_id,
+                       cfg.packing, info.rank, info.world_size)
+    steps = steps_for(cfg.epochs, loader.batches_per_epoch // train_cfg.grad_accum or 1, train_cfg.steps)
+    stage.recipe = stage.recipe.model_copy(update={"train": train_cfg.model_copy(update={"steps": steps})})
+    report.extra.update(steps=steps, rows_per_epoch=len(loader._items), packing=cfg.packing)
+    if info.is_main:
+        write_stage_files(stage, report, console)
+    distributed.barrier(info)
+    validation = val_batches(val, stage.recipe.seq_len, train_cfg.micro_batch_size, tokenizer.pad_id, cfg.packing,
+                             train_cfg.eval_batches)
+    objective = SFT(torch.from_numpy(tokenizer.token_bytes()))
+    model = build_model(stage.recipe, info.device, stage.weights)
+    trainer = Trainer(stage.recipe, model, objective, loader, validation, info, stage.tokenizer_path, console)
+    result = trainer.fit(resume)
+    distributed.teardown(info)
+    return result
