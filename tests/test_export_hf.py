@@ -73,7 +73,13 @@ def test_transformers_loads_export_with_same_logits_and_greedy_tokens(tokenizer,
     assert greedy.token_ids == hf_out[0, len(prompt):].tolist()
 
 
-@pytest.mark.parametrize("name", list(BUILTIN))
+# A custom template whose reply tokens merge with the template's text (" y|es" after "A:").
+CUSTOM = ("{% for m in messages %}{% if m['role'] == 'assistant' %}A: {% generation %}{{ m['content'] }}"
+          "{{ eos_token }}{% endgeneration %}{{ '\\n' }}{% else %}{{ m['role'] }}: {{ m['content'] }}{{ '\\n' }}"
+          "{% endif %}{% endfor %}{% if add_generation_prompt %}A:{% endif %}")
+
+
+@pytest.mark.parametrize("name", [*BUILTIN, CUSTOM])
 def test_exported_tokenizer_renders_each_template_like_fermion(tokenizer, tmp_path, name):
     model = build(tokenizer.vocab_size)
     template = ChatTemplate.get(name)

@@ -74,6 +74,32 @@ def pretrain(
         raise typer.Exit(0)
 
 
+ResumeOption = Annotated[str, typer.Option(help="auto: continue from the newest good checkpoint if any; "
+                                                 "none: start fresh; or a checkpoint directory")]
+
+
+@app.command()
+def sft(recipe: RecipeArg, set_: SetOption = None, resume: ResumeOption = "auto") -> None:
+    """Supervised fine-tuning on the recipe's sft.sources, loss on assistant tokens only (into <run>/sft)."""
+    from fermion.train.sft import sft as run_sft
+
+    loaded = recipe_or_exit(recipe, set_)
+    result = run_guarded(lambda: run_sft(loaded, resume=resume, console=console))
+    if result.status == "preempted":
+        raise typer.Exit(0)
+
+
+@app.command()
+def dpo(recipe: RecipeArg, set_: SetOption = None, resume: ResumeOption = "auto") -> None:
+    """Direct preference optimisation on the recipe's dpo.sources, from the SFT model (into <run>/dpo)."""
+    from fermion.train.dpo import dpo as run_dpo
+
+    loaded = recipe_or_exit(recipe, set_)
+    result = run_guarded(lambda: run_dpo(loaded, resume=resume, console=console))
+    if result.status == "preempted":
+        raise typer.Exit(0)
+
+
 @tokenizer_app.command("train")
 def tokenizer_train(recipe: RecipeArg, set_: SetOption = None,
                     force: Annotated[bool, typer.Option(help="Retrain even if the run has a tokenizer.")] = False):

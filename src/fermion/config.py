@@ -108,8 +108,12 @@ class TokenizerConfig(Section):
 
 class SourceConfig(Section):
     name: str = Field(min_length=1)
-    paths: list[str] = Field(default_factory=list)  # files or globs: .txt, .jsonl, .jsonl.gz
+    paths: list[str] = Field(default_factory=list)  # files or globs: .txt, .jsonl, .jsonl.gz (.json for SFT/DPO)
     builtin: Literal["python-stdlib"] | None = None  # text every machine with Python has
+    dataset: str | None = None  # a Hugging Face dataset name (or local dataset folder), read with `datasets`
+    split: str = "train"  # the dataset's split
+    # SFT/DPO record layout; auto recognises messages, alpaca, dolly, prompt/completion, prompt/chosen/rejected, HH.
+    format: Literal["auto", "messages", "alpaca", "dolly", "prompt_completion", "preference", "hh"] = "auto"
     text_field: str = "text"  # the field holding the text in jsonl records
     separator: str | None = None  # splits a .txt file into documents (e.g. "<|endoftext|>"); None: one per file
     kind: str = "web"
@@ -118,8 +122,8 @@ class SourceConfig(Section):
 
     @model_validator(mode="after")
     def _has_input(self) -> SourceConfig:
-        if not self.paths and self.builtin is None:
-            raise ValueError("give paths (files or globs) or builtin: python-stdlib")
+        if not self.paths and self.builtin is None and self.dataset is None:
+            raise ValueError("give paths (files or globs), a dataset, or builtin: python-stdlib")
         return self
 
 
@@ -181,12 +185,48 @@ class RunConfig(Section):
     seed: int = 1337
 
 
+def _post_train(lr: float, steps: int = 200) -> TrainConfig:
+    return TrainConfig(steps=steps, lr=lr, warmup_steps=10, min_lr_ratio=0.0, eval_every=50, checkpoint_every=100,
+                       log_every=10)
+
+
+class SFTConfig(Section):
+    sources: list[SourceConfig] = Field(min_length=1)
+    dir: str | None = None  # default: <run dir>/sft
+    packing: bool = True  # several conversations per sequence, attending only within themselves; else padding
+    overlong: Literal["truncate", "drop"] = "truncate"  # a conversation longer than the sequence
+    val_fraction: float = Field(0.05, ge=0, lt=1)
+    epochs: float | None = Field(1.0, gt=0)  # when set, the step count follows from it and train.steps is unused
+    # Its own optimisation: lr, schedule, batch. train.init_from defaults to this recipe's pretraining run.
+    train: TrainConfig = Field(default_factory=lambda: _post_train(lr=1e-4))
+
+
+class DPOConfig(Section):
+    sources: list[SourceConfig] = Field(min_length=1)
+    dir: str | None = None  # default: <run dir>/dpo
+    beta: float = Field(0.1, gt=0)
+    loss: Literal["sigmoid", "ipo", "hinge"] = "sigmoid"
+    # precomputed: reference log-probabilities computed once before training (no second model in memory);
+    # model: a frozen copy of the starting model scores every batch.
+    reference: Literal["precomputed", "model"] = "precomputed"
+    # Weight of the SFT loss on the chosen replies added to the DPO loss (RPO): 0 is plain DPO. DPO alone can widen
+    # the margin by making both replies unlikely; a weight near 1 keeps the chosen ones likely.
+    sft_weight: float = Field(0.0, ge=0)
+    overlong: Literal["truncate", "drop"] = "truncate"
+    val_fraction: float = Field(0.1, ge=0, lt=1)
+    epochs: float | None = Field(1.0, gt=0)
+    # train.init_from defaults to this recipe's SFT run.
+    train: TrainConfig = Field(default_factory=lambda: _post_train(lr=5e-6))
+
+
 class Recipe(Section):
     run: RunConfig = Field(default_factory=RunConfig)
     model: ModelConfig = Field(default_factory=ModelConfig)
     tokenizer: TokenizerConfig = Field(default_factory=TokenizerConfig)
     data: DataConfig | None = None
     train: TrainConfig = Field(default_factory=TrainConfig)
+    sft: SFTConfig | None = None
+    dpo: DPOConfig | None = None
 
     @model_validator(mode="after")
     def _lengths_fit(self) -> Recipe:
@@ -326,9 +366,9 @@ def no_match_message(pattern: str) -> str:
 def check_data_paths(recipe: Recipe, source: str) -> None:
     if recipe.tokenizer.path and not Path(recipe.tokenizer.path).is_file():
         raise RecipeError(f"{source}: tokenizer.path: file not found: {recipe.tokenizer.path}")
-    if recipe.data is None:
-        return
-    for i, src in enumerate(recipe.data.sources):
-        for j, pattern in enumerate(src.paths):
-            if not matching_files(pattern):
-                raise RecipeError(f"{source}: data.sources[{i}].paths[{j}]: {no_match_message(pattern)}")
+    sections = [("data", recipe.data), ("sft", recipe.sft), ("dpo", recipe.dpo)]
+    for section, config in sections:
+        for i, src in enumerate(config.sources if config is not None else []):
+            for j, pattern in enumerate(src.paths):
+                if not matching_files(pattern):
+                    raise RecipeError(f"{source}: {section}.sources[{i}].paths[{j}]: {no_match_message(pattern)}")

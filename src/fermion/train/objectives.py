@@ -1,5 +1,6 @@
-"""Training objectives: how a batch becomes a loss. The trainer calls `loss` for every micro-batch and
-`eval_sums` for validation; later objectives (SFT, DPO) plug into the same two methods."""
+"""Training objectives: how a batch becomes a loss. The trainer calls `loss` for every micro-batch, logs the
+metrics named in `logged`, and for validation adds up `eval_sums` over the batches and turns the total into
+named metrics with `summarise` (printed by `describe`). Pretraining, SFT and DPO each implement these."""
 
 from __future__ import annotations
 
@@ -14,12 +15,15 @@ IGNORE_INDEX = -100
 class Pretrain:
     """Next-token cross-entropy, plus the MoE auxiliary losses the model returns."""
 
+    name = "pretrain"
+    logged: tuple[str, ...] = ()
+
     def __init__(self, token_bytes: torch.Tensor):
         self.token_bytes = token_bytes  # UTF-8 bytes each token id stands for, for bits per byte
 
     def loss(self, model, batch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        inputs, targets = batch
-        logits, aux_loss = model(inputs)
+        inputs, targets, *packing = batch  # packed batches add (positions, segments)
+        logits, aux_loss = model(inputs, *packing)
         ce = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=IGNORE_INDEX)
         # Metrics are returned undetached: under torch.compile (2.13) returning a detached copy of `ce` beside the
         # loss makes the loss lose its graph. Callers detach what they keep.
@@ -28,15 +32,121 @@ class Pretrain:
     @torch.no_grad()
     def eval_sums(self, model, batch) -> torch.Tensor:
         """[summed loss in nats, target tokens, target bytes] for one validation batch."""
-        inputs, targets = batch
-        logits, _ = model(inputs)
+        inputs, targets, *packing = batch
+        logits, _ = model(inputs, *packing)
         nats = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=IGNORE_INDEX,
                                reduction="sum")
         counted = targets != IGNORE_INDEX
         n_bytes = self.token_bytes.to(targets.device)[targets.clamp(min=0)][counted].sum()
         return torch.stack([nats, counted.sum().float(), n_bytes.float()])
 
+    def summarise(self, sums: torch.Tensor) -> dict[str, float]:
+        return summarise_eval(sums)
+
+    def describe(self, metrics: dict[str, float]) -> str:
+        return f"val loss {metrics['val_loss']:.4f} · val bits/byte {metrics['val_bpb']:.4f}"
+
+
+class SFT(Pretrain):
+    """Cross-entropy on the tokens the chat template marks as the assistant's (the rest are IGNORE_INDEX), over
+    packed conversations (each attending only to itself, positions restarting) or padded ones."""
+
+    name = "sft"
+
+    def describe(self, metrics: dict[str, float]) -> str:
+        return f"val loss {metrics['val_loss']:.4f} (assistant tokens) · val bits/byte {metrics['val_bpb']:.4f}"
+
 
 def summarise_eval(sums: torch.Tensor) -> dict[str, float]:
     nats, tokens, n_bytes = sums.tolist()
     return {"val_loss": nats / max(tokens, 1), "val_bpb": nats / (math.log(2) * max(n_bytes, 1))}
+
+
+def sequence_logps(model, inputs: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each row's summed log-probability of its non-ignored targets (log-softmax in fp32, whatever the autocast
+    dtype of the logits), and the model's MoE auxiliary loss."""
+    logits, aux_loss = model(inputs)
+    token_logps = -F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=IGNORE_INDEX,
+                                   reduction="none")  # 0 at ignored positions
+    return token_logps.view(targets.shape).sum(-1), aux_loss
+
+
+class DPO:
+    """Direct Preference Optimization (Rafailov et al. 2023) and its IPO and hinge variants, as TRL 1.16 defines them.
+
+    A batch is (inputs [2B, T], targets [2B, T], ref_logps [2B]): rows 0..B-1 are the chosen replies of B pairs and
+    rows B..2B-1 the rejected replies of the same pairs, right-padded, targets IGNORE_INDEX except on reply tokens.
+    `ref_logps` holds the reference model's summed log-probabilities, precomputed before training; when this
+    objective holds a frozen `reference` model instead, it scores every batch itself and `ref_logps` (NaN) is unused.
+    The implicit reward of a reply is beta * (policy log-prob - reference log-prob), summed over its tokens.
+    """
+
+    name = "dpo"
+    logged = ("rewards_chosen", "rewards_rejected", "margin", "accuracy")
+
+    def __init__(self, beta: float = 0.1, loss_type: str = "sigmoid", reference: torch.nn.Module | None = None,
+                 sft_weight: float = 0.0):
+        if loss_type not in ("sigmoid", "ipo", "hinge"):
+            raise ValueError(f"DPO loss {loss_type!r} is not one of sigmoid, ipo, hinge")
+        self.beta, self.loss_type, self.reference = beta, loss_type, reference
+        # RPO (Pang et al. 2024): plus the SFT loss on the chosen replies, so DPO cannot buy its margin by making
+        # the preferred answer itself unlikely. TRL spells it loss_type=[..., "sft"], loss_weights=[1, sft_weight].
+        self.sft_weight = sft_weight
+
+    def pair_terms(self, logps: torch.Tensor, ref_logps: torch.Tensor,
+                   counts: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Per-pair losses and the chosen and rejected rewards, from per-sequence [2B] log-probs and token counts."""
+        chosen_ratio, rejected_ratio = (logps - ref_logps).chunk(2)
+        if self.loss_type == "ipo":
+            # IPO on per-token means, so beta means the same for short and long replies (TRL, after the authors)
+            chosen_count, rejected_count = counts.clamp(min=1).chunk(2)
+            delta = chosen_ratio / chosen_count - rejected_ratio / rejected_count
+            losses = (delta - 1 / (2 * self.beta)) ** 2
+        else:
+            delta = chosen_ratio - rejected_ratio
+            losses = -F.logsigmoid(self.beta * delta) if self.loss_type == "sigmoid" else F.relu(1 - self.beta * delta)
+        return losses, self.beta * chosen_ratio, self.beta * rejected_ratio
+
+    def _terms(self, model, batch):
+        """(losses, chosen rewards, rejected rewards, aux loss, (policy logps, reference logps, token counts))."""
+        inputs, targets, ref_logps = batch
+        logps, aux_loss = sequence_logps(model, inputs, targets)
+        if self.reference is not None:
+            with torch.no_grad():
+                ref_logps, _ = sequence_logps(self.reference, inputs, targets)
+        counts = (targets != IGNORE_INDEX).sum(-1).float()
+        return *self.pair_terms(logps, ref_logps, counts), aux_loss, (logps, ref_logps, counts)
+
+    def loss(self, model, batch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        losses, chosen, rejected, aux_loss, (logps, _, counts) = self._terms(model, batch)
+        loss = losses.mean() + aux_loss
+        if self.sft_weight:  # per token over all chosen tokens of the batch, as TRL's "sft" loss
+            loss = loss - self.sft_weight * logps.chunk(2)[0].sum() / counts.chunk(2)[0].sum().clamp(min=1)
+        # Undetached, as in Pretrain.loss (torch.compile 2.13); the trainer detaches what it logs.
+        metrics = {"rewards_chosen": chosen.mean(), "rewards_rejected": rejected.mean(),
+                   "margin": (chosen - rejected).mean(), "accuracy": (chosen > rejected).float().mean()}
+        return loss, metrics
+
+    @torch.no_grad()
+    def eval_sums(self, model, batch) -> torch.Tensor:
+        """[summed loss, summed chosen rewards, summed rejected rewards, pairs ranked right, pairs, chosen-reply
+        NLL under the policy, the same under the reference, chosen-reply tokens]."""
+        losses, chosen, rejected, _, (logps, ref_logps, counts) = self._terms(model, batch)
+        chosen_logps, chosen_ref = logps.chunk(2)[0], ref_logps.chunk(2)[0]
+        return torch.stack([losses.sum(), chosen.sum(), rejected.sum(), (chosen > rejected).float().sum(),
+                            torch.tensor(float(len(losses)), device=losses.device), -chosen_logps.sum(),
+                            -chosen_ref.sum(), counts.chunk(2)[0].sum()])
+
+    def summarise(self, sums: torch.Tensor) -> dict[str, float]:
+        pairs, tokens = max(sums[4].item(), 1), max(sums[7].item(), 1)
+        loss, chosen, rejected, correct = (value / pairs for value in sums[:4].tolist())
+        # The SFT loss on the chosen replies, now and at the start: DPO may lower the likelihood of what it prefers.
+        return {"val_loss": loss, "val_rewards_chosen": chosen, "val_rewards_rejected": rejected,
+                "val_margin": chosen - rejected, "val_accuracy": correct,
+                "val_chosen_nll": sums[5].item() / tokens, "val_chosen_nll_start": sums[6].item() / tokens}
+
+    def describe(self, metrics: dict[str, float]) -> str:
+        return (f"val loss {metrics['val_loss']:.4f} · preference accuracy {100 * metrics['val_accuracy']:.1f}% · "
+                f"margin {metrics['val_margin']:.3f} (chosen {metrics['val_rewards_chosen']:+.3f}, "
+                f"rejected {metrics['val_rewards_rejected']:+.3f}) · chosen NLL {metrics['val_chosen_nll']:.3f} "
+                f"(start {metrics['val_chosen_nll_start']:.3f})")
