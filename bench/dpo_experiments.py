@@ -71,7 +71,8 @@ def dpo_recipe(run_dir: Path, init: Path, source: dict, **settings) -> dict:
     train = {"init_from": str(init), "micro_batch_size": 8, "lr": 1e-4, "warmup_steps": 10, "precision": "auto",
              "compile": False, "eval_every": 1000, "eval_batches": 1000, "checkpoint_every": 100, "log_every": 25,
              "progress": False, "tensorboard": False, **settings.pop("train", {})}
-    return {"run": {"name": run_dir.name, "dir": str(run_dir)},
+    seed = settings.pop("seed", 1337)
+    return {"run": {"name": run_dir.name, "dir": str(run_dir), "seed": seed},
             "dpo": {"sources": [source], "val_fraction": 0.1, **settings, "train": train}}
 
 
@@ -128,6 +129,9 @@ def main() -> None:
     parser.add_argument("--math-max-operand", type=int, default=99)
     parser.add_argument("--math-max-factor", type=int, default=12)
     parser.add_argument("--math-lr", type=float, default=1e-3)
+    parser.add_argument("--beta", type=float, default=0.1)
+    parser.add_argument("--seed", type=int, default=1337, help="run.seed: the train/held-out split and batch order")
+    parser.add_argument("--loss", choices=["sigmoid", "ipo", "hinge"], default="sigmoid")
     parser.add_argument("--math-sft", type=int, default=0, help="SFT on this many other problems before DPO")
     parser.add_argument("--sft-weight", type=float, default=0.0, help="dpo.sft_weight (RPO); runs go to *-rpo dirs")
     parser.add_argument("--only", choices=["hh", "math"])
@@ -154,9 +158,13 @@ def main() -> None:
             start = arithmetic_sft(args.work, init, args.math_sft, sizes, console)
         path = write_jsonl(args.work / "math.jsonl", arithmetic_preferences(args.math_pairs, seed=0, **sizes))
         name = ("math-rpo" if args.sft_weight else "math") + (f"-lr{args.math_lr:g}" if args.math_lr != 1e-3 else "")
+        name += f"-beta{args.beta:g}" if args.beta != 0.1 else ""
+        name += f"-{args.loss}" if args.loss != "sigmoid" else ""
+        name += f"-ep{args.math_epochs:g}" if args.math_epochs != 3 else ""
+        name += f"-seed{args.seed}" if args.seed != 1337 else ""
         raw = dpo_recipe(args.work / name, start, {"name": "arithmetic", "paths": [str(path)]},
                          epochs=args.math_epochs, train={"micro_batch_size": 32, "lr": args.math_lr},
-                         sft_weight=args.sft_weight)
+                         sft_weight=args.sft_weight, beta=args.beta, loss=args.loss, seed=args.seed)
         console.print(f"math: DPO on {args.math_pairs} generated arithmetic pairs ({sizes})")
         run("math", raw, console)
 
