@@ -58,24 +58,24 @@ def run_guarded(action):
         fail("interrupted", code=130)
 
 
-@app.command()
-def pretrain(
-    recipe: RecipeArg,
-    set_: SetOption = None,
-    resume: Annotated[str, typer.Option(help="auto: continue from the newest good checkpoint if any; "
-                                             "none: start fresh; or a checkpoint directory")] = "auto",
-) -> None:
-    """Pretrain from the recipe (tokenizer and shards are built first if missing)."""
-    from fermion.train.pretrain import pretrain as run_pretrain
+ResumeOption = Annotated[str, typer.Option(help="auto: continue from the newest good checkpoint if any; "
+                                                 "none: start fresh; or a checkpoint directory")]
 
-    loaded = recipe_or_exit(recipe, set_)
-    result = run_guarded(lambda: run_pretrain(loaded, resume=resume, console=console))
+
+def train_stage(stage, recipe: Path, overrides: list[str] | None, resume: str) -> None:
+    """Load the recipe, run a training stage; a preempted run (SIGTERM, checkpoint saved) exits 0."""
+    loaded = recipe_or_exit(recipe, overrides)
+    result = run_guarded(lambda: stage(loaded, resume=resume, console=console))
     if result.status == "preempted":
         raise typer.Exit(0)
 
 
-ResumeOption = Annotated[str, typer.Option(help="auto: continue from the newest good checkpoint if any; "
-                                                 "none: start fresh; or a checkpoint directory")]
+@app.command()
+def pretrain(recipe: RecipeArg, set_: SetOption = None, resume: ResumeOption = "auto") -> None:
+    """Pretrain from the recipe (tokenizer and shards are built first if missing)."""
+    from fermion.train.pretrain import pretrain as run_pretrain
+
+    train_stage(run_pretrain, recipe, set_, resume)
 
 
 @app.command()
@@ -83,10 +83,7 @@ def sft(recipe: RecipeArg, set_: SetOption = None, resume: ResumeOption = "auto"
     """Supervised fine-tuning on the recipe's sft.sources, loss on assistant tokens only (into <run>/sft)."""
     from fermion.train.sft import sft as run_sft
 
-    loaded = recipe_or_exit(recipe, set_)
-    result = run_guarded(lambda: run_sft(loaded, resume=resume, console=console))
-    if result.status == "preempted":
-        raise typer.Exit(0)
+    train_stage(run_sft, recipe, set_, resume)
 
 
 @app.command()
@@ -94,10 +91,7 @@ def dpo(recipe: RecipeArg, set_: SetOption = None, resume: ResumeOption = "auto"
     """Direct preference optimisation on the recipe's dpo.sources, from the SFT model (into <run>/dpo)."""
     from fermion.train.dpo import dpo as run_dpo
 
-    loaded = recipe_or_exit(recipe, set_)
-    result = run_guarded(lambda: run_dpo(loaded, resume=resume, console=console))
-    if result.status == "preempted":
-        raise typer.Exit(0)
+    train_stage(run_dpo, recipe, set_, resume)
 
 
 @tokenizer_app.command("train")
