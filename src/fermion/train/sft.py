@@ -173,7 +173,7 @@ def val_batches(examples: list[Example], seq_len: int, batch_size: int, pad_id: 
     return [collate_padded(chunk, pad_id) for chunk in chunks[:limit]]
 
 
-def prepare(recipe: Recipe, console: Console | None = None):
+def prepare(recipe: Recipe):
     """The stage, its tokenized train/val conversations and the report (no model built)."""
     stage = setup_stage(recipe, "sft")
     if "generation" not in stage.template.source:
@@ -198,7 +198,7 @@ def prepare(recipe: Recipe, console: Console | None = None):
 
 def sft(recipe: Recipe, resume: str = "auto", console: Console | None = None) -> TrainResult:
     console = console or Console()
-    stage, train, val, report = prepare(recipe, console)
+    stage, train, val, report = prepare(recipe)
     info = distributed.setup(stage.recipe.train.device)
     torch.manual_seed(recipe.run.seed + info.rank)
     cfg, train_cfg = recipe.sft, stage.recipe.train
