@@ -230,6 +230,67 @@ def generate(
                       f"finish: {engine.last.finish_reason if engine.last else '?'}[/]")
 
 
+@app.command("eval")
+def eval_cmd(
+    run: ModelArg,
+    tasks: Annotated[str | None, typer.Option(help="Comma-separated tasks or groups (mc, all); perplexity=PATH for "
+                                                   "a text file. Default: the recipe's eval.tasks.")] = None,
+    limit: Annotated[int | None, typer.Option(min=1, help="The first N examples of each task.")] = None,
+    shots: Annotated[int | None, typer.Option(min=0, help="Few-shot examples (default: each task's standard).")] = None,
+    data_dir: Annotated[Path | None, typer.Option(
+        help="Eval data laid out as <benchmark>/<files> (default: eval.data_dir, $FERMION_EVAL_DATA, "
+             "~/.cache/fermion/eval).")] = None,
+    out: Annotated[Path | None, typer.Option(help="Where results.json/.md go (default: <run>/eval).")] = None,
+    chat: Annotated[bool | None, typer.Option("--chat/--no-chat", help="Prompt generative tasks through the chat "
+                                              "template (default: yes for SFT/DPO checkpoints).")] = None,
+    max_new_tokens: Annotated[int | None, typer.Option(min=1, help="Generation length (default: per task).")] = None,
+    seed: int = 0,
+    device: Annotated[str, typer.Option(help="cpu, cuda, ...")] = "cpu",
+    dtype: Annotated[str, typer.Option(help="fp32 (default, what lm-eval compares with), bf16, fp16, auto.")] = "fp32",
+) -> None:
+    """Evaluate a run, checkpoint or Hugging Face folder on benchmarks; writes results.json and results.md."""
+    from fermion.eval import lm as eval_lm
+    from fermion.eval import runner
+    from fermion.eval.results import TaskOptions, write
+
+    try:
+        model = run_guarded(lambda: eval_lm.load(run, device=device, dtype=dtype, chat=chat))
+    except ValueError as err:
+        fail(str(err))
+    recipe_eval = model.recipe.eval
+    try:
+        names = runner.task_names(tasks or recipe_eval.tasks)
+    except runner.TaskError as err:
+        fail(str(err))
+    folder = data_dir or recipe_eval.resolved_data_dir()
+    options = TaskOptions(data_dir=folder, limit=limit or recipe_eval.limit,
+                          shots=shots if shots is not None else recipe_eval.shots, max_new_tokens=max_new_tokens,
+                          seed=seed)
+    console.print(f"evaluating {run} ({'chat' if model.chat else 'base'} prompts) on {', '.join(names)} · data "
+                  f"{folder}" + (f" · first {options.limit} examples each" if options.limit else ""))
+
+    def report(result, seconds):
+        main = result.metrics[0]
+        err = f" ± {main.stderr:.4f}" if main.stderr is not None else ""
+        console.print(f"  {result.task}: {main.name} {main.value:.4f}{err} · n={result.n} · {seconds:.1f} s")
+        if result.task == "smoke":
+            from fermion.eval import smoke
+
+            console.print(smoke.table(result))
+            console.print(f"  smoke: {smoke.summary(result)}")
+
+    results = run_guarded(lambda: runner.run(model, names, options, on_result=report))
+    table = Table("task", "metric", "value", "± stderr", "shots", "n")
+    for result in results:
+        for m in result.metrics:
+            table.add_row(result.task, m.name, f"{m.value:.4f}", f"{m.stderr:.4f}" if m.stderr is not None else "–",
+                          str(result.shots), str(result.n))
+    console.print(table)
+    path = write(results, out or _export_root(run, "eval"), model=str(run),
+                 extra={"chat": model.chat, "limit": options.limit, "seed": seed, "dtype": dtype})
+    console.print(f"results: {path} and {path.with_suffix('.md')}")
+
+
 @app.command("export")
 def export_cmd(
     run: ModelArg,
@@ -251,7 +312,7 @@ def export_cmd(
         fail("--out names one folder; export one format at a time with it, or leave it out")
     model, tokenizer, recipe = run_guarded(lambda: load_model(run, warn=console.print))
     chat_template = run_guarded(lambda: ChatTemplate.get(template or recipe.tokenizer.chat_template))
-    base = _export_root(run)
+    base = _export_root(run, "export")
     for fmt in formats:
         folder = out or base / fmt
         def write(fmt=fmt, folder=folder):
@@ -275,15 +336,15 @@ def export_cmd(
             fail(f"the {fmt} export needs the '{err.name}' package: pip install 'fermion[export]'")
 
 
-def _export_root(run: Path) -> Path:
-    """<run>/export for a run directory or one of its checkpoints; beside the folder otherwise."""
+def _export_root(run: Path, kind: str) -> Path:
+    """<run>/<kind> for a run directory or one of its checkpoints; beside the folder otherwise."""
     from fermion.train.checkpoint import checkpoints_dir
 
     if checkpoints_dir(run).is_dir():
-        return run / "export"
+        return run / kind
     if run.parent.name == "checkpoints":
-        return run.parent.parent / "export"
-    return run.parent / f"{run.name}-export"
+        return run.parent.parent / kind
+    return run.parent / f"{run.name}-{kind}"
 
 
 @app.command("import")

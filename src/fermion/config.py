@@ -219,6 +219,22 @@ class DPOConfig(Section):
     train: TrainConfig = Field(default_factory=lambda: _post_train(lr=5e-6))
 
 
+class EvalConfig(Section):
+    """Benchmarks for `fermion eval RUN` with no --tasks, and (with `every`) during pretraining, SFT and DPO."""
+
+    tasks: list[str] = Field(default_factory=lambda: ["mc", "smoke"])
+    # Folder laid out as ../shared/data/eval (<benchmark>/<files>). None: $FERMION_EVAL_DATA, else
+    # ~/.cache/fermion/eval; a task whose files are missing there reads its Hugging Face dataset instead.
+    data_dir: str | None = None
+    limit: int | None = Field(None, ge=1)  # examples per task (per BBH subtask); None: all
+    shots: int | None = Field(None, ge=0)  # None: each task's standard number
+    every: int | None = Field(None, ge=1)  # run the tasks every N training steps (and at the end); None: never
+
+    def resolved_data_dir(self) -> Path:
+        return Path(os.path.expanduser(self.data_dir or os.environ.get("FERMION_EVAL_DATA")
+                                       or "~/.cache/fermion/eval"))
+
+
 class Recipe(Section):
     run: RunConfig = Field(default_factory=RunConfig)
     model: ModelConfig = Field(default_factory=ModelConfig)
@@ -227,6 +243,7 @@ class Recipe(Section):
     train: TrainConfig = Field(default_factory=TrainConfig)
     sft: SFTConfig | None = None
     dpo: DPOConfig | None = None
+    eval: EvalConfig = Field(default_factory=EvalConfig)
 
     @model_validator(mode="after")
     def _lengths_fit(self) -> Recipe:

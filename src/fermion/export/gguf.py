@@ -18,7 +18,6 @@ the permutation llama.cpp's convert_hf_to_gguf.py applies to Llama checkpoints. 
 from __future__ import annotations
 
 import json
-import os
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -27,6 +26,7 @@ import numpy as np
 import torch
 from gguf import MODEL_TENSOR, GGMLQuantizationType, LlamaFileType, TokenType
 
+from fermion.atomic import replaced_file
 from fermion.chat.templates import STOP_STRINGS
 from fermion.config import ModelConfig
 from fermion.data.tokenizer import Tokenizer
@@ -259,9 +259,5 @@ def _modelfile(gguf_name: str, cfg: ModelConfig, tokenizer: Tokenizer, template_
 
 def _write_atomically(path: Path, write: Callable[[Path], object]) -> None:
     """Write under a temporary name, then rename: an interrupted export never leaves a truncated file behind."""
-    temporary = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
+    with replaced_file(path) as temporary:
         write(temporary)
-        os.replace(temporary, path)
-    finally:
-        temporary.unlink(missing_ok=True)

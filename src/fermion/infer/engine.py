@@ -23,6 +23,7 @@ import random
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Protocol
 
 import torch
 import torch.nn.functional as F
@@ -63,6 +64,18 @@ class SamplingParams:
             raise ValueError("stop strings must be non-empty")
 
 
+class Constraint(Protocol):
+    """Limits which tokens a sequence may take next (a JSON schema, a grammar). One object per sequence."""
+
+    def allowed(self) -> torch.Tensor:
+        """A bool mask over the vocabulary (the tokenizer's; model rows past its end are never allowed)."""
+        ...
+
+    def accept(self, token: int) -> None:
+        """The token that was sampled."""
+        ...
+
+
 @dataclass
 class Completion:
     prompt_ids: list[int]
@@ -74,8 +87,9 @@ class Completion:
 class Sequence:
     """One prompt being generated: its slot, tokens, sampling state and the text handed out so far."""
 
-    def __init__(self, prompt: list[int], params: SamplingParams, tokenizer: Tokenizer, stop_ids: set[int]):
-        self.prompt, self.params = list(prompt), params
+    def __init__(self, prompt: list[int], params: SamplingParams, tokenizer: Tokenizer, stop_ids: set[int],
+                 constraint: Constraint | None = None):
+        self.prompt, self.params, self.constraint = list(prompt), params, constraint
         self.generated: list[int] = []
         self.pending = prompt[-1]  # the token the next step feeds
         self.position = len(prompt) - 1  # where `pending` goes in the cache
@@ -124,6 +138,15 @@ class Sequence:
 
     def completion(self) -> Completion:
         return Completion(self.prompt, self.generated, self.text, self.finish_reason or "length")
+
+
+def _constrained(logits: torch.Tensor, allowed: torch.Tensor) -> torch.Tensor:
+    """Logits with every token the constraint does not allow at -inf."""
+    keep = torch.zeros(logits.shape[-1], dtype=torch.bool)
+    keep[: allowed.numel()] = allowed.to(torch.bool).cpu()[: logits.shape[-1]]
+    if not keep.any():
+        raise RuntimeError("the constraint allows no token at all; its grammar cannot be completed here")
+    return logits.masked_fill(~keep, float("-inf"))
 
 
 def _held_back(text: str, stops: list[str]) -> int:
@@ -242,7 +265,7 @@ class Engine:
     def stop_ids(self, params: SamplingParams) -> set[int]:
         return set(params.stop_token_ids) | (set() if params.ignore_eos else {self.tokenizer.eos_id})
 
-    def add(self, prompt: list[int], params: SamplingParams) -> Sequence:
+    def add(self, prompt: list[int], params: SamplingParams, constraint: Constraint | None = None) -> Sequence:
         """Start a sequence: prefill its prompt into a free slot. Raises ValueError when it cannot fit."""
         if len(self.active) >= self.max_batch:
             raise RuntimeError(f"all {self.max_batch} slots are busy")
@@ -254,7 +277,7 @@ class Engine:
         bad = [t for t in prompt if not 0 <= t < self.cfg.vocab_size]
         if bad:
             raise ValueError(f"token id {bad[0]} is outside the vocabulary (0..{self.cfg.vocab_size - 1})")
-        seq = Sequence(prompt, params, self.tokenizer, self.stop_ids(params))
+        seq = Sequence(prompt, params, self.tokenizer, self.stop_ids(params), constraint)
         slot = len(self.active)
         if len(prompt) > 1:
             self._prefill(slot, prompt[:-1])
@@ -282,7 +305,11 @@ class Engine:
         logits = logits.float().cpu()
         events = []
         for seq, row in zip(self.active, logits, strict=True):
+            if seq.constraint is not None:
+                row = _constrained(row, seq.constraint.allowed())
             token = sample(row, seq.params, seq.seen, seq.generator)
+            if seq.constraint is not None:
+                seq.constraint.accept(token)
             events.append((seq, seq.accept(token, self.max_seq - 1 - seq.position)))
         for seq in [s for s in self.active if s.finished]:
             self.release(seq)
@@ -302,16 +329,18 @@ class Engine:
 
     # ------------------------------------------------------------------------------------------ conveniences
 
-    def generate(self, prompts: list[list[int]], params: SamplingParams | list[SamplingParams]) -> list[Completion]:
+    def generate(self, prompts: list[list[int]], params: SamplingParams | list[SamplingParams],
+                 constraints: list[Constraint | None] | None = None) -> list[Completion]:
         """Generate for every prompt, up to `max_batch` at a time; results in prompt order."""
         all_params = params if isinstance(params, list) else [params] * len(prompts)
-        waiting = list(enumerate(zip(prompts, all_params, strict=True)))
+        all_constraints = constraints if constraints is not None else [None] * len(prompts)
+        waiting = list(enumerate(zip(prompts, all_params, all_constraints, strict=True)))
         results: dict[int, Completion] = {}
         index_of: dict[int, int] = {}
         while waiting or self.active:
             while waiting and len(self.active) < self.max_batch:
-                i, (prompt, p) = waiting.pop(0)
-                index_of[id(self.add(prompt, p))] = i
+                i, (prompt, p, c) = waiting.pop(0)
+                index_of[id(self.add(prompt, p, c))] = i
             for seq, _ in self.step():
                 if seq.finished:
                     results[index_of.pop(id(seq))] = seq.completion()

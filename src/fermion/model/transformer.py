@@ -171,20 +171,31 @@ class Transformer(nn.Module):
         Packed sequences pass `positions` (each document's own 0, 1, 2, ...) and `segments` (a document id per
         token): every document then sees only itself, exactly as if it were run alone.
         """
+        x, aux_loss = self.hidden(idx, positions, segments)
+        return self.logits(x), aux_loss
+
+    def hidden(self, idx: torch.Tensor, positions: torch.Tensor | None = None, segments: torch.Tensor | None = None,
+               mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """The final normalised hidden states [B, T, d_model] (and the MoE auxiliary loss), before the output
+        layer: for callers that need logits at a few positions only. An explicit boolean `mask` [B, 1, T, T]
+        (with `positions`) lets a caller lay out any attention pattern, such as several continuations sharing one
+        context in a row."""
         T = idx.shape[1]
-        if T > self.cfg.context_length:
-            raise ValueError(f"sequence of {T} tokens exceeds the context length {self.cfg.context_length}")
+        longest = T if positions is None else int(positions.max()) + 1
+        if longest > self.cfg.context_length:
+            raise ValueError(f"sequence of {longest} tokens exceeds the context length {self.cfg.context_length}")
         if positions is None:
             cos, sin = self.rope_cos[:T], self.rope_sin[:T]
         else:
             cos, sin = self.rope_cos[positions].unsqueeze(1), self.rope_sin[positions].unsqueeze(1)
-        mask = None if segments is None else document_mask(segments, self.cfg.sliding_window)
+        if mask is None and segments is not None:
+            mask = document_mask(segments, self.cfg.sliding_window)
         x = self.tok_emb(idx)
         aux_loss = torch.zeros((), device=idx.device)
         for block in self.blocks:
             x, block_aux = block(x, cos, sin, mask)
             aux_loss = aux_loss + block_aux
-        return self.logits(self.norm(x)), aux_loss
+        return self.norm(x), aux_loss
 
     def logits(self, x: torch.Tensor) -> torch.Tensor:
         """Final hidden states -> logits. A quantizer may install `lm_head` even when embeddings are tied."""

@@ -25,7 +25,6 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -35,6 +34,7 @@ from rich.console import Console
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from fermion.atomic import replaced_file
 from fermion.chat.conversations import Pair, Skipped, to_pair
 from fermion.chat.templates import ChatTemplate, TemplateError
 from fermion.config import Recipe
@@ -270,10 +270,9 @@ def cached_reference(stage: Stage, model: torch.nn.Module, train: list[TokenPair
     scores = [reference_logps(model, pairs, train_cfg.micro_batch_size, stage.tokenizer.pad_id, stage.recipe.seq_len,
                               precision, info) for pairs in (train, val)]
     if info.is_main:
-        tmp = cache.with_name(f".{cache.name}.tmp-{os.getpid()}")
-        save_file({"train": torch.from_numpy(scores[0]), "val": torch.from_numpy(scores[1])}, tmp,
-                  metadata={"key": key})
-        os.replace(tmp, cache)
+        with replaced_file(cache) as tmp:
+            save_file({"train": torch.from_numpy(scores[0]), "val": torch.from_numpy(scores[1])}, tmp,
+                      metadata={"key": key})
     return scores[0], scores[1]
 
 

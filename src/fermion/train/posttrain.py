@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import random
 from collections import Counter
 from collections.abc import Callable, Iterator
@@ -20,6 +19,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
+from fermion.atomic import replaced_file
 from fermion.chat.conversations import Skipped
 from fermion.chat.templates import ChatTemplate
 from fermion.config import Recipe, RecipeError, SourceConfig
@@ -129,9 +129,8 @@ class Report:
         directory.mkdir(parents=True, exist_ok=True)
         data = {"stage": self.stage, "records_read": self.read, "records_used": self.used,
                 "truncated": self.truncated, "skipped": dict(self.skipped), "first_skipped": self.first, **self.extra}
-        tmp = directory / f".report.json.tmp-{os.getpid()}"
-        tmp.write_text(json.dumps(data, indent=2) + "\n")
-        os.replace(tmp, directory / "report.json")
+        with replaced_file(directory / "report.json") as tmp:
+            tmp.write_text(json.dumps(data, indent=2) + "\n")
 
 
 def read_examples(sources: list[SourceConfig], convert: Callable[[dict, str, str], object], report: Report,

@@ -15,7 +15,9 @@ from pathlib import Path
 import torch
 from rich.console import Console
 
+from fermion.chat.templates import ChatTemplate
 from fermion.config import Recipe
+from fermion.data.tokenizer import Tokenizer
 from fermion.model.counting import count
 from fermion.train import checkpoint
 from fermion.train.distributed import DistInfo, all_reduce, can_compile, resolve_precision, wrap
@@ -274,9 +276,42 @@ class Trainer:
                         if logger is not None:
                             logger.log({"step": self.step, **last_eval})
                         self._say(f"step {self.step:,}: {self.objective.describe(last_eval)}")
+                every = self.recipe.eval.every
+                if every and (self.step % every == 0 or self.step == self.cfg.steps):
+                    self._benchmark(logger)
                 if self.step % self.cfg.checkpoint_every == 0 or self.step == self.cfg.steps:
                     path = self.save()
         return TrainResult("complete", self.step, path, last_eval)
+
+    def _benchmark(self, logger: MetricsLogger | None) -> None:
+        """The recipe's eval tasks on the model being trained, on the main process; the scores go to the metrics
+        log and <run>/eval/step_N. Other processes wait for it at the next step's gradient sync."""
+        if not self.info.is_main:
+            return
+        if self.sharded:
+            self._warn("eval.every is skipped under FSDP (the weights are sharded); evaluate the checkpoints with "
+                       "`fermion eval`")
+            return
+        from fermion.eval import lm as eval_lm
+        from fermion.eval import runner
+        from fermion.eval.results import TaskOptions, write
+
+        cfg = self.recipe.eval
+        model = eval_lm.EvalModel(self.raw_model, Tokenizer.load(self.tokenizer_path),
+                                  template=ChatTemplate.get(self.recipe.tokenizer.chat_template),
+                                  chat=eval_lm.is_post_trained(self.recipe), recipe=self.recipe)
+        options = TaskOptions(data_dir=cfg.resolved_data_dir(), limit=cfg.limit, shots=cfg.shots,
+                              seed=self.recipe.run.seed)
+        try:
+            results = runner.run(model, runner.task_names(cfg.tasks), options)
+        finally:
+            self.raw_model.train()
+        scores = {f"eval/{r.task}/{m.name}": m.value for r in results for m in r.metrics}
+        if logger is not None:
+            logger.log({"step": self.step, **scores})
+        write(results, self.run_dir / "eval" / f"step_{self.step:08d}", model=f"{self.run_dir} step {self.step}")
+        self._say(f"step {self.step:,}: " + " · ".join(f"{r.task} {r.metrics[0].name} {r.metrics[0].value:.4f}"
+                                                        for r in results))
 
     def _step_record(self, loss: float, grad_norm: float, seconds: float) -> dict:
         tokens_per_s = self.tokens_per_step / seconds
