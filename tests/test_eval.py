@@ -43,6 +43,7 @@ def test_shared_context_scoring_equals_one_row_per_request(shakespeare_tokenizer
         for (context, continuation), result in zip(requests, got, strict=True):
             assert result.logprob == pytest.approx(naive_logprob(lm, context, continuation), abs=1e-4)
     assert got[1].tokens == 1 and got[1].chars == 3
+    assert [r.cut for r in got] == [False] * 6 + [True]
 
 
 def test_encode_pair_moves_trailing_whitespace_like_lm_eval(shakespeare_tokenizer):
@@ -68,7 +69,7 @@ def test_benchmark_files_read_whole(task, count):
 @needs_data
 def test_prompts_are_lm_evals():
     hellaswag = multiple_choice.load_hellaswag(EVAL_DATA)[0]
-    assert hellaswag.text == "Roof shingle removal: A man is sitting on a roof. he"
+    assert hellaswag.text == "Roof shingle removal: A man is sitting on a roof. He"  # ctx_b capitalised
     assert hellaswag.gold == 3 and hellaswag.choices[3] == "starts pulling up roofing on a roof."
     arc = multiple_choice.BENCHMARKS["arc_easy"].load(EVAL_DATA)[0]
     assert arc.text == "Question: Which technology was developed most recently?\nAnswer:"
@@ -76,6 +77,8 @@ def test_prompts_are_lm_evals():
     mmlu = multiple_choice.load_mmlu(EVAL_DATA)[0]
     assert mmlu.description == "The following are multiple choice questions (with answers) about abstract algebra.\n\n"
     assert mmlu.text.endswith("\nC. 2\nD. 3\nAnswer:") and mmlu.choices == ["A", "B", "C", "D"]
+    assert multiple_choice.split_context("She bends down. the lady") == ("She bends down.", "the lady")
+    assert multiple_choice.split_context("Mix the flour. Add eggs.") == ("Mix the flour. Add eggs.", "")
     assert multiple_choice.hellaswag_clean("A man [title] Fix it. [step] Then  go") == "A man. Fix it. Then go"
 
 

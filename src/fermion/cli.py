@@ -277,7 +277,6 @@ def eval_cmd(
             from fermion.eval import smoke
 
             console.print(smoke.table(result))
-            console.print(f"  smoke: {smoke.summary(result)}")
 
     results = run_guarded(lambda: runner.run(model, names, options, on_result=report))
     table = Table("task", "metric", "value", "± stderr", "shots", "n")

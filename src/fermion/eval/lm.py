@@ -31,6 +31,7 @@ class LogLikelihood:
     greedy: bool  # every continuation token is the model's argmax
     tokens: int  # continuation tokens
     chars: int  # continuation characters (for per-byte normalisation)
+    cut: bool = False  # the continuation alone was longer than the window: only its last tokens were scored
 
 
 class EvalModel:
@@ -76,9 +77,12 @@ class EvalModel:
         of one per choice; single-token choices (MMLU's " A".." D") add nothing to the row at all.
         """
         groups: dict[tuple[int, ...], list[tuple[int, list[int]]]] = {}
+        cut = [False] * len(requests)
         for i, (context, continuation) in enumerate(requests):
-            ctx, cont = self._fit(*self.encode_pair(context, continuation))
+            full_ctx, full_cont = self.encode_pair(context, continuation)
+            ctx, cont = self._fit(full_ctx, full_cont)
             groups.setdefault(tuple(ctx), []).append((i, cont))
+            cut[i] = len(cont) < len(full_cont)
         rows = sorted(groups.items(), key=lambda g: -_row_length(g[0], g[1]))
         results: list[LogLikelihood | None] = [None] * len(requests)
         start = 0
@@ -86,7 +90,7 @@ class EvalModel:
             longest = _row_length(*rows[start])
             size = max(1, min(self._max_batch * 4, self.batch_tokens // longest))
             for i, cont, (logprob, greedy) in self._score(rows[start:start + size]):
-                results[i] = LogLikelihood(logprob, greedy, len(cont), len(requests[i][1]))
+                results[i] = LogLikelihood(logprob, greedy, len(cont), len(requests[i][1]), cut[i])
             start += size
         return results  # type: ignore[return-value]
 

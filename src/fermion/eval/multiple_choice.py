@@ -69,7 +69,9 @@ def evaluate(lm: EvalModel, bench: Benchmark, options: TaskOptions) -> TaskResul
         acc.append(float(pick == q.gold))
         acc_norm.append(float(pick_norm == q.gold))
         samples.append({"id": q.id, "gold": q.gold, "pick": pick, "pick_norm": pick_norm,
-                        "logprobs": [round(x, 4) for x in logprobs]})
+                        "logprobs": [round(x, 4) for x in logprobs],
+                        # choices longer than the window, scored on their last tokens (lm-eval refuses these)
+                        "cut_choices": sum(ll.cut for ll in lls)})
     return TaskResult(bench.name, [mean_metric("acc", acc), mean_metric("acc_norm", acc_norm)], len(questions), shots,
                       samples)
 
@@ -147,11 +149,18 @@ def hellaswag_clean(text: str) -> str:
 
 def hellaswag_record(record: dict, where: str) -> Question:
     """A Hugging Face / original-jsonl record (activity_label, ctx_a, ctx_b, endings, label)."""
-    context = field(record, "ctx_a", where) + " " + field(record, "ctx_b", where).capitalize()
+    context = (field(record, "ctx_a", where) + " " + field(record, "ctx_b", where).capitalize())
     endings = field(record, "endings", where)
     return Question(str(record.get("ind", where)), hellaswag_clean(field(record, "activity_label", where) + ": "
                                                                     + context),
                     [hellaswag_clean(e) for e in endings], _label(record, "label", len(endings), where))
+
+
+def split_context(context: str) -> tuple[str, str]:
+    """The text format joins ctx_a and ctx_b; ctx_b is the unfinished sentence at the end, which starts in lower
+    case ("A man is sitting on a roof. he"). Splitting it off again lets it be capitalised as lm-eval does."""
+    match = re.search(r"^(.*[.!?]) ([a-z][^.!?]*)$", context)
+    return (match.group(1), match.group(2)) if match else (context, "")
 
 
 def hellaswag_text(path: Path) -> list[Question]:
@@ -167,8 +176,11 @@ def hellaswag_text(path: Path) -> list[Question]:
         label = lines[start + 1].strip()
         if label not in {"0", "1", "2", "3"}:
             raise DataError(f"{where}: the label line must be 0, 1, 2 or 3, got {label!r}")
-        out.append(Question(f"{path.name}:{start // 6}", hellaswag_clean(lines[start]),
-                            [hellaswag_clean(e) for e in lines[start + 2:start + 6]], int(label)))
+        activity, _, context = lines[start].partition(": ")
+        ctx_a, ctx_b = split_context(context)
+        record = {"ind": f"{path.name}:{start // 6}", "activity_label": activity, "ctx_a": ctx_a, "ctx_b": ctx_b,
+                  "endings": lines[start + 2:start + 6], "label": label}
+        out.append(hellaswag_record(record, where))
     return out
 
 
