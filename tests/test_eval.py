@@ -281,3 +281,21 @@ def test_training_runs_the_recipe_benchmarks_at_intervals(tmp_path):
     evals = [r for r in records if "eval/arc_easy/acc" in r]
     assert [r["step"] for r in evals] == [5, 10]
     assert Path(run_dir / "eval" / "step_00000010" / "results.json").is_file()
+
+
+def test_missing_local_files_fall_back_to_the_hub_with_a_clear_error(tmp_path, monkeypatch):
+    import datasets
+
+    def offline(*args, **kwargs):
+        raise ConnectionError("no network")
+
+    monkeypatch.setattr(datasets, "load_dataset", offline)
+    with pytest.raises(DataError, match=r"no local data under .*arc, and source 'arc': cannot load dataset "
+                                        r"'allenai/ai2_arc' \(ARC-Easy\) split 'test'.*no network"):
+        multiple_choice.BENCHMARKS["arc_easy"].load(tmp_path)
+    saved = tmp_path / "saved"  # a dataset folder stands in for the Hub: the same reading code after loading
+    datasets.Dataset.from_list([{"id": "q1", "question": "Why?", "answerKey": "A",
+                                 "choices": {"text": ["because", "no"], "label": ["A", "B"]}}]).save_to_disk(saved)
+    (question,) = [multiple_choice.arc_record(r, w) for w, r in multiple_choice.from_hub(tmp_path, str(saved), None,
+                                                                                         "train")]
+    assert question.choices == ["because", "no"] and question.gold == 0

@@ -111,6 +111,7 @@ class SourceConfig(Section):
     paths: list[str] = Field(default_factory=list)  # files or globs: .txt, .jsonl, .jsonl.gz (.json for SFT/DPO)
     builtin: Literal["python-stdlib"] | None = None  # text every machine with Python has
     dataset: str | None = None  # a Hugging Face dataset name (or local dataset folder), read with `datasets`
+    subset: str | None = None  # the dataset's configuration ("name" in datasets.load_dataset), e.g. ARC-Easy
     split: str = "train"  # the dataset's split
     # SFT/DPO record layout; auto recognises messages, alpaca, dolly, prompt/completion, prompt/chosen/rejected, HH.
     format: Literal["auto", "messages", "alpaca", "dolly", "prompt_completion", "preference", "hh"] = "auto"

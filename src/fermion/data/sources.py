@@ -56,13 +56,15 @@ def iter_records(source: SourceConfig) -> Iterator[tuple[str, dict]]:
     """(where, record) for each JSON object of a source: jsonl lines, a .json file's array, or a Hugging Face
     dataset's rows. `where` ("file:line", "file[index]", "dataset[split]#row") is what error messages cite."""
     files = expand_paths(source, RECORD_SUFFIXES)
-    records = itertools.chain.from_iterable(_file_records(path) for path in files)
+    records = itertools.chain.from_iterable(file_records(path) for path in files)
     if source.dataset is not None:
         records = itertools.chain(records, _dataset_records(source))
     return itertools.islice(records, source.max_documents)
 
 
-def _file_records(path: str) -> Iterator[tuple[str, dict]]:
+def file_records(path: str | os.PathLike) -> Iterator[tuple[str, dict]]:
+    """(where, record) for each object of one .jsonl / .jsonl.gz file (or a .json file's array)."""
+    path = str(path)
     if path.endswith(".json"):
         try:
             with open(path, "rb") as f:
@@ -108,9 +110,10 @@ def _dataset_records(source: SourceConfig) -> Iterator[tuple[str, dict]]:
             if isinstance(table, datasets.DatasetDict):
                 table = table[source.split]
         else:
-            table = datasets.load_dataset(source.dataset, split=source.split)
+            table = datasets.load_dataset(source.dataset, source.subset, split=source.split)
     except Exception as err:  # datasets raises many unrelated types (network, missing split, bad files)
-        raise DataError(f"source {source.name!r}: cannot load dataset {source.dataset!r} split {source.split!r} "
+        raise DataError(f"source {source.name!r}: cannot load dataset {source.dataset!r}"
+                        f"{f' ({source.subset})' if source.subset else ''} split {source.split!r} "
                         f"({type(err).__name__}: {err})") from None
     for index, row in enumerate(table):
         yield f"{source.dataset}[{source.split}]#{index}", dict(row)
@@ -167,7 +170,7 @@ def _split_stream(chunks: Iterable[str], separator: str) -> Iterator[str]:
 
 
 def _jsonl_documents(path: str, field: str) -> Iterator[str]:
-    for where, record in _file_records(path):
+    for where, record in file_records(path):
         yield _record_text(record, field, where)
 
 

@@ -20,9 +20,9 @@ import random
 import re
 from pathlib import Path
 
-from fermion.data.sources import DataError
+from fermion.data.sources import DataError, file_records
 from fermion.eval.lm import EvalModel, Prompt
-from fermion.eval.multiple_choice import field, first_existing, read_jsonl
+from fermion.eval.multiple_choice import field, first_existing, from_hub
 from fermion.eval.results import TaskOptions, TaskResult, mean_metric
 from fermion.infer.engine import SamplingParams
 
@@ -65,17 +65,21 @@ def few_shot_prompt(lm: EvalModel, shots: list[tuple[str, str]], question: str, 
     return "".join(f"{prefix}{q} {a}\n\n" for q, a in shots) + prefix + question
 
 
+def _problems(records) -> list[tuple[str, str, str]]:
+    return [(w, field(r, "question", w), field(r, "answer", w)) for w, r in records]
+
+
 def gsm8k(lm: EvalModel, options: TaskOptions) -> TaskResult:
     folder = options.data_dir / "gsm8k"
-    test = first_existing(folder, ["test.jsonl"])
-    train = first_existing(folder, ["train.jsonl"])
-    if train is None:
-        raise DataError(f"{folder}: no train.jsonl to draw the few-shot examples from")
-    pool = [(w, field(r, "question", w), field(r, "answer", w)) for w, r in read_jsonl(train)]
-    # Without a test split (as in ../shared/data) the training file is evaluated, each problem with shots other
-    # than itself.
-    problems = pool if test is None else [(w, field(r, "question", w), field(r, "answer", w))
-                                          for w, r in read_jsonl(test)]
+    train, test = first_existing(folder, ["train.jsonl"]), first_existing(folder, ["test.jsonl"])
+    if train is None:  # nothing local: the Hub's train split for the shots, its test split to evaluate
+        pool = _problems(from_hub(folder, "openai/gsm8k", "main", "train"))
+        problems = _problems(from_hub(folder, "openai/gsm8k", "main", "test"))
+    else:
+        # Without a test split (as in ../shared/data) the training file is evaluated, each problem with shots
+        # other than itself.
+        pool = _problems(file_records(train))
+        problems = pool if test is None else _problems(file_records(test))
     problems = problems[: options.limit] if options.limit is not None else problems
     k = 5 if options.shots is None else options.shots
     prompts = []

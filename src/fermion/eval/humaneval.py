@@ -70,9 +70,13 @@ class Execution:
 
 
 def load(path: str | Path, limit: int | None = None) -> list[Problem]:
-    """The problems of a HumanEval jsonl file (gzip-compressed when it ends in .gz), at most `limit` of them."""
+    """The problems of a HumanEval jsonl file (gzip-compressed when it ends in .gz), at most `limit` of them; when
+    the file is missing, the Hugging Face dataset openai/openai_humaneval."""
+    if Path(path).is_file():
+        source = SourceConfig(name="humaneval", paths=[glob.escape(str(path))], max_documents=limit)
+    else:
+        source = SourceConfig(name="humaneval", dataset="openai/openai_humaneval", split="test", max_documents=limit)
     names = [f.name for f in fields(Problem)]
-    source = SourceConfig(name="humaneval", paths=[glob.escape(str(path))], max_documents=limit)
     problems = []
     for where, record in iter_records(source):
         for name in names:

@@ -26,16 +26,16 @@ import inspect
 import itertools
 import json
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 from langdetect import DetectorFactory, detect
 from langdetect.lang_detect_exception import LangDetectException
 
-from fermion.data.sources import DataError
+from fermion.data.sources import DataError, file_records
 from fermion.eval.lm import EvalModel
-from fermion.eval.multiple_choice import field, read_jsonl
+from fermion.eval.multiple_choice import field, from_hub
 from fermion.eval.results import Metric, TaskOptions, TaskResult, mean_metric
 from fermion.infer.engine import SamplingParams
 
@@ -306,7 +306,11 @@ def load(path: str | Path, limit: int | None = None) -> list[Prompt]:
     if not path.is_file():
         raise DataError(f"{path}: not found; IFEval's prompts are input_data.jsonl (fields key, prompt, "
                         "instruction_id_list, kwargs), one JSON object a line")
-    return [_prompt(record, where) for where, record in itertools.islice(read_jsonl(path), limit)]
+    return from_records(file_records(path), limit)
+
+
+def from_records(records: Iterator[tuple[str, dict]], limit: int | None = None) -> list[Prompt]:
+    return [_prompt(record, where) for where, record in itertools.islice(records, limit)]
 
 
 def _prompt(record: dict, where: str) -> Prompt:
@@ -370,7 +374,9 @@ def _sample(prompt: Prompt, response: str) -> dict:
 
 def run(lm: EvalModel, options: TaskOptions) -> TaskResult:
     """Zero-shot: each prompt as the model's user turn, answered greedily."""
-    prompts = load(options.data_dir / "ifeval" / "input_data.jsonl", options.limit)
+    path = options.data_dir / "ifeval" / "input_data.jsonl"
+    prompts = (load(path, options.limit) if path.is_file()
+               else from_records(from_hub(path.parent, "google/IFEval", None, "train"), options.limit))
     params = SamplingParams(max_new_tokens=options.max_new_tokens or 512, temperature=0.0)
     completions = lm.generate([lm.as_chat(prompt.prompt) for prompt in prompts], params)
     metrics, samples = score(prompts, [completion.text for completion in completions])

@@ -22,14 +22,14 @@ missing, from the Hugging Face dataset of the same benchmark (needs network acce
 from __future__ import annotations
 
 import csv
-import json
 import random
 import re
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from fermion.data.sources import DataError
+from fermion.config import SourceConfig
+from fermion.data.sources import DataError, file_records, iter_records
 from fermion.eval.lm import EvalModel
 from fermion.eval.results import TaskOptions, TaskResult, mean_metric
 
@@ -94,22 +94,6 @@ def _argmax(values: list[float]) -> int:
 # ------------------------------------------------------------------------------------------------------ reading
 
 
-def read_jsonl(path: Path) -> Iterator[tuple[str, dict]]:
-    """(where, record) for each line of a jsonl file; a bad line is a DataError naming it."""
-    with open(path, encoding="utf-8") as f:
-        for number, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise DataError(f"{path}:{number}: not valid JSON ({err.msg}); each line must be one JSON object") \
-                    from None
-            if not isinstance(record, dict):
-                raise DataError(f"{path}:{number}: expected a JSON object, got {type(record).__name__}")
-            yield f"{path}:{number}", record
-
-
 def field(record: dict, name: str, where: str):
     if name not in record:
         raise DataError(f"{where}: missing field {name!r} (fields present: {', '.join(record) or 'none'})")
@@ -124,17 +108,12 @@ def first_existing(folder: Path, names: list[str]) -> Path | None:
     return None
 
 
-def from_hub(path_hint: Path, name: str, config: str | None, split: str) -> Iterator[tuple[str, dict]]:
+def from_hub(path_hint: Path, name: str, subset: str | None, split: str) -> Iterator[tuple[str, dict]]:
     """Records of a Hugging Face dataset, used when the local file is missing."""
     try:
-        import datasets
-
-        rows = datasets.load_dataset(name, config, split=split)
-    except Exception as err:  # offline, unknown name, ...: one message that says both places were tried
-        raise DataError(f"no local data under {path_hint}, and the Hugging Face dataset {name}"
-                        f"{'/' + config if config else ''} ({split}) could not be loaded: {err}") from None
-    for i, row in enumerate(rows):
-        yield f"{name}[{split}][{i}]", dict(row)
+        yield from iter_records(SourceConfig(name=path_hint.name, dataset=name, subset=subset, split=split))
+    except DataError as err:
+        raise DataError(f"no local data under {path_hint}, and {err}") from None
 
 
 # ---------------------------------------------------------------------------------------------------- HellaSwag
@@ -191,7 +170,7 @@ def load_hellaswag(data_dir: Path) -> list[Question]:
         return [hellaswag_record(r, w) for w, r in from_hub(folder, "Rowan/hellaswag", None, "validation")]
     if path.suffix == ".txt":
         return hellaswag_text(path)
-    return [hellaswag_record(r, w) for w, r in read_jsonl(path)]
+    return [hellaswag_record(r, w) for w, r in file_records(path)]
 
 
 # ---------------------------------------------------------------------------------------------------------- ARC
@@ -221,7 +200,7 @@ def arc_loader(level: str, split: str) -> Callable[[Path], list[Question]]:
         if path is None:
             hub_split = {"Train": "train", "Test": "test"}[split if split == "Train" else "Test"]
             return [arc_record(r, w) for w, r in from_hub(folder, "allenai/ai2_arc", f"ARC-{level}", hub_split)]
-        return [arc_record(r, w) for w, r in read_jsonl(path)]
+        return [arc_record(r, w) for w, r in file_records(path)]
     return load
 
 
@@ -242,7 +221,7 @@ def load_piqa(data_dir: Path) -> list[Question]:
     path = first_existing(folder, ["valid*.jsonl", "*.jsonl"])
     if path is None:
         return [piqa_record(r, w) for w, r in from_hub(folder, "ybisk/piqa", None, "validation")]
-    records = list(read_jsonl(path))
+    records = list(file_records(path))
     labels_path = first_existing(folder, [path.name.replace(".jsonl", ".lst").replace("valid", "valid-labels"),
                                           "*labels*.lst"])
     if labels_path is None:
