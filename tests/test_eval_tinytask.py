@@ -10,6 +10,7 @@ from fermion.chat.conversations import to_messages
 from fermion.chat.templates import ChatTemplate
 from fermion.config import SourceConfig
 from fermion.data.sources import iter_records
+from fermion.data.synthetic import write_jsonl
 from fermion.eval import tinytask
 from fermion.eval.lm import EvalModel
 from fermion.eval.results import TaskOptions
@@ -68,7 +69,7 @@ def test_scores_broken_wrong_and_fenced_answers():
 
 
 def test_sft_records_train_through_the_chat_template(tmp_path, shakespeare_tokenizer):
-    path = tinytask.write_sft(tmp_path / "tinytask.jsonl", n=20, seed=3)
+    path = write_jsonl(tmp_path / "tinytask.jsonl", tinytask.sft_records(20, seed=3))
     records = list(iter_records(SourceConfig(name="tinytask", paths=[str(path)])))
     assert len(records) == 20
     template = ChatTemplate.get("chatml")

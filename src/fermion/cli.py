@@ -290,6 +290,34 @@ def eval_cmd(
     console.print(f"results: {path} and {path.with_suffix('.md')}")
 
 
+SYNTH_KINDS = {"tinytask": "tool-calling SFT conversations for the tinytask eval",
+               "arithmetic": "arithmetic questions and answers (SFT)",
+               "arithmetic-pairs": "arithmetic questions with a right and a plausible wrong answer (DPO)"}
+
+
+@app.command()
+def synth(
+    kind: Annotated[str, typer.Argument(help="; ".join(f"{k}: {v}" for k, v in SYNTH_KINDS.items()))],
+    out: Annotated[Path, typer.Argument(help="The .jsonl file to write (.jsonl.gz compresses it).")],
+    n: Annotated[int, typer.Option(min=1, help="Records to write.")] = 2000,
+    seed: int = 0,
+) -> None:
+    """Write generated training data for `sft.sources` / `dpo.sources` (the same seed gives the same file)."""
+    from fermion.data import synthetic
+
+    if kind == "tinytask":
+        from fermion.eval import tinytask
+
+        records = tinytask.sft_records(n, seed)
+    elif kind == "arithmetic":
+        records = synthetic.arithmetic_examples(n, seed)
+    elif kind == "arithmetic-pairs":
+        records = synthetic.arithmetic_preferences(n, seed)
+    else:
+        fail(f"unknown kind {kind!r}; one of {', '.join(SYNTH_KINDS)}")
+    console.print(f"{n:,} {kind} records -> {synthetic.write_jsonl(out, records)}")
+
+
 @app.command("export")
 def export_cmd(
     run: ModelArg,

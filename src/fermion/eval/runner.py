@@ -47,7 +47,7 @@ def _task(name: str) -> Callable[[EvalModel, TaskOptions], TaskResult]:
         from fermion.eval import tinytask
 
         constrained = name == "tinytask_constrained"
-        return lambda lm, options: _renamed(tinytask.run(lm, options, constrained=constrained), name)
+        return lambda lm, options: tinytask.run(lm, options, constrained=constrained)
     if name == "smoke":
         from fermion.eval import smoke
 
@@ -60,11 +60,6 @@ def _task(name: str) -> Callable[[EvalModel, TaskOptions], TaskResult]:
                                               options.limit)
     raise TaskError(f"unknown task {name!r}; tasks: {', '.join(MULTIPLE_CHOICE + GENERATIVE)}, perplexity=PATH, "
                     f"or a group: {', '.join(GROUPS)}")
-
-
-def _renamed(result: TaskResult, name: str) -> TaskResult:
-    result.task = name
-    return result
 
 
 def task_names(spec: str | list[str]) -> list[str]:

@@ -2,8 +2,9 @@
 
 Each problem is a request in plain English (booking a flight or a hotel, an arithmetic question, a unit conversion)
 and the tools on offer; the answer is one JSON object `{"name": <tool>, "arguments": {...}}`. Values come from small
-fixed lists (a dozen cities, four cabins, fourteen units, whole numbers), phrased several ways, so what a model has
-to learn is the mapping from phrasing to call rather than world knowledge.
+fixed lists (a dozen cities, four cabins, fourteen units, whole numbers up to 30, dates in 2025-2026), phrased
+several ways, so what a model has to learn is the mapping from phrasing to call rather than world knowledge. The
+tools' schemas accept more than the requests use (operands up to 9999), as a real calculator's would.
 
 The prompt describes each tool by a one-line signature (`book_hotel(city: city, check_in: YYYY-MM-DD, ...)`), which
 a model with a context of a few hundred tokens can afford; scoring uses the tools' full JSON Schemas (required
@@ -25,13 +26,10 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import random
 import re
 from dataclasses import dataclass
-from pathlib import Path
 
-from fermion.atomic import replaced_file
 from fermion.eval.lm import EvalModel, Prompt
 from fermion.eval.results import TaskOptions, TaskResult, mean_metric
 from fermion.infer.constrain import SEPARATORS
@@ -41,6 +39,7 @@ TASK = "tinytask"
 DEFAULT_PROBLEMS = 200
 MAX_NEW_TOKENS = 96
 EVAL_SHARE = 5  # one call in EVAL_SHARE (by hash) is for evaluation only, the others for training only
+MAX_MISSES = 10_000
 
 SYSTEM = 'Call one of the tools. Reply with JSON only: {"name": tool, "arguments": {...}}.'
 BASE_CUE = "\nCall:\n"  # ends a base model's plain prompt, so that its continuation is the call
@@ -61,6 +60,7 @@ MONTHS = ("January", "February", "March", "April", "May", "June", "July", "Augus
           "November", "December")
 NUMBER_WORDS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine", "ten", "eleven",
                 "twelve", "thirteen", "fourteen")
+NUMBERS = range(1, 31)  # the operands and quantities requests use
 DATE_PATTERN = r"^20[0-9]{2}-(0[1-9]|1[0-2])-(0[1-9]|[12][0-9]|3[01])$"
 
 
@@ -125,6 +125,10 @@ def _count(n: int, rng: random.Random, nouns: tuple[str, str]) -> str:
     return f"{number} {nouns[0] if n == 1 else nouns[1]}"
 
 
+def _plural(unit: str) -> str:
+    return PLURALS.get(unit, unit + "s")
+
+
 def _people(n: int, rng: random.Random, *nouns: tuple[str, str]) -> str:
     return _count(n, rng, rng.choice(nouns))
 
@@ -186,16 +190,15 @@ def _hotel(rng: random.Random) -> tuple[str, dict]:
 
 
 def _calculate(rng: random.Random) -> tuple[str, dict]:
-    operation, a, b = rng.choice(OPERATIONS), rng.randint(1, 999), rng.randint(1, 999)
+    operation, a, b = rng.choice(OPERATIONS), rng.choice(NUMBERS), rng.choice(NUMBERS)
     return rng.choice(CALCULATE_REQUESTS[operation]).format(a=a, b=b), {"operation": operation, "a": a, "b": b}
 
 
 def _convert(rng: random.Random) -> tuple[str, dict]:
     source, target = rng.sample(UNITS[rng.choice(list(UNITS))], 2)
-    value = rng.randint(1, 1000)
-    plural = lambda unit: PLURALS.get(unit, unit + "s")
-    text = rng.choice(CONVERT_REQUESTS).format(value=value, source=source if value == 1 else plural(source),
-                                               targets=plural(target))
+    value = rng.choice(NUMBERS)
+    text = rng.choice(CONVERT_REQUESTS).format(value=value, source=source if value == 1 else _plural(source),
+                                               targets=_plural(target))
     return text, {"value": value, "from_unit": source, "to_unit": target}
 
 
@@ -225,18 +228,27 @@ def _for_evaluation(answer: dict) -> bool:
 
 
 def _draw(n: int, seed: int, stream: str) -> list[Problem]:
-    """n problems from one of the two streams, cycling through the tools; each stream keeps only its own calls."""
+    """n distinct problems from one of the two streams, cycling through the tools; each stream keeps only its own
+    calls."""
     rng = random.Random(f"{TASK}/{stream}/{seed}")
     names = list(REQUESTS)
-    out = []
+    out: list[Problem] = []
+    prompts: set[str] = set()
+    misses = 0  # draws in a row that were rejected: many means a tool has run out of new problems
     while len(out) < n:
         name = names[len(out) % len(names)]
         request, arguments = REQUESTS[name](rng)
         answer = {"name": name, "arguments": arguments}
-        if _for_evaluation(answer) != (stream == "eval"):
-            continue
         tools = [TOOLS[t] for t in rng.sample(FAMILY[name], len(FAMILY[name]))]
-        out.append(Problem(f"{stream}-{seed}-{len(out)}", request, tools, answer))
+        problem = Problem(f"{stream}-{seed}-{len(out)}", request, tools, answer)
+        if _for_evaluation(answer) != (stream == "eval") or user_text(problem) in prompts:
+            misses += 1
+            if misses > MAX_MISSES:
+                raise ValueError(f"{TASK} has fewer than {n} distinct {stream} problems ({len(out)} found)")
+            continue
+        misses = 0
+        prompts.add(user_text(problem))
+        out.append(problem)
     return out
 
 
@@ -263,15 +275,6 @@ def sft_records(n: int, seed: int = 0) -> list[dict]:
     """Training conversations in the evaluation's prompt format, from the training stream (no evaluated call)."""
     return [{"messages": [{"role": "system", "content": SYSTEM}, {"role": "user", "content": user_text(p)},
                           {"role": "assistant", "content": p.answer_text}]} for p in _draw(n, seed, "train")]
-
-
-def write_sft(path: str | os.PathLike, n: int, seed: int = 0) -> Path:
-    """`n` SFT records as JSON lines (the `messages` format `fermion sft` reads), written whole or not at all."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with replaced_file(path) as tmp:
-        tmp.write_text("".join(json.dumps(record) + "\n" for record in sft_records(n, seed)), encoding="utf-8")
-    return path
 
 
 # -------------------------------------------------------------------------------------------------------- scoring
