@@ -31,6 +31,8 @@ FIB_CODE = "    if n < 2:\n        return n\n    return fibonacci(n - 1) + fibon
     (CAT, "The stock market fell sharply on Monday as investors worried about rates.", "stop", False,
      "WEAK", "off topic"),
     (CAT, "Tom purred.", "stop", False, "WEAK", "too short"),
+    # A base model's continuation starts with the space after the prompt: that is not indented code.
+    (CAT, " The stock market fell sharply on Monday as investors worried.", "stop", False, "WEAK", "off topic"),
     (CAT, "Tom had a ball. Tom had a ball. Tom had a hat. Tom had a ball. Tom had a cup. Tom had a ball.",
      "length", False, "WEAK", "repetitive"),
     (CAT, "def cat(tom):\n    return tom\n", "stop", False, "WEAK", "code, not prose"),

@@ -47,9 +47,10 @@ MIN_NGRAMS, LOOP_DISTINCT, MILD_DISTINCT = 12, 0.35, 0.7
 # - fewer than 3 words is too short for anything but a factual answer;
 MIN_WORDS = 3
 # - an answer is code when at least half its non-empty lines look like code: a lead-in sentence or a markdown
-#   fence around a function does not change that, nor does "return" in a line of a story.
+#   fence around a function does not change that, nor does "return" in a line of a story. Indentation counts from
+#   two spaces: a base model's continuation starts with the one space that follows the prompt.
 CODE_LINES = 0.5
-CODE_LINE = re.compile(r"^(\s+\S|\s*(def|class|return|import)\b)|\w\(|\s=\s")
+CODE_LINE = re.compile(r"^(( {2,}|\t)\S|\s*(def|class|return|import)\b)|\w\(|\s=\s")
 
 
 @dataclass(frozen=True)
