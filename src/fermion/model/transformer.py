@@ -181,9 +181,10 @@ class Transformer(nn.Module):
         (with `positions`) lets a caller lay out any attention pattern, such as several continuations sharing one
         context in a row."""
         T = idx.shape[1]
-        longest = T if positions is None else int(positions.max()) + 1
-        if longest > self.cfg.context_length:
-            raise ValueError(f"sequence of {longest} tokens exceeds the context length {self.cfg.context_length}")
+        # With explicit positions a row may be longer than the context (several continuations sharing one prefix);
+        # the caller keeps each position inside it. (Checking positions.max() here would stop torch.compile.)
+        if positions is None and T > self.cfg.context_length:
+            raise ValueError(f"sequence of {T} tokens exceeds the context length {self.cfg.context_length}")
         if positions is None:
             cos, sin = self.rope_cos[:T], self.rope_sin[:T]
         else:
