@@ -79,6 +79,29 @@ def pretrain(recipe: RecipeArg, set_: SetOption = None, resume: ResumeOption = "
 
 
 @app.command()
+def prepare(
+    recipe: RecipeArg,
+    set_: SetOption = None,
+    inspect: Annotated[str | None, typer.Option(help="Print examples of what STEP (e.g. minhash, c4) removed in the "
+                                                     "finished preparation, instead of running it.")] = None,
+    strict: Annotated[bool, typer.Option(help="Fail on the first invalid record instead of counting it.")] = False,
+) -> None:
+    """Clean, filter and deduplicate data.sources with datatrove (data.prepare), then train the tokenizer and write
+    the shards from what was kept; prints and writes prepare_report.json."""
+    from fermion.train.pretrain import prepare as run_prepare
+
+    loaded = recipe_or_exit(recipe, set_)
+    if inspect is None:
+        run_guarded(lambda: run_prepare(loaded, strict=strict, console=console))
+        return
+    if loaded.data is None or loaded.data.prepare is None:
+        fail("--inspect needs a recipe with a data.prepare section")
+    from fermion.data.pipeline import inspect as show_removed
+
+    run_guarded(lambda: show_removed(loaded, inspect, console))
+
+
+@app.command()
 def sft(recipe: RecipeArg, set_: SetOption = None, resume: ResumeOption = "auto") -> None:
     """Supervised fine-tuning on the recipe's sft.sources, loss on assistant tokens only (into <run>/sft)."""
     from fermion.train.sft import sft as run_sft

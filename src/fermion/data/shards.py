@@ -496,6 +496,23 @@ class TokenLoader:
         self.position = int(state["position"])
         self._consumed = np.array([state["consumed"][name] for name in self._names], dtype=np.int64)
 
+    def passes(self, batches: int) -> dict[str, float]:
+        """How many times over its windows each source is drawn, on average, in the first `batches` batches."""
+        samples = batches * self.batch_size * self.world_size
+        shares = zip(self._names, self._probabilities, self._windows, strict=True)
+        return {name: float(share * samples / windows) for name, share, windows in shares}
+
+    def upsampling_notes(self, batches: int) -> list[str]:
+        """A line for each source that `batches` batches repeat: its weight asks for more tokens than it holds."""
+        total = batches * self.batch_size * self.world_size * self.seq_len
+        return [
+            f"upsampling: source '{name}' holds {windows * self.seq_len:,} tokens and is repeated {times:.1f} times "
+            f"over this run (weight share {share:.2f} of {total:,} tokens)"
+            for (name, times), share, windows in zip(self.passes(batches).items(), self._probabilities,
+                                                     self._windows, strict=True)
+            if times > 1
+        ]
+
     def _source_choices(self, start: int, stop: int) -> np.ndarray:
         """The usable-source number of each global sample in [start, stop)."""
         pieces = []

@@ -7,8 +7,8 @@ from pathlib import Path
 import torch
 from rich.console import Console
 
-from fermion.config import Recipe, RecipeError
-from fermion.data.shards import ShardSet, TokenLoader, check_tokenizer, val_batches, write_shards
+from fermion.config import DataConfig, Recipe, RecipeError
+from fermion.data.shards import ShardSet, TokenLoader, check_tokenizer, load_index, val_batches, write_shards
 from fermion.data.sources import interleave_documents
 from fermion.data.tokenizer import Tokenizer
 from fermion.model.transformer import Transformer
@@ -25,6 +25,16 @@ def shard_dir(recipe: Recipe) -> Path:
     return Path(recipe.data.shard_dir) if recipe.data.shard_dir else recipe.run_dir / "data"
 
 
+def training_data(recipe: Recipe) -> DataConfig:
+    """The sources the tokenizer and the shards are made from: data.sources as they are, or, with data.prepare,
+    what `fermion prepare` kept of them."""
+    if recipe.data.prepare is None:
+        return recipe.data
+    from fermion.data.pipeline import prepared_data  # datatrove is only imported by recipes that use it
+
+    return prepared_data(recipe)
+
+
 def require_data(recipe: Recipe) -> None:
     if recipe.data is None:
         raise RecipeError("the recipe has no 'data' section: add data.sources (paths or builtin: python-stdlib)")
@@ -36,7 +46,7 @@ def train_tokenizer(recipe: Recipe, console: Console, force: bool = False) -> Pa
     if recipe.tokenizer.path or (path.is_file() and not force):
         return path
     require_data(recipe)
-    texts = interleave_documents(recipe.data.sources)  # every source is represented within train_bytes
+    texts = interleave_documents(training_data(recipe).sources)  # every source is represented within train_bytes
     with console.status(f"training a {recipe.tokenizer.vocab_size:,}-token byte-level BPE tokenizer"):
         tokenizer = Tokenizer.train(texts, recipe.tokenizer)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -61,7 +71,31 @@ def prepare_shards(recipe: Recipe) -> None:
     out = shard_dir(recipe)
     if recipe.data.shard_dir and (out / "index.json").is_file():
         return
-    write_shards(recipe.data, Tokenizer.load(tokenizer_path(recipe)), out, recipe.run.seed)
+    write_shards(training_data(recipe), Tokenizer.load(tokenizer_path(recipe)), out, recipe.run.seed)
+
+
+def prepare(recipe: Recipe, strict: bool = False, console: Console | None = None) -> dict | None:
+    """`fermion prepare`: data.prepare's pipeline, then the tokenizer and the shards from what it kept. Returns the
+    pipeline's report; None without a data.prepare section or while Slurm jobs are still to finish."""
+    console = console or Console()
+    require_data(recipe)
+    if recipe.data.prepare is None:
+        console.print("the recipe has no data.prepare section: its sources are tokenized as they are")
+        train_tokenizer(recipe, console)
+        prepare_shards(recipe)
+        return None
+    from fermion.data import pipeline
+
+    report = pipeline.run(recipe, console, strict)
+    if report is None:
+        return None
+    # A tokenizer the report does not name was trained on other documents (an earlier recipe): train it anew.
+    path = tokenizer_path(recipe)
+    train_tokenizer(recipe, console, force=path.is_file() and Tokenizer.load(path).hash != report["tokenizer_hash"])
+    prepare_shards(recipe)
+    pipeline.add_tokens(pipeline.make_plan(recipe), report, load_index(shard_dir(recipe)))
+    console.print(pipeline.report_table(report))
+    return report
 
 
 def build_model(recipe: Recipe, device: torch.device, weights: dict | None = None) -> Transformer:
@@ -120,6 +154,9 @@ def pretrain(recipe: Recipe, resume: str = "auto", console: Console | None = Non
     check_tokenizer(train_shards.index, tokenizer, shard_dir(recipe))
     loader = TokenLoader(train_shards, recipe.seq_len, recipe.train.micro_batch_size, recipe.run.seed,
                          info.rank, info.world_size)
+    if info.is_main:
+        for note in loader.upsampling_notes(recipe.train.steps * recipe.train.grad_accum):
+            console.print(note)
     validation = val_batches(ShardSet(shard_dir(recipe), "val"), recipe.seq_len, recipe.train.micro_batch_size,
                              recipe.train.eval_batches)
     objective = Pretrain(torch.from_numpy(tokenizer.token_bytes()))
