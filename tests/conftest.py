@@ -1,5 +1,6 @@
 """Shared test helpers: tiny models with non-trivial weights, and a small tokenizer trained on real text."""
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -13,6 +14,9 @@ from fermion.model.transformer import Transformer
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO.parent / "shared" / "data"
+# The benchmarks evaluation and decontamination read by default (fermion's own default is ~/.cache/fermion/eval);
+# subprocesses inherit it.
+os.environ.setdefault("FERMION_EVAL_DATA", str(SHARED_DATA / "eval"))
 SHAKESPEARE = SHARED_DATA / "pretrain" / "tinyshakespeare" / "input.txt"
 TINY = dict(vocab_size=97, d_model=64, n_layers=2, n_heads=4, n_kv_heads=2, ffn_hidden=96, context_length=48,
             rope_theta=5000.0, tie_embeddings=False)

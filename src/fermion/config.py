@@ -167,13 +167,18 @@ class PerplexitySettings(Section):
         return self
 
 
+def eval_data_dir(configured: str | None) -> Path:
+    """The benchmark data folder (<benchmark>/<files>): as configured, else $FERMION_EVAL_DATA, else
+    ~/.cache/fermion/eval. Evaluation and decontamination read the same one."""
+    return Path(os.path.expanduser(configured or os.environ.get("FERMION_EVAL_DATA") or "~/.cache/fermion/eval"))
+
+
 class DecontaminationSettings(Section):
-    eval_dir: str | None = None  # default: $FERMION_EVAL_DATA, else ../shared/data/eval
+    eval_dir: str | None = None  # default: $FERMION_EVAL_DATA, else ~/.cache/fermion/eval
     n: int = Field(13, ge=1)  # documents sharing an n-word run with a benchmark prompt are dropped
 
     def resolved_eval_dir(self) -> Path:
-        return Path(os.path.expanduser(self.eval_dir or os.environ.get("FERMION_EVAL_DATA")
-                                       or os.path.join("..", "shared", "data", "eval")))
+        return eval_data_dir(self.eval_dir)
 
 
 class PrepareConfig(Section):
@@ -311,8 +316,7 @@ class EvalConfig(Section):
     every: int | None = Field(None, ge=1)  # run the tasks every N training steps (and at the end); None: never
 
     def resolved_data_dir(self) -> Path:
-        return Path(os.path.expanduser(self.data_dir or os.environ.get("FERMION_EVAL_DATA")
-                                       or "~/.cache/fermion/eval"))
+        return eval_data_dir(self.data_dir)
 
 
 class Recipe(Section):
