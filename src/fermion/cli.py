@@ -253,6 +253,36 @@ def generate(
                       f"finish: {engine.last.finish_reason if engine.last else '?'}[/]")
 
 
+@app.command()
+def chat(
+    run: ModelArg,
+    template: Annotated[str | None, typer.Option(help="chatml, alpaca, tagged or a .jinja file; default: the "
+                                                      "run's own template.")] = None,
+    system: Annotated[str | None, typer.Option(help="The system prompt to start with.")] = None,
+    temperature: Annotated[float, typer.Option(min=0.0, help="0 means greedy; /temp changes it.")] = 0.7,
+    top_p: Annotated[float, typer.Option(min=0.0, max=1.0)] = 0.95,
+    max_new_tokens: Annotated[int | None, typer.Option(min=1, help="Longest answer; default: a quarter of the "
+                                                                   "context, at most 512.")] = None,
+    seed: Annotated[int | None, typer.Option(help="Fix sampling for reproducible answers.")] = None,
+    quant: QuantOption = "none",
+    dtype: DtypeOption = "auto",
+    device: Annotated[str, typer.Option(help="cpu, cuda, ...")] = "cpu",
+) -> None:
+    """Talk to a model: a streaming multi-turn REPL with history and /commands (/help lists them)."""
+    from fermion.chat.templates import ChatTemplate
+    from fermion.infer.engine import SamplingParams
+    from fermion.infer.repl import ChatSession, run_repl
+
+    engine, recipe = load_engine(run, quant, device, dtype, max_batch=1)
+    chat_template = run_guarded(lambda: ChatTemplate.get(template or recipe.tokenizer.chat_template))
+    try:
+        params = SamplingParams(max_new_tokens=max_new_tokens or min(512, max(1, engine.max_seq // 4)),
+                                temperature=temperature, top_p=top_p, seed=seed)
+    except ValueError as err:
+        fail(str(err))
+    run_repl(ChatSession(engine, chat_template, params, system), console, interactive=sys.stdin.isatty())
+
+
 @app.command("eval")
 def eval_cmd(
     run: ModelArg,
