@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 CONSTRAINTS ?= constraints-cpu.txt
 PIP_CONSTRAINT_ARG := $(if $(CONSTRAINTS),-c $(CONSTRAINTS),)
 
-.PHONY: install demo test bench lint clean
+.PHONY: install browser demo test bench lint clean
 
 install: $(VENV)/.installed
 
@@ -15,10 +15,19 @@ $(VENV)/.installed: pyproject.toml $(CONSTRAINTS)
 	$(PY) -m pip install --quiet $(PIP_CONSTRAINT_ARG) -e ".[dev]"
 	touch $@
 
+# Debian's Chromium for the chat page's browser test (tests/test_serve_browser.py). Installed when this runs as
+# root with apt-get; elsewhere the test is skipped with a note (under CI=true it fails instead).
+browser:
+	@command -v chromium >/dev/null 2>&1 || { \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+	    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null 2>&1 || \
+	    { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; }; \
+	  else echo "note: no chromium and no root apt-get; the browser test will be skipped (apt install chromium)"; fi; }
+
 demo: install
 	$(VENV)/bin/fermion demo
 
-test: install
+test: install browser
 	$(PY) -m pytest -q
 
 bench: install

@@ -1,5 +1,6 @@
 """Shared test helpers: tiny models with non-trivial weights, and a small tokenizer trained on real text."""
 
+import contextlib
 import os
 import subprocess
 import sys
@@ -60,3 +61,32 @@ def tiny_run(tmp_path_factory) -> Path:
                      "--set", "train.steps=20", "--set", "train.checkpoint_every=20", "--set", "train.eval_every=20")
     assert result.returncode == 0, result.stderr
     return run_dir
+
+
+@contextlib.contextmanager
+def running_server(engine, config):
+    """`fermion serve`'s app on a free loopback port in a background thread; yields its base URL."""
+    import socket
+    import threading
+    import time
+
+    import uvicorn
+
+    from fermion.serve.app import create_app
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    server = uvicorn.Server(uvicorn.Config(create_app(engine, config), host="127.0.0.1", port=port,
+                                           log_level="warning", timeout_graceful_shutdown=2))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 30
+    while not server.started:
+        assert thread.is_alive() and time.monotonic() < deadline, "the server did not start"
+        time.sleep(0.02)
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.should_exit = True
+        thread.join(timeout=15)

@@ -134,13 +134,22 @@ def test_sampling_controls():
     penalised = sample(logits.clone(), SamplingParams(temperature=0.0, repetition_penalty=2.0),
                        torch.tensor([0]), torch.Generator())
     assert penalised == 1
+    greedy = lambda p, generated: sample(logits.clone(), p, torch.tensor([], dtype=torch.long),  # noqa: E731
+                                         torch.Generator(), generated)
+    # presence: 0.15 once for token 0 makes 2.85 < 2.9; frequency: 0.04 per occurrence takes three to drop below 1.
+    assert greedy(SamplingParams(temperature=0.0, presence_penalty=0.15), [0]) == 1
+    assert greedy(SamplingParams(temperature=0.0, presence_penalty=0.05), [0, 0, 0]) == 0
+    assert greedy(SamplingParams(temperature=0.0, frequency_penalty=0.04), [0, 0]) == 0
+    assert greedy(SamplingParams(temperature=0.0, frequency_penalty=0.04), [0, 0, 0, 4]) == 1
+    assert greedy(SamplingParams(temperature=0.0, presence_penalty=-2.0), [1]) == 1  # negative: encourages
     seeded = [sample(logits.clone(), SamplingParams(temperature=1.0), torch.tensor([], dtype=torch.long),
                      torch.Generator().manual_seed(3)) for _ in range(5)]
     assert len(set(seeded)) == 1
 
 
 @pytest.mark.parametrize("field, value", [("max_new_tokens", 0), ("temperature", -1.0), ("top_p", 0.0),
-                                          ("top_k", -2), ("min_p", 1.0), ("repetition_penalty", 0.0)])
+                                          ("top_k", -2), ("min_p", 1.0), ("repetition_penalty", 0.0),
+                                          ("presence_penalty", 2.5), ("frequency_penalty", -3.0)])
 def test_bad_sampling_parameters_name_the_field(field, value):
     with pytest.raises(ValueError, match=field):
         SamplingParams(**{field: value})

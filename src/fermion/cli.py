@@ -283,6 +283,53 @@ def chat(
     run_repl(ChatSession(engine, chat_template, params, system), console, interactive=sys.stdin.isatty())
 
 
+@app.command()
+def serve(
+    run: ModelArg,
+    host: Annotated[str, typer.Option(help="Address to listen on; the default answers this machine only. "
+                                           "0.0.0.0 opens it to the network (set --api-key then).")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(min=0, max=65535)] = 8000,
+    api_key: Annotated[str | None, typer.Option(envvar="FERMION_API_KEY", help="Require 'Authorization: Bearer "
+                                                                               "KEY' on /v1 (env FERMION_API_KEY).")]
+    = None,
+    model_name: Annotated[str | None, typer.Option(help="The model id clients send (default: the run's name).")]
+    = None,
+    template: Annotated[str | None, typer.Option(help="Chat template (default: the run's own).")] = None,
+    max_batch: Annotated[int, typer.Option(min=1, help="Sequences decoded together (engine slots).")] = 16,
+    max_waiting: Annotated[int, typer.Option(min=1, help="Requests that may wait for a slot before 429.")] = 256,
+    quant: QuantOption = "none",
+    dtype: DtypeOption = "auto",
+    device: Annotated[str, typer.Option(help="cpu, cuda, ...")] = "cpu",
+) -> None:
+    """Serve a model over an OpenAI-compatible API (/v1/chat/completions, /v1/completions) with a chat page at /."""
+    import ipaddress
+
+    from fermion.chat.templates import ChatTemplate
+
+    try:
+        from fermion.serve.app import ServerConfig
+        from fermion.serve.app import serve as run_server
+    except ModuleNotFoundError as err:
+        fail(f"fermion serve needs the '{err.name}' package: pip install 'fermion[serve]'")
+    engine, recipe = load_engine(run, quant, device, dtype, max_batch=max_batch)
+    chat_template = run_guarded(lambda: ChatTemplate.get(template or recipe.tokenizer.chat_template))
+    name = model_name or recipe.run.name
+    try:
+        public = not ipaddress.ip_address(host).is_loopback
+    except ValueError:  # a host name
+        public = host != "localhost"
+    if public and not api_key:
+        console.print(f"[yellow]warning:[/] listening on {host} without --api-key: anyone who can reach this "
+                      "machine can use the model")
+    shown = f"[{host}]" if ":" in host else host
+    console.print(f"serving [bold]{escape(name)}[/] ({engine.max_batch} slots, context {engine.max_seq}) on "
+                  f"http://{shown}:{port} · OpenAI API at /v1 · chat page at /", highlight=False)
+    try:
+        run_server(engine, ServerConfig(name, chat_template, api_key=api_key, max_waiting=max_waiting), host, port)
+    except OSError as err:
+        fail(str(err))
+
+
 @app.command("eval")
 def eval_cmd(
     run: ModelArg,

@@ -1,8 +1,9 @@
 """Generation: prefill + decode over a preallocated KV cache, sampling, stop handling and streaming.
 
 The engine holds up to `max_batch` sequences at once, each in its own row ("slot") of the cache. A sequence's
-prompt is prefilled when it is added, all but its last token; then every `step()` feeds each live sequence its
-pending token in one batched forward pass and samples its next one. Sequences of different lengths share a step:
+prompt is prefilled when it is added, all but its last token (prompts that arrive together share one prefill pass,
+`add_many`); then every `step()` feeds each live sequence its pending token in one batched forward pass and samples
+its next one. Sequences of different lengths share a step:
 each row carries its own positions, and the attention mask lets a query see only its own row's keys at positions
 <= its own (and within the sliding window, if the model has one). Finished sequences leave at once and the last
 row moves into the freed slot, so live rows stay contiguous and a step touches no dead rows. This is what lets the
@@ -41,6 +42,8 @@ class SamplingParams:
     top_p: float = 1.0
     min_p: float = 0.0
     repetition_penalty: float = 1.0  # CTRL-style, over the prompt and the generated tokens
+    presence_penalty: float = 0.0  # OpenAI-style, over the generated tokens: minus this once per distinct token
+    frequency_penalty: float = 0.0  # ... and minus this per occurrence
     stop: list[str] = field(default_factory=list)
     stop_token_ids: list[int] = field(default_factory=list)
     ignore_eos: bool = False
@@ -54,6 +57,8 @@ class SamplingParams:
             ("top_p", 0 < self.top_p <= 1, "in (0, 1]"),
             ("min_p", 0 <= self.min_p < 1, "in [0, 1)"),
             ("repetition_penalty", self.repetition_penalty > 0, "> 0"),
+            ("presence_penalty", -2 <= self.presence_penalty <= 2, "in [-2, 2]"),
+            ("frequency_penalty", -2 <= self.frequency_penalty <= 2, "in [-2, 2]"),
         ]
         for name, ok, wanted in checks:
             if not ok:
@@ -186,12 +191,18 @@ class IncrementalDecoder:
         return after[len(before):]
 
 
-def sample(logits: torch.Tensor, params: SamplingParams, seen: torch.Tensor, generator: torch.Generator) -> int:
-    """One token from a row of logits: repetition penalty, temperature, top-k, top-p, min-p (in that order)."""
+def sample(logits: torch.Tensor, params: SamplingParams, seen: torch.Tensor, generator: torch.Generator,
+           generated: list[int] | None = None) -> int:
+    """One token from a row of logits: repetition penalty, presence and frequency penalties (over `generated`),
+    temperature, top-k, top-p, min-p (in that order)."""
     logits = logits.float()
     if params.repetition_penalty != 1.0 and seen.numel():
         picked = logits[seen]
         logits[seen] = torch.where(picked > 0, picked / params.repetition_penalty, picked * params.repetition_penalty)
+    if generated and (params.presence_penalty or params.frequency_penalty):
+        ids = torch.tensor(generated, dtype=torch.long)
+        logits.index_add_(0, ids, torch.full((len(ids),), -params.frequency_penalty))  # once per occurrence
+        logits[ids.unique()] -= params.presence_penalty
     if params.temperature == 0:
         return int(logits.argmax())
     logits = logits / params.temperature
@@ -267,27 +278,45 @@ class Engine:
 
     def add(self, prompt: list[int], params: SamplingParams, constraint: Constraint | None = None) -> Sequence:
         """Start a sequence: prefill its prompt into a free slot. Raises ValueError when it cannot fit."""
-        if len(self.active) >= self.max_batch:
-            raise RuntimeError(f"all {self.max_batch} slots are busy")
-        if not prompt:
-            raise ValueError("the prompt is empty; it needs at least one token")
-        if len(prompt) >= self.max_seq:
-            raise ValueError(f"the prompt has {len(prompt)} tokens; the context holds {self.max_seq}, "
-                             f"so at most {self.max_seq - 1} leave room to generate")
-        bad = [t for t in prompt if not 0 <= t < self.cfg.vocab_size]
-        if bad:
-            raise ValueError(f"token id {bad[0]} is outside the vocabulary (0..{self.cfg.vocab_size - 1})")
-        seq = Sequence(prompt, params, self.tokenizer, self.stop_ids(params), constraint)
-        slot = len(self.active)
-        if len(prompt) > 1:
-            self._prefill(slot, prompt[:-1])
-        self.active.append(seq)
-        return seq
+        return self.add_many([prompt], [params], [constraint])[0]
 
-    def _prefill(self, slot: int, ids: list[int]) -> None:
-        tokens = torch.tensor([ids], device=self.device)
-        positions = torch.arange(len(ids), device=self.device)[None]
-        self._forward(tokens, positions, slot, len(ids))
+    def add_many(self, prompts: list[list[int]], params: list[SamplingParams],
+                 constraints: list[Constraint | None] | None = None) -> list[Sequence]:
+        """Start several sequences with one batched prefill (the server's burst of arrivals). Each prompt is
+        checked first; if any cannot fit, none is added."""
+        if len(self.active) + len(prompts) > self.max_batch:
+            raise RuntimeError(f"{len(prompts)} sequences do not fit: {len(self.active)} of {self.max_batch} slots "
+                               "are busy")
+        for prompt in prompts:
+            if not prompt:
+                raise ValueError("the prompt is empty; it needs at least one token")
+            if len(prompt) >= self.max_seq:
+                raise ValueError(f"the prompt has {len(prompt)} tokens; the context holds {self.max_seq}, "
+                                 f"so at most {self.max_seq - 1} leave room to generate")
+            bad = [t for t in prompt if not 0 <= t < self.cfg.vocab_size]
+            if bad:
+                raise ValueError(f"token id {bad[0]} is outside the vocabulary (0..{self.cfg.vocab_size - 1})")
+        constraints = constraints or [None] * len(prompts)
+        sequences = [Sequence(prompt, p, self.tokenizer, self.stop_ids(p), c)
+                     for prompt, p, c in zip(prompts, params, constraints, strict=True)]
+        self._prefill(len(self.active), [prompt[:-1] for prompt in prompts])
+        self.active.extend(sequences)
+        return sequences
+
+    def _prefill(self, first_slot: int, rows: list[list[int]]) -> None:
+        """Write the keys and values of each row's tokens into consecutive slots, in one forward pass.
+
+        Shorter rows are padded at the end; their pad positions continue past the row's last token, so what the
+        pads write into the cache lies beyond the sequence's position, where the mask hides it until a decode step
+        overwrites it.
+        """
+        longest = max(map(len, rows))
+        if longest == 0:
+            return
+        pad = self.tokenizer.eos_id
+        tokens = torch.tensor([row + [pad] * (longest - len(row)) for row in rows], device=self.device)
+        positions = torch.arange(longest, device=self.device)[None].expand(len(rows), longest)
+        self._forward(tokens, positions, first_slot, longest)
 
     def step(self) -> list[tuple[Sequence, str]]:
         """One token for every live sequence; returns (sequence, new text) pairs. Finished sequences leave."""
@@ -307,7 +336,7 @@ class Engine:
         for seq, row in zip(self.active, logits, strict=True):
             if seq.constraint is not None:
                 row = _constrained(row, seq.constraint.allowed())
-            token = sample(row, seq.params, seq.seen, seq.generator)
+            token = sample(row, seq.params, seq.seen, seq.generator, seq.generated)
             if seq.constraint is not None:
                 seq.constraint.accept(token)
             events.append((seq, seq.accept(token, self.max_seq - 1 - seq.position)))
@@ -338,9 +367,10 @@ class Engine:
         results: dict[int, Completion] = {}
         index_of: dict[int, int] = {}
         while waiting or self.active:
-            while waiting and len(self.active) < self.max_batch:
-                i, (prompt, p, c) = waiting.pop(0)
-                index_of[id(self.add(prompt, p, c))] = i
+            joining, waiting = waiting[:self.max_batch - len(self.active)], waiting[self.max_batch - len(self.active):]
+            if joining:
+                added = self.add_many(*map(list, zip(*(job for _, job in joining), strict=True)))
+                index_of.update((id(seq), i) for seq, (i, _) in zip(added, joining, strict=True))
             for seq, _ in self.step():
                 if seq.finished:
                     results[index_of.pop(id(seq))] = seq.completion()

@@ -1,0 +1,1 @@
+"""fermion serve: an OpenAI-compatible server over the engine."""

@@ -1,0 +1,187 @@
+"""The OpenAI request bodies fermion's server accepts, and the OpenAI error format it answers with.
+
+Requests are validated in full before any work is done: a wrong type, a value out of range or a field the server
+does not know is a 400 naming the field, as OpenAI's API does. Parameters OpenAI has but a small local model cannot
+honour (tools, logprobs, logit_bias, suffix, best_of > n) are refused with a message saying so, never ignored.
+Sampling extensions that vLLM also accepts (top_k, min_p, repetition_penalty, ignore_eos, stop_token_ids) go in
+the request body; the official client sends them through `extra_body`.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, StrictStr, model_validator
+
+MAX_N = 16  # choices per request
+MAX_STOP = 4  # stop strings per request, OpenAI's limit
+
+
+class APIError(Exception):
+    """An error answered in OpenAI's format: {"error": {"message", "type", "param", "code"}} with a status."""
+
+    def __init__(self, status: int, message: str, *, param: str | None = None, code: str | None = None,
+                 type: str | None = None):  # noqa: A002 - OpenAI's field name
+        super().__init__(message)
+        self.status, self.message, self.param, self.code = status, message, param, code
+        self.type = type or ("invalid_request_error" if status < 500 else "server_error")
+
+    def body(self) -> dict:
+        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+
+Temperature = Annotated[float, Field(ge=0, le=2)]
+TopP = Annotated[float, Field(gt=0, le=1)]
+Penalty = Annotated[float, Field(ge=-2, le=2)]
+Stop = StrictStr | Annotated[list[StrictStr], Field(max_length=MAX_STOP)] | None
+
+
+class StreamOptions(Strict):
+    include_usage: StrictBool = False
+
+
+class Sampling(Strict):
+    """What every generating request shares."""
+
+    model: StrictStr
+    max_tokens: Annotated[StrictInt, Field(ge=1)] | None = None
+    temperature: Temperature | None = None
+    top_p: TopP | None = None
+    n: Annotated[StrictInt, Field(ge=1, le=MAX_N)] = 1
+    stop: Stop = None
+    seed: StrictInt | None = None
+    stream: StrictBool = False
+    stream_options: StreamOptions | None = None
+    presence_penalty: Penalty = 0.0
+    frequency_penalty: Penalty = 0.0
+    logit_bias: dict[str, float] | None = None
+    user: StrictStr | None = None
+    # extensions, as vLLM names them
+    top_k: Annotated[StrictInt, Field(ge=-1)] = 0
+    min_p: Annotated[float, Field(ge=0, lt=1)] = 0.0
+    repetition_penalty: Annotated[float, Field(gt=0)] = 1.0
+    ignore_eos: StrictBool = False
+    stop_token_ids: list[StrictInt] | None = None
+
+    @model_validator(mode="after")
+    def _unsupported(self):
+        if self.logit_bias:
+            raise ValueError("logit_bias is not supported by this server")
+        if self.stream_options is not None and not self.stream:
+            raise ValueError("stream_options is only allowed when stream is true")
+        stops = [self.stop] if isinstance(self.stop, str) else self.stop or []
+        if any(not s for s in stops):
+            raise ValueError("stop strings must be non-empty")
+        return self
+
+    @property
+    def stops(self) -> list[str]:
+        return [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
+
+
+class CompletionRequest(Sampling):
+    prompt: StrictStr | list[StrictStr] | list[StrictInt] | list[list[StrictInt]]
+    echo: StrictBool = False
+    logprobs: Annotated[StrictInt, Field(ge=0, le=0)] | None = None
+    best_of: StrictInt | None = None
+    suffix: StrictStr | None = None
+
+    @model_validator(mode="after")
+    def _completion_only(self):
+        if self.suffix:
+            raise ValueError("suffix (insertion) is not supported by this server")
+        if self.best_of is not None and self.best_of != self.n:
+            raise ValueError("best_of other than n is not supported by this server")
+        if isinstance(self.prompt, list) and not self.prompt:
+            raise ValueError("prompt must not be an empty list")
+        return self
+
+
+class TextPart(Strict):
+    type: Literal["text"]
+    text: StrictStr
+
+
+class Message(Strict):
+    role: Literal["system", "developer", "user", "assistant"]
+    content: StrictStr | list[TextPart] | None = None
+    name: StrictStr | None = None
+
+    def text(self) -> str:
+        if isinstance(self.content, list):
+            return "".join(part.text for part in self.content)
+        return self.content or ""
+
+
+class JsonSchemaFormat(Strict):
+    name: StrictStr
+    schema_: dict[str, Any] = Field(alias="schema")
+    description: StrictStr | None = None
+    strict: StrictBool | None = None
+
+
+class ResponseFormat(Strict):
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JsonSchemaFormat | None = None
+
+    @model_validator(mode="after")
+    def _schema_given(self):
+        if self.type == "json_schema" and self.json_schema is None:
+            raise ValueError("response_format of type json_schema needs a json_schema object")
+        return self
+
+
+class ChatCompletionRequest(Sampling):
+    messages: Annotated[list[Message], Field(min_length=1)]
+    max_completion_tokens: Annotated[StrictInt, Field(ge=1)] | None = None
+    response_format: ResponseFormat | None = None
+    logprobs: StrictBool | None = None
+    top_logprobs: StrictInt | None = None
+    tools: list[dict[str, Any]] | None = None
+    tool_choice: Any = None
+    parallel_tool_calls: StrictBool | None = None
+
+    @model_validator(mode="after")
+    def _chat_only(self):
+        if self.logprobs or self.top_logprobs:
+            raise ValueError("logprobs are not supported by this server")
+        if self.tools or self.tool_choice not in (None, "none"):
+            raise ValueError("tools are not supported by this server; describe the tools in the system message and "
+                             "use response_format json_schema for the call")
+        if self.max_tokens is not None and self.max_completion_tokens is not None:
+            raise ValueError("give max_tokens or max_completion_tokens, not both")
+        return self
+
+    @property
+    def limit(self) -> int | None:
+        return self.max_completion_tokens or self.max_tokens
+
+    def conversation(self) -> list[dict]:
+        """Messages as the chat templates take them ("developer" is OpenAI's newer name for "system")."""
+        return [{"role": "system" if m.role == "developer" else m.role, "content": m.text()} for m in self.messages]
+
+
+def describe_validation_error(errors: list[dict]) -> tuple[str, str | None]:
+    """pydantic's errors -> one message naming the field, and the field's dotted path as OpenAI's `param`."""
+    error = errors[0]
+    location = [str(part) for part in error.get("loc", ()) if part != "body"]
+    # Union members add their type name to the location (prompt.str, prompt.list[int].0); keep the field path.
+    path = [part for part in location if not any(c in part for c in "[]") and part not in ("str", "int", "float",
+                                                                                             "bool", "function-after")]
+    param = ".".join(path) or None
+    kind = error.get("type", "")
+    if kind in ("json_invalid", "json_type"):
+        return f"the request body is not valid JSON: {error.get('msg', '')} (at {error.get('ctx', {})})", None
+    if kind == "missing":
+        return f"'{param}' is required", param
+    if kind == "extra_forbidden":
+        return f"unrecognized request argument supplied: {param}", param
+    message = error.get("msg", "invalid value").removeprefix("Value error, ")
+    if param and kind != "value_error":
+        given = error.get("input")
+        return f"invalid value for '{param}': {message} (got {given!r})"[:500], param
+    return message, param
