@@ -1,10 +1,13 @@
-"""Training throughput: fermion's default training step vs transformers' LlamaForCausalLM with a plain loop.
+"""Training throughput: fermion's default training step vs transformers' LlamaForCausalLM, trained by
+transformers' `Trainer` and by a plain loop.
 
-Both sides get the same architecture, batch, sequence length and precision, and run in this one process,
-alternating timed rounds so that machine noise hits both alike. The fermion side is the real `Trainer.train_step`
-with the recipe defaults (the loop `fermion pretrain` runs: precision auto, torch.compile on); the transformers side
-is what a user would write: forward with labels, backward, clip, `torch.optim.AdamW`, zero_grad, in eager mode, and
-again with `torch.compile(model)` for reference.
+All sides get the same architecture, batch, sequence length and precision, and run in this one process. The fermion
+side is the real `Trainer.train_step` with the recipe defaults (the loop `fermion pretrain` runs: precision auto,
+torch.compile on); the plain-loop side is what a user would write: forward with labels, backward, clip,
+`torch.optim.AdamW`, zero_grad, in eager mode, and again with `torch.compile(model)` for reference. These alternate
+timed rounds so that machine noise hits them alike. transformers' `Trainer` (its defaults: eager, its default
+optimizer, `bf16=True` when the precision is bf16) runs its own loop, so it is timed afterwards in the same process,
+from step-end timestamps in rounds of the same length.
 
     python bench/train_throughput.py                 # CPU sizes, appends to bench/RESULTS.md
     python bench/train_throughput.py --device cuda --sizes 125m,350m --seq-len 1024
@@ -68,12 +71,7 @@ def fermion_step(cfg: ModelConfig, args, device: torch.device):
 
 
 def transformers_step(cfg: ModelConfig, args, device: torch.device, compiled: bool):
-    hf_cfg = transformers.LlamaConfig(
-        vocab_size=cfg.vocab_size, hidden_size=cfg.d_model, intermediate_size=cfg.ffn_hidden,
-        num_hidden_layers=cfg.n_layers, num_attention_heads=cfg.n_heads, num_key_value_heads=cfg.kv_heads,
-        head_dim=cfg.dim_per_head, max_position_embeddings=cfg.context_length, rms_norm_eps=cfg.norm_eps,
-        rope_theta=cfg.rope_theta, tie_word_embeddings=cfg.tie_embeddings, attn_implementation="sdpa")
-    model = transformers.LlamaForCausalLM(hf_cfg).to(device)
+    model = transformers.LlamaForCausalLM(hf_config(cfg)).to(device)
     if compiled:
         model = torch.compile(model)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(0.9, 0.95), weight_decay=0.1)
@@ -94,6 +92,57 @@ def transformers_step(cfg: ModelConfig, args, device: torch.device, compiled: bo
         return loss.item()
 
     return model, step
+
+
+def hf_config(cfg: ModelConfig) -> transformers.LlamaConfig:
+    return transformers.LlamaConfig(
+        vocab_size=cfg.vocab_size, hidden_size=cfg.d_model, intermediate_size=cfg.ffn_hidden,
+        num_hidden_layers=cfg.n_layers, num_attention_heads=cfg.n_heads, num_key_value_heads=cfg.kv_heads,
+        head_dim=cfg.dim_per_head, max_position_embeddings=cfg.context_length, rms_norm_eps=cfg.norm_eps,
+        rope_theta=cfg.rope_theta, tie_word_embeddings=cfg.tie_embeddings, attn_implementation="sdpa")
+
+
+class RandomDataset(torch.utils.data.Dataset):
+    """Random token rows in the form transformers' Trainer takes (labels = inputs; the model shifts them)."""
+
+    def __init__(self, vocab: int, seq_len: int, rows: int):
+        self.tokens = torch.randint(0, vocab, (rows, seq_len), generator=torch.Generator().manual_seed(0))
+
+    def __len__(self) -> int:
+        return len(self.tokens)
+
+    def __getitem__(self, i: int) -> dict:
+        return {"input_ids": self.tokens[i], "labels": self.tokens[i]}
+
+
+def hf_trainer_rate(cfg: ModelConfig, args, device: torch.device) -> float:
+    """tokens/s of transformers' Trainer on the same model and batch: the median round after warm-up."""
+    import tempfile
+
+    class StepClock(transformers.TrainerCallback):
+        def __init__(self):
+            self.ends: list[float] = []
+
+        def on_step_end(self, *_args, **_kwargs):
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            self.ends.append(time.perf_counter())
+
+    total = args.warmup + args.rounds * args.steps
+    model = transformers.LlamaForCausalLM(hf_config(cfg)).to(device)
+    clock = StepClock()
+    with tempfile.TemporaryDirectory() as out:
+        training = transformers.TrainingArguments(
+            output_dir=out, per_device_train_batch_size=args.batch, max_steps=total, learning_rate=1e-4,
+            weight_decay=0.1, adam_beta2=0.95, max_grad_norm=1.0, warmup_steps=0, bf16=args.precision == "bf16",
+            use_cpu=device.type == "cpu", report_to=[], logging_strategy="no", save_strategy="no",
+            disable_tqdm=True, dataloader_num_workers=0)
+        trainer = transformers.Trainer(model=model, args=training, callbacks=[clock],
+                                       train_dataset=RandomDataset(cfg.vocab_size, args.seq_len, total * args.batch))
+        trainer.train()
+    ends = clock.ends[args.warmup - 1:]  # the end of warm-up starts the first round
+    rounds = [ends[i + args.steps] - ends[i] for i in range(0, args.rounds * args.steps, args.steps)]
+    return args.steps * args.batch * args.seq_len / statistics.median(rounds)
 
 
 def timed(step, n: int, device: torch.device) -> float:
@@ -122,10 +171,12 @@ def bench_size(name: str, args, device: torch.device) -> dict:
             rounds[side].append(timed(step, args.steps, device))
     tokens = args.steps * args.batch * args.seq_len
     tok_s = {k: tokens / statistics.median(v) for k, v in rounds.items()}
+    tok_s["trainer"] = hf_trainer_rate(cfg, args, device)
     counts = count(cfg, args.seq_len)
     peak = peak_flops(torch.cuda.get_device_name(device)) if device.type == "cuda" else None
     result = {"size": name, "params": counts.total_params, "fermion_tok_s": tok_s["fermion"],
               "transformers_tok_s": tok_s["transformers"], "ratio": tok_s["fermion"] / tok_s["transformers"],
+              "trainer_tok_s": tok_s["trainer"], "trainer_ratio": tok_s["fermion"] / tok_s["trainer"],
               "compiled_tok_s": tok_s.get("transformers_compiled"),
               "mfu": counts.train_flops_per_token * tok_s["fermion"] / peak if peak else None,
               "hf_params": sum(p.numel() for p in hf_model.parameters())}
@@ -173,10 +224,12 @@ def main() -> None:
     rows = [bench_size(name, args, device) for name in args.sizes.split(",")]
     header = (f"\n### {datetime.date.today()} · {machine(device)}\n\nbatch {args.batch} × seq {args.seq_len}, "
               f"{args.precision} on both sides, median of {args.rounds} rounds of {args.steps} steps\n\n"
-              f"| model | params | fermion (default) tok/s | transformers eager tok/s | ratio | "
-              f"transformers + torch.compile tok/s | fermion MFU |\n|---|---:|---:|---:|---:|---:|---:|\n")
-    lines = [f"| {r['size']} | {r['params']:,} | {r['fermion_tok_s']:,.0f} | {r['transformers_tok_s']:,.0f} | "
-             f"**{r['ratio']:.2f}x** | {format_rate(r['compiled_tok_s'])} | {format_mfu(r['mfu'])} |" for r in rows]
+              f"| model | params | fermion (default) tok/s | transformers Trainer tok/s | ratio | "
+              f"transformers plain loop tok/s | ratio | transformers loop + torch.compile tok/s | fermion MFU |\n"
+              f"|---|---:|---:|---:|---:|---:|---:|---:|---:|\n")
+    lines = [f"| {r['size']} | {r['params']:,} | {r['fermion_tok_s']:,.0f} | {r['trainer_tok_s']:,.0f} | "
+             f"**{r['trainer_ratio']:.2f}x** | {r['transformers_tok_s']:,.0f} | {r['ratio']:.2f}x | "
+             f"{format_rate(r['compiled_tok_s'])} | {format_mfu(r['mfu'])} |" for r in rows]
     report = header + "\n".join(lines) + "\n"
     print(report)
     for r in rows:

@@ -128,22 +128,57 @@ def tokenizer_train(recipe: RecipeArg, set_: SetOption = None,
 
 
 @model_app.command("info")
-def model_info(recipe: RecipeArg, set_: SetOption = None,
-               as_json: Annotated[bool, typer.Option("--json", help="Print machine-readable JSON.")] = False):
-    """Parameters (total/active), FLOPs per token and memory, computed without allocating weights."""
-    from fermion.model.counting import count, inference_memory, training_memory
+def model_info(
+    recipe: RecipeArg, set_: SetOption = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print machine-readable JSON.")] = False,
+    device: Annotated[str | None, typer.Option(help="Where training runs: cpu, cuda (this machine's GPU) or a GPU "
+                                                    "name (h100, h200, a100-40gb, a100-80gb, l4, ...); default: "
+                                                    "the recipe's train.device.")] = None,
+    world_size: Annotated[int, typer.Option(min=1, help="Processes (devices) training together; train.distributed "
+                                                        "says DDP or FSDP.")] = 1,
+    micro_batch: Annotated[int | None, typer.Option(min=1, help="Sequences per device per micro-step; default: "
+                                                               "train.micro_batch_size.")] = None,
+    checkpointing: Annotated[str | None, typer.Option(help="Activation checkpointing: none, selective or full; "
+                                                          "default: train.activation_checkpointing.")] = None,
+    device_memory: Annotated[float | None, typer.Option(help="The device's memory in GiB, to say whether the step "
+                                                             "fits (known for cpu and named GPUs).")] = None,
+):
+    """Parameters (total/active), FLOPs per token, and the predicted peak training memory per device (weights,
+    gradients, AdamW, activations under the chosen checkpointing, logits), computed without allocating weights."""
+    from fermion.model.counting import CHECKPOINTING, count, inference_memory, plan_memory
 
     loaded = recipe_or_exit(recipe, set_, check_paths=False)
-    cfg, train = loaded.model, loaded.train
+    if checkpointing is not None and checkpointing not in CHECKPOINTING:
+        fail(f"--checkpointing must be one of {', '.join(CHECKPOINTING)}, not {checkpointing!r}")
+    cfg = loaded.model
     counts = count(cfg, loaded.seq_len)
-    train_mem = training_memory(cfg, train.micro_batch_size, loaded.seq_len, train.precision)
+    try:
+        plan = plan_memory(loaded, device, world_size, micro_batch, checkpointing, device_memory)
+    except ValueError as err:
+        fail(str(err))
+    mem = plan.estimate
+
+    def size(n_bytes: float) -> str:
+        return _gib(n_bytes) if n_bytes >= 2**30 else f"{n_bytes / 2**20:,.1f} MiB"
+
     infer_mem = inference_memory(cfg)
     if as_json:
         print(json.dumps({"total_params": counts.total_params, "active_params": counts.active_params,
                           "embedding_params": counts.embedding_params,
                           "forward_flops_per_token": counts.forward_flops_per_token,
                           "train_flops_per_token": counts.train_flops_per_token,
-                          "train_memory_bytes": train_mem.total, "inference_memory_bytes": infer_mem["total"]}))
+                          "train_memory_bytes": mem.peak, "inference_memory_bytes": infer_mem["total"],
+                          "train_memory": {"weights": mem.weights, "gradients": mem.gradients,
+                                           "optimizer": mem.optimizer, "activations": mem.activations,
+                                           "logits": mem.logits, "distributed": mem.distributed,
+                                           "peak": mem.peak, "peak_phase": mem.phase, "phases": mem.phases,
+                                           "needed": plan.needed},
+                          "train_setup": {"device": plan.device, "device_type": plan.device_type,
+                                          "device_memory_bytes": plan.device_memory, "fits": plan.fits,
+                                          "world_size": plan.world_size, "distributed": plan.distributed,
+                                          "micro_batch": plan.micro_batch, "seq_len": plan.seq_len,
+                                          "precision": plan.precision, "checkpointing": plan.checkpointing,
+                                          "cross_entropy": plan.cross_entropy, "compiled": plan.compiled}}))
         return
     table = Table(title=f"{loaded.run.name} ({recipe})", show_header=False)
     table.add_column(style="bold")
@@ -161,13 +196,29 @@ def model_info(recipe: RecipeArg, set_: SetOption = None,
     table.add_row(f"FLOPs/token (seq {loaded.seq_len:,})",
                   f"forward {counts.forward_flops_per_token / 1e9:,.3f} G · training "
                   f"{counts.train_flops_per_token / 1e9:,.3f} G")
-    table.add_row(f"training memory (micro-batch {train.micro_batch_size} × {loaded.seq_len:,}, {train.precision})",
-                  f"{_gib(train_mem.total)} = weights {_gib(train_mem.weights)} + grads {_gib(train_mem.gradients)}"
-                  f" + AdamW {_gib(train_mem.optimizer)} + activations {_gib(train_mem.activations)}"
-                  f" + logits {_gib(train_mem.logits)}")
+    mode = f" ({plan.distributed})" if plan.world_size > 1 else ""
+    table.add_row("training step", f"{plan.world_size} × {plan.device}{mode} · micro-batch {plan.micro_batch} × "
+                  f"{plan.seq_len:,} · {plan.precision} · checkpointing {plan.checkpointing} · cross-entropy "
+                  f"{plan.cross_entropy}{' · compiled (estimated as eager: usually less)' if plan.compiled else ''}")
+    per = " per device" if plan.world_size > 1 else ""
+    sharded = " (sharded)" if plan.world_size > 1 and plan.distributed == "fsdp" else ""
+    table.add_row(f"  model state{per}", f"weights {size(mem.weights)} · grads {size(mem.gradients)} · AdamW "
+                  f"{size(mem.optimizer)}{sharded}")
+    table.add_row("  activations", f"saved {size(mem.activations)} · logits {size(mem.logits)}")
+    if mem.distributed:
+        what = "DDP gradient buckets" if plan.distributed == "ddp" else "FSDP gathered params and grads"
+        table.add_row(f"  {what}", size(mem.distributed))
+    verdict = ""
+    if plan.fits is not None:
+        overhead = " with allocator slack and CUDA context" if plan.device_type == "cuda" else ""
+        verdict = (f" · {'fits' if plan.fits else '[red]does not fit[/]'} in {size(plan.device_memory)}"
+                   f" ({size(plan.needed)} needed{overhead})")
+    elif plan.device_type == "cuda":
+        verdict = " · device memory unknown: pass --device NAME or --device-memory GiB"
+    table.add_row(f"training memory peak{per}", f"{size(mem.peak)} (during the {mem.phase}){verdict}")
     table.add_row("inference memory (bf16, batch 1, full context)",
-                  f"{_gib(infer_mem['total'])} = weights {_gib(infer_mem['weights'])} + KV cache "
-                  f"{_gib(infer_mem['kv_cache'])}")
+                  f"{size(infer_mem['total'])} = weights {size(infer_mem['weights'])} + KV cache "
+                  f"{size(infer_mem['kv_cache'])}")
     console.print(table)
 
 

@@ -245,6 +245,15 @@ class TrainConfig(Section):
     # torch.compile on CPU it is what makes runs repeatable, at no measured cost; turn off only to chase GPU speed.
     deterministic: bool = True
     distributed: Literal["ddp", "fsdp"] = "ddp"  # used when launched with torchrun
+    # Recompute activations in backward to save memory: none; selective (each block's attention and SwiGLU
+    # intermediates are recomputed, its inputs kept); full (only each block's input is kept).
+    activation_checkpointing: Literal["none", "selective", "full"] = "none"
+    # How the loss meets the vocabulary: full (one logits tensor for the whole micro-batch); chunked (the output
+    # projection and cross-entropy run a slice of tokens at a time, never materialising [tokens, vocab] fp32
+    # logits); auto: chunked on CUDA, full on CPU.
+    cross_entropy: Literal["auto", "full", "chunked"] = "auto"
+    # Write checkpoints in the background: training continues while the files go to storage.
+    async_checkpoint: bool = False
     device: Literal["auto", "cpu", "cuda"] = "auto"
     eval_every: int = Field(100, ge=1)
     eval_batches: int = Field(10, ge=1)

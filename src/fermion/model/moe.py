@@ -5,6 +5,14 @@ weights renormalised to sum to one (as Mixtral does). Every token goes to exactl
 limit, no dropped tokens. Two auxiliary losses keep routing healthy: the Switch-Transformer load-balancing loss
 (n_experts * sum_e fraction_routed_e * mean_prob_e, equal to 1 when balanced) and the ST-MoE router z-loss
 (mean squared log-sum-exp of the router logits).
+
+The experts run as two grouped matmuls: the (token, slot) assignments are sorted by expert, and `torch._grouped_mm`
+multiplies each expert's contiguous run of rows by that expert's weights, the run boundaries given as a device
+tensor of offsets. No expert count goes to the host, so there is no synchronisation, no per-expert Python loop and
+no graph break under torch.compile. On CUDA sm90+ in bf16 that is one CUTLASS kernel; elsewhere (CPU, older GPUs)
+PyTorch runs its own fallback, a loop of matmuls in C++. Where `_grouped_mm` cannot take the operands (fp32 under
+torch.compile, whose shape rules accept bf16 only; a width that is not a multiple of 16 bytes; a PyTorch without
+it) the experts run one after another in Python, on exactly the same rows: both paths compute the same thing.
 """
 
 from __future__ import annotations
@@ -15,8 +23,13 @@ from torch import nn
 
 from fermion.config import ModelConfig
 
+_HAS_GROUPED_MM = hasattr(torch, "_grouped_mm")
+
 
 class MoEFeedForward(nn.Module):
+    # "auto": grouped matmul where it applies, else the loop; "grouped" / "loop" force one (tests, benchmarks).
+    expert_impl = "auto"
+
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         moe = cfg.moe
@@ -42,10 +55,22 @@ class MoEFeedForward(nn.Module):
         shape = x.shape
         x = x.reshape(-1, shape[-1])
         top_ids, top_weights, aux_loss = self.route(x)
-        # Group the (token, slot) assignments by expert, run each expert once on its tokens.
-        order = top_ids.flatten().argsort(stable=True)
+        # Group the (token, slot) assignments by expert: row i of the grouped input is token token_of[i].
+        flat_ids = top_ids.flatten()
+        order = flat_ids.argsort(stable=True)
         token_of = order // self.top_k
-        counts = torch.bincount(top_ids.flatten(), minlength=self.n_experts).tolist()
+        weights = top_weights.flatten()[order].unsqueeze(-1)  # fp32 [N*k, 1]
+        dtype = self._compute_dtype(x)
+        if self._use_grouped(dtype):
+            counts = torch.bincount(flat_ids, minlength=self.n_experts)
+            offsets = counts.cumsum(0).to(torch.int32)
+            rows = x[token_of].to(dtype)
+            gate, up = torch._grouped_mm(rows, self.w_gate_up.to(dtype), offs=offsets).chunk(2, dim=-1)
+            expert_out = torch._grouped_mm(F.silu(gate) * up, self.w_down.to(dtype), offs=offsets)
+            out = torch.zeros_like(x).index_add_(0, token_of, (expert_out * weights).to(x.dtype))
+            return out.view(shape), aux_loss
+        # The same computation one expert at a time (the counts go to the host).
+        counts = torch.bincount(flat_ids, minlength=self.n_experts).tolist()
         out = torch.zeros_like(x)
         start = 0
         for expert, count in enumerate(counts):
@@ -54,7 +79,24 @@ class MoEFeedForward(nn.Module):
             rows = token_of[start : start + count]
             gate, up = (x[rows] @ self.w_gate_up[expert]).chunk(2, dim=-1)
             expert_out = (F.silu(gate) * up) @ self.w_down[expert]
-            weight = top_weights.flatten()[order[start : start + count]].unsqueeze(-1)
-            out.index_add_(0, rows, (expert_out * weight).to(x.dtype))
+            out.index_add_(0, rows, (expert_out * weights[start : start + count]).to(x.dtype))
             start += count
         return out.view(shape), aux_loss
+
+    def _compute_dtype(self, x: torch.Tensor) -> torch.dtype:
+        """The dtype the expert matmuls run in: autocast's when it is on (as `@` would), else the weights'."""
+        if torch.is_autocast_enabled(x.device.type):
+            return torch.get_autocast_dtype(x.device.type)
+        return self.w_gate_up.dtype
+
+    def _use_grouped(self, dtype: torch.dtype) -> bool:
+        if self.expert_impl != "auto":
+            return self.expert_impl == "grouped"
+        if not _HAS_GROUPED_MM or dtype not in (torch.bfloat16, torch.float32):
+            return False
+        if dtype != torch.bfloat16 and torch.compiler.is_compiling():
+            return False  # the compiler's shape rules for _grouped_mm accept bf16 only (PyTorch 2.13)
+        # Every row of every operand must start on a 16-byte boundary.
+        alignment = 16 // torch.empty((), dtype=dtype).element_size()
+        d_model, hidden = self.w_down.shape[2], self.w_down.shape[1]
+        return d_model % alignment == 0 and hidden % alignment == 0

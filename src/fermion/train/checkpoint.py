@@ -9,6 +9,15 @@
         tokenizer.json         the tokenizer the run uses
         manifest.json          sha256 of every file above (damage is detected before anything is loaded)
     <run>/checkpoints/latest   the name of the newest complete checkpoint
+
+A checkpoint resumes with any number of processes and either layout: DCP shards are resharded on load (into an
+FSDP2 model of another world size, or gathered whole into one process or DDP replicas), and safetensors are
+distributed to FSDP2 shards. What must not change is the global batch (micro_batch_size x grad_accum x world
+size), since it decides which samples make up each step.
+
+With train.async_checkpoint the tensor files are written in the background (DCP's async_save under FSDP2, a
+thread writing safetensors from a CPU copy otherwise) while training goes on; the directory keeps its temporary
+name until every file is written and hashed, and only then is it renamed and `latest` moved (see PendingSave).
 """
 
 from __future__ import annotations
@@ -18,7 +27,10 @@ import json
 import os
 import random
 import shutil
+import threading
 import warnings
+from collections.abc import Callable
+from itertools import chain
 from pathlib import Path
 
 import numpy as np
@@ -29,7 +41,7 @@ from safetensors.torch import load_file, save_file
 from fermion.atomic import replaced_dir
 from fermion.config import Recipe, recipe_from_dict
 from fermion.data.tokenizer import Tokenizer
-from fermion.train.distributed import DistInfo, barrier
+from fermion.train.distributed import DistInfo, all_reduce, barrier
 
 STEP_PREFIX = "step_"
 
@@ -109,6 +121,85 @@ def _set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state(state["cuda"])
 
 
+class _Job:
+    """Work that runs now (synchronous saves) or in a daemon thread (asynchronous ones); errors surface in wait()."""
+
+    def __init__(self, work: Callable[[], None], background: bool):
+        self._error: BaseException | None = None
+        self._thread = None
+        if background:
+            self._thread = threading.Thread(target=self._run, args=(work,), name="fermion-checkpoint", daemon=True)
+            self._thread.start()
+        else:
+            work()
+
+    def _run(self, work: Callable[[], None]) -> None:
+        try:
+            work()
+        except BaseException as err:  # noqa: BLE001 - handed to the training thread by wait()
+            self._error = err
+
+    def done(self) -> bool:
+        return self._thread is None or not self._thread.is_alive()
+
+    def wait(self) -> None:
+        if self._thread is not None:
+            self._thread.join()
+        if self._error is not None:
+            raise self._error
+
+
+class PendingSave:
+    """A checkpoint whose files are being written under a temporary name. finish() (every rank) waits for the
+    files, then renames the directory into place, moves `latest` and drops old checkpoints: until then the
+    checkpoint is invisible, so a crash mid-write leaves only a hidden .step_N.tmp that the next save removes."""
+
+    def __init__(self, run_dir: Path, final: Path, tmp: Path, job: _Job, info: DistInfo, keep: int):
+        self.run_dir, self.final, self.tmp, self.job, self.info, self.keep = run_dir, final, tmp, job, info, keep
+
+    def done(self) -> bool:
+        """Whether this rank's share of the writing is over (finish() then returns without waiting for it)."""
+        return self.job.done()
+
+    def finish(self) -> Path:
+        try:
+            self.job.wait()
+        except Exception as err:
+            raise CheckpointError(f"writing checkpoint {self.final} failed: {err}") from err
+        barrier(self.info)
+        if self.info.is_main:
+            root = checkpoints_dir(self.run_dir)
+            shutil.rmtree(self.final, ignore_errors=True)
+            os.replace(self.tmp, self.final)
+            _write_latest(root, self.final.name)
+            for old in list_checkpoints(self.run_dir)[:-self.keep]:
+                shutil.rmtree(old, ignore_errors=True)
+        barrier(self.info)
+        return self.final
+
+
+def all_done(pending: PendingSave, info: DistInfo) -> bool:
+    """Whether every rank has written its files (one small all-reduce; every rank calls it)."""
+    busy = torch.tensor([0.0 if pending.done() else 1.0], device=info.device)
+    return not bool(all_reduce(busy, info, op="max").item())
+
+
+def _cpu_copy(value):
+    """A deep copy with every tensor copied to CPU memory, so training can go on changing the originals."""
+    if isinstance(value, torch.Tensor):
+        return value.detach().to("cpu", copy=True)
+    if isinstance(value, dict):
+        return {k: _cpu_copy(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return type(value)(_cpu_copy(v) for v in value)
+    return value
+
+
+def _write_manifest(tmp: Path, step: int) -> None:
+    manifest = {"step": step, "files": {str(p.relative_to(tmp)): _sha256(p) for p in _files(tmp)}}
+    (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2))
+
+
 def save(
     run_dir: Path,
     step: int,
@@ -122,39 +213,73 @@ def save(
     keep: int,
 ) -> Path:
     """Write a complete checkpoint atomically and return its directory. Every rank calls this."""
+    return start_save(run_dir, step, model, optimizer, trainer_state, info, sharded, recipe, tokenizer_path,
+                      keep).finish()
+
+
+def start_save(
+    run_dir: Path,
+    step: int,
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    trainer_state: dict,
+    info: DistInfo,
+    sharded: bool,
+    recipe: Recipe,
+    tokenizer_path: Path,
+    keep: int,
+    asynchronous: bool = False,
+    process_group=None,
+) -> PendingSave:
+    """Begin a checkpoint (every rank calls this): the state is captured now, the tensor files are written now or,
+    with `asynchronous`, in the background (DCP async_save on `process_group`, which must not be the group
+    training uses, when sharded; a thread writing safetensors from a CPU copy otherwise). Small files are written
+    at once. Call finish() on the result, on every rank, before the next save and before the process exits."""
     root = checkpoints_dir(run_dir)
     final = root / f"{STEP_PREFIX}{step:08d}"
     tmp = root / f".{final.name}.tmp"
     if info.is_main:
-        shutil.rmtree(tmp, ignore_errors=True)
+        root.mkdir(parents=True, exist_ok=True)
+        for stale in root.glob(f".{STEP_PREFIX}*.tmp"):  # left by a run that died while writing
+            shutil.rmtree(stale, ignore_errors=True)
         tmp.mkdir(parents=True)
     barrier(info)
-    if sharded:
-        import torch.distributed.checkpoint as dcp
-        from torch.distributed.checkpoint.state_dict import get_state_dict
-
-        model_state, optim_state = get_state_dict(model, optimizer)
-        dcp.save({"model": model_state, "optim": optim_state}, checkpoint_id=str(tmp / "dcp"))
-    elif info.is_main:
-        save_file({k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}, tmp / "model.safetensors")
-        torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
     torch.save(_rng_state(), tmp / f"rng_rank{info.rank}.pt")
-    barrier(info)
     if info.is_main:
         state = {**trainer_state, "step": step, "world_size": info.world_size,
                  "format": "dcp" if sharded else "safetensors"}
         (tmp / "trainer_state.json").write_text(json.dumps(state, indent=2))
         (tmp / "recipe.yaml").write_text(recipe.to_yaml())
         Tokenizer.load(tokenizer_path).save(tmp / "tokenizer.json")  # with its tokenizer_config.json, if any
-        manifest = {"step": step, "files": {str(p.relative_to(tmp)): _sha256(p) for p in _files(tmp)}}
-        (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2))
-        shutil.rmtree(final, ignore_errors=True)
-        os.replace(tmp, final)
-        _write_latest(root, final.name)
-        for old in list_checkpoints(run_dir)[:-keep]:
-            shutil.rmtree(old, ignore_errors=True)
-    barrier(info)
-    return final
+    barrier(info)  # every rank's small files exist before rank 0 may hash them
+    write: Callable[[], None] = lambda: None  # noqa: E731
+    if sharded:
+        import torch.distributed.checkpoint as dcp
+        from torch.distributed.checkpoint.state_dict import get_state_dict
+
+        model_state, optim_state = get_state_dict(model, optimizer)
+        bundle = {"model": model_state, "optim": optim_state}
+        if asynchronous:  # staged to CPU memory here, written by DCP's own thread
+            future = dcp.async_save(bundle, checkpoint_id=str(tmp / "dcp"), process_group=process_group)
+            write = future.result  # on rank 0 it returns once every rank's shards and the metadata are written
+        else:
+            dcp.save(bundle, checkpoint_id=str(tmp / "dcp"))
+    elif info.is_main:
+        weights = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
+        optim_state = optimizer.state_dict()
+        if asynchronous:
+            weights, optim_state = _cpu_copy(weights), _cpu_copy(optim_state)
+
+        def write() -> None:
+            save_file({k: v.cpu() for k, v in weights.items()}, tmp / "model.safetensors")
+            torch.save(optim_state, tmp / "optimizer.pt")
+
+    def work() -> None:
+        write()
+        if info.is_main:
+            _write_manifest(tmp, step)
+
+    return PendingSave(run_dir, final, tmp, _Job(work, background=asynchronous), info, keep)
 
 
 def save_weights(model: torch.nn.Module, recipe: Recipe, tokenizer: Tokenizer, out: Path) -> Path:
@@ -168,8 +293,7 @@ def save_weights(model: torch.nn.Module, recipe: Recipe, tokenizer: Tokenizer, o
         save_file(state, tmp / "model.safetensors")
         (tmp / "recipe.yaml").write_text(recipe.to_yaml())
         tokenizer.save(tmp / "tokenizer.json")
-        manifest = {"step": 0, "files": {str(p.relative_to(tmp)): _sha256(p) for p in _files(tmp)}}
-        (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2))
+        _write_manifest(tmp, 0)
     return out
 
 
@@ -192,29 +316,88 @@ def newest_good(run_dir: Path, warn=print) -> Path | None:
     return None
 
 
-def load_training(ckpt: Path, model, optimizer, info: DistInfo, sharded: bool) -> dict:
-    """Restore model, optimizer and this rank's RNG in place; return the trainer state."""
-    state = json.loads((ckpt / "trainer_state.json").read_text())
-    if sharded != (state["format"] == "dcp") or (sharded and state["world_size"] != info.world_size):
-        raise CheckpointError(
-            f"{ckpt} was written by a {state['world_size']}-process {state['format']} run; resume it with the "
-            f"same world size and train.distributed setting"
-        )
-    if sharded:
-        import torch.distributed.checkpoint as dcp
-        from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+def trainer_state_of(ckpt: Path) -> dict:
+    """A checkpoint's trainer_state.json: step, tokens seen, loader position, world size, format, batch sizes."""
+    return json.loads((ckpt / "trainer_state.json").read_text())
 
-        model_state, optim_state = get_state_dict(model, optimizer)
-        bundle = {"model": model_state, "optim": optim_state}
-        dcp.load(bundle, checkpoint_id=str(ckpt / "dcp"))
-        set_state_dict(model, optimizer, model_state_dict=bundle["model"], optim_state_dict=bundle["optim"])
+
+def load_training(ckpt: Path, model, optimizer, info: DistInfo, sharded: bool) -> dict:
+    """Restore model, optimizer and this rank's RNG in place; return the trainer state.
+
+    Any layout resumes into any other and any world size: DCP shards are resharded to this run's FSDP2 layout or
+    gathered whole for one process or DDP; safetensors are distributed to this run's FSDP2 shards. (Matching the
+    global batch is the caller's check: see Trainer.restore.)
+    """
+    state = trainer_state_of(ckpt)
+    if state["format"] == "dcp":
+        _load_dcp(ckpt, model, optimizer)
+    elif sharded:
+        _load_full_into_sharded(ckpt, model, optimizer, info)
     else:
         model.load_state_dict(load_file(ckpt / "model.safetensors", device=str(info.device)))
         optimizer.load_state_dict(torch.load(ckpt / "optimizer.pt", weights_only=True, map_location=info.device))
-    rng_file = ckpt / f"rng_rank{info.rank}.pt"
-    if rng_file.is_file():
-        _set_rng_state(torch.load(rng_file, weights_only=True))
+    _restore_rng(ckpt, info.rank)
     return state
+
+
+def _load_dcp(ckpt: Path, model, optimizer) -> None:
+    """DCP shards into this run's layout: FSDP2 of any world size, DDP replicas or a single process (each rank
+    then reads whole tensors). get_state_dict describes the layout wanted; DCP reads the pieces that fill it."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+    model_state, optim_state = get_state_dict(model, optimizer)
+    bundle = {"model": model_state, "optim": optim_state}
+    with warnings.catch_warnings():  # in one process DCP warns that it loads without a process group
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        warnings.filterwarnings("ignore", message="torch.distributed is unavailable")
+        dcp.load(bundle, checkpoint_id=str(ckpt / "dcp"))
+    set_state_dict(model, optimizer, model_state_dict=bundle["model"], optim_state_dict=bundle["optim"])
+
+
+def _load_full_into_sharded(ckpt: Path, model, optimizer, info: DistInfo) -> None:
+    """A safetensors checkpoint (one process or DDP) into an FSDP2 model: every rank reads the whole state and
+    keeps its own shards."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
+
+    weights = load_file(ckpt / "model.safetensors", device="cpu")
+    saved = torch.load(ckpt / "optimizer.pt", weights_only=True, map_location="cpu")
+    set_state_dict(model, optimizer, model_state_dict=weights,
+                   optim_state_dict=_optimizer_by_name(saved, model, optimizer, ckpt),
+                   options=StateDictOptions(full_state_dict=True))
+
+
+def _optimizer_by_name(saved: dict, model, optimizer, ckpt: Path) -> dict:
+    """A torch optimizer state dict (parameters numbered) keyed by parameter names instead, the form
+    set_state_dict takes. Numbers map to this optimizer's parameters in order, as Optimizer.load_state_dict does."""
+    names = {id(p): name for name, p in model.named_parameters()}
+    ours = [names[id(p)] for group in optimizer.param_groups for p in group["params"]]
+    theirs = list(chain.from_iterable(group["params"] for group in saved["param_groups"]))
+    if len(ours) != len(theirs) or len(optimizer.param_groups) != len(saved["param_groups"]):
+        raise CheckpointError(f"{ckpt / 'optimizer.pt'} has {len(theirs)} parameters in "
+                              f"{len(saved['param_groups'])} groups; this optimizer {len(ours)} in "
+                              f"{len(optimizer.param_groups)}")
+    name_of = dict(zip(theirs, ours, strict=True))
+    return {"state": {name_of[i]: s for i, s in saved["state"].items()},
+            "param_groups": [{**g, "params": [name_of[i] for i in g["params"]]} for g in saved["param_groups"]]}
+
+
+def _restore_rng(ckpt: Path, rank: int) -> None:
+    """This rank's RNG states. A rank the checkpoint has none for (the run had fewer processes) is seeded from
+    rank 0's saved torch state and its rank, so resuming stays deterministic."""
+    own = ckpt / f"rng_rank{rank}.pt"
+    if own.is_file():
+        _set_rng_state(torch.load(own, weights_only=True))
+        return
+    first = ckpt / "rng_rank0.pt"
+    if not first.is_file():
+        return
+    generator = torch.Generator()
+    generator.set_state(torch.load(first, weights_only=True)["torch"])
+    seed = int(torch.randint(0, 2**31, (1,), generator=generator)) + rank
+    torch.manual_seed(seed)  # CUDA devices too
+    random.seed(seed)
+    np.random.seed(seed)
 
 
 def resolve(path: str | os.PathLike, warn=print) -> Path:
@@ -248,5 +431,6 @@ def load_weights(ckpt: Path, model: torch.nn.Module) -> None:
     bundle = {"model": model.state_dict()}
     with warnings.catch_warnings():  # DCP warns that it loads in one process, which is what we ask of it
         warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        warnings.filterwarnings("ignore", message="torch.distributed is unavailable")
         dcp.load(bundle, checkpoint_id=str(ckpt / "dcp"))
     model.load_state_dict(bundle["model"])

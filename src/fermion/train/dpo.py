@@ -42,7 +42,7 @@ from fermion.data.sources import DataError
 from fermion.data.tokenizer import Tokenizer
 from fermion.train import distributed
 from fermion.train.distributed import DistInfo, all_reduce, resolve_precision
-from fermion.train.objectives import DPO, IGNORE_INDEX, sequence_logps
+from fermion.train.objectives import DPO, IGNORE_INDEX, resolve_cross_entropy, sequence_logps
 from fermion.train.posttrain import (
     Report,
     Stage,
@@ -227,7 +227,7 @@ def val_batches(pairs: list[TokenPair], batch_size: int, pad_id: int, max_width:
 
 @torch.no_grad()
 def reference_logps(model: torch.nn.Module, pairs: list[TokenPair], batch_size: int, pad_id: int, max_width: int,
-                    precision: str, info: DistInfo) -> np.ndarray:
+                    precision: str, info: DistInfo, cross_entropy: str = "full") -> np.ndarray:
     """[pairs, 2] summed log-probabilities of the chosen and rejected replies. Each rank scores every
     world_size-th pair (longest first, so memory trouble shows at once) and one all-reduce gathers them."""
     model.eval()
@@ -237,7 +237,7 @@ def reference_logps(model: torch.nn.Module, pairs: list[TokenPair], batch_size: 
         chunk = mine[start:start + batch_size]
         inputs, targets, _ = collate([pairs[i] for i in chunk], pad_id, max_width=max_width)
         with torch.autocast(info.device.type, dtype=torch.bfloat16, enabled=precision == "bf16"):
-            logps, _ = sequence_logps(model, inputs.to(info.device), targets.to(info.device))
+            logps, _ = sequence_logps(model, inputs.to(info.device), targets.to(info.device), cross_entropy)
         found[chunk] = logps.float().view(2, -1).T
     return all_reduce(found, info).cpu().numpy()
 
@@ -267,8 +267,9 @@ def cached_reference(stage: Stage, model: torch.nn.Module, train: list[TokenPair
         console.print(f"reference log-probabilities: scoring {len(train) + len(val):,} pairs with the starting "
                       f"weights ({precision})")
     train_cfg = stage.recipe.train
+    cross_entropy = resolve_cross_entropy(train_cfg.cross_entropy, info.device)
     scores = [reference_logps(model, pairs, train_cfg.micro_batch_size, stage.tokenizer.pad_id, stage.recipe.seq_len,
-                              precision, info) for pairs in (train, val)]
+                              precision, info, cross_entropy) for pairs in (train, val)]
     if info.is_main:
         with replaced_file(cache) as tmp:
             save_file({"train": torch.from_numpy(scores[0]), "val": torch.from_numpy(scores[1])}, tmp,

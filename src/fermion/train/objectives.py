@@ -1,6 +1,15 @@
 """Training objectives: how a batch becomes a loss. The trainer calls `loss` for every micro-batch, logs the
 metrics named in `logged`, and for validation adds up `eval_sums` over the batches and turns the total into
-named metrics with `summarise` (printed by `describe`). Pretraining, SFT and DPO each implement these."""
+named metrics with `summarise` (printed by `describe`). Pretraining, SFT and DPO each implement these.
+
+Each objective meets the vocabulary in one of two ways (`cross_entropy`):
+- "full": the model's logits for the whole micro-batch, [tokens, vocab], then cross-entropy in fp32 on all of them.
+- "chunked": the model returns its final hidden states and the output projection and fp32 cross-entropy run
+  `chunk_tokens` tokens at a time, each chunk under activation checkpointing: backward recomputes a chunk's logits
+  instead of keeping them. The largest vocabulary-wide tensors are then [chunk_tokens, vocab] (the chunk's logits,
+  their fp32 copy and gradient, one chunk at a time) instead of [tokens, vocab]; the price is one more output-layer
+  matmul per chunk in backward. Same loss and gradients up to float summation order.
+"""
 
 from __future__ import annotations
 
@@ -8,23 +17,86 @@ import math
 
 import torch
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
 
 IGNORE_INDEX = -100
+CHUNK_TOKENS = 4096  # tokens per cross-entropy chunk: [4096, vocab] fp32 logits are 0.5 GiB at a 32k vocabulary
 
 
-class Pretrain:
+def resolve_cross_entropy(setting: str, device: torch.device) -> str:
+    """train.cross_entropy -> "full" or "chunked": auto is chunked on CUDA (where memory binds), full elsewhere."""
+    if setting == "auto":
+        return "chunked" if device.type == "cuda" else "full"
+    if setting not in ("full", "chunked"):
+        raise ValueError(f"cross_entropy {setting!r} is not one of auto, full, chunked")
+    return setting
+
+
+def _chunk_nll(model, hidden: torch.Tensor, targets: torch.Tensor, reduction: str) -> torch.Tensor:
+    logits = model.logits(hidden)
+    return F.cross_entropy(logits.float(), targets, ignore_index=IGNORE_INDEX, reduction=reduction)
+
+
+def chunked_nll(model, hidden: torch.Tensor, targets: torch.Tensor, chunk_tokens: int = CHUNK_TOKENS,
+                reduction: str = "sum") -> torch.Tensor:
+    """Cross-entropy of `model.logits(hidden)` against `targets` (IGNORE_INDEX skipped), `chunk_tokens` rows at a
+    time: the summed NLL (reduction "sum") or each token's ("none", 0 where ignored, in the targets' shape).
+    With gradients on, each chunk is checkpointed, so no chunk's logits outlive its own forward and backward."""
+    flat_hidden, flat_targets = hidden.flatten(0, -2), targets.flatten()
+    pieces = []
+    for start in range(0, flat_targets.shape[0], chunk_tokens):
+        h, t = flat_hidden[start : start + chunk_tokens], flat_targets[start : start + chunk_tokens]
+        if torch.is_grad_enabled():
+            pieces.append(checkpoint(_chunk_nll, model, h, t, reduction, use_reentrant=False,
+                                     preserve_rng_state=False))
+        else:
+            pieces.append(_chunk_nll(model, h, t, reduction))
+    if reduction == "sum":
+        return torch.stack(pieces).sum() if pieces else flat_hidden.new_zeros((), dtype=torch.float32)
+    return torch.cat(pieces).view(targets.shape)
+
+
+class _Objective:
+    """How the vocabulary is met; see the module docstring."""
+
+    def __init__(self, cross_entropy: str = "full", chunk_tokens: int = CHUNK_TOKENS):
+        if cross_entropy not in ("full", "chunked"):
+            raise ValueError(f"cross_entropy {cross_entropy!r} is not one of full, chunked (resolve auto first)")
+        if chunk_tokens < 1:
+            raise ValueError(f"chunk_tokens must be at least 1, got {chunk_tokens}")
+        self.cross_entropy, self.chunk_tokens = cross_entropy, chunk_tokens
+
+    def token_nll(self, model, inputs: torch.Tensor, targets: torch.Tensor, *packing,
+                  reduction: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """(NLL of the targets, "sum" over them or per token ("none", 0 where ignored), and the MoE aux loss)."""
+        if self.cross_entropy == "chunked":
+            def head(inner, hidden):
+                return chunked_nll(inner, hidden, targets, self.chunk_tokens, reduction)
+            return model(inputs, *packing, head=head)
+        logits, aux_loss = model(inputs, *packing)
+        nll = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=IGNORE_INDEX,
+                              reduction=reduction)
+        return (nll if reduction == "sum" else nll.view(targets.shape)), aux_loss
+
+
+class Pretrain(_Objective):
     """Next-token cross-entropy, plus the MoE auxiliary losses the model returns."""
 
     name = "pretrain"
     logged: tuple[str, ...] = ()
 
-    def __init__(self, token_bytes: torch.Tensor):
+    def __init__(self, token_bytes: torch.Tensor, cross_entropy: str = "full", chunk_tokens: int = CHUNK_TOKENS):
+        super().__init__(cross_entropy, chunk_tokens)
         self.token_bytes = token_bytes  # UTF-8 bytes each token id stands for, for bits per byte
 
     def loss(self, model, batch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         inputs, targets, *packing = batch  # packed batches add (positions, segments)
-        logits, aux_loss = model(inputs, *packing)
-        ce = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=IGNORE_INDEX)
+        if self.cross_entropy == "chunked":
+            nll, aux_loss = self.token_nll(model, inputs, targets, *packing, reduction="sum")
+            ce = nll / (targets != IGNORE_INDEX).sum()  # the mean F.cross_entropy takes (NaN with no targets, too)
+        else:
+            logits, aux_loss = model(inputs, *packing)
+            ce = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=IGNORE_INDEX)
         # Metrics are returned undetached: under torch.compile (2.13) returning a detached copy of `ce` beside the
         # loss makes the loss lose its graph. Callers detach what they keep.
         return ce + aux_loss, {"ce": ce, "aux": aux_loss}
@@ -33,9 +105,7 @@ class Pretrain:
     def eval_sums(self, model, batch) -> torch.Tensor:
         """[summed loss in nats, target tokens, target bytes] for one validation batch."""
         inputs, targets, *packing = batch
-        logits, _ = model(inputs, *packing)
-        nats = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=IGNORE_INDEX,
-                               reduction="sum")
+        nats, _ = self.token_nll(model, inputs, targets, *packing, reduction="sum")
         counted = targets != IGNORE_INDEX
         n_bytes = self.token_bytes.to(targets.device)[targets.clamp(min=0)][counted].sum()
         return torch.stack([nats, counted.sum().float(), n_bytes.float()])
@@ -62,16 +132,22 @@ def summarise_eval(sums: torch.Tensor) -> dict[str, float]:
     return {"val_loss": nats / max(tokens, 1), "val_bpb": nats / (math.log(2) * max(n_bytes, 1))}
 
 
-def sequence_logps(model, inputs: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def sequence_logps(model, inputs: torch.Tensor, targets: torch.Tensor, cross_entropy: str = "full",
+                   chunk_tokens: int = CHUNK_TOKENS) -> tuple[torch.Tensor, torch.Tensor]:
     """Each row's summed log-probability of its non-ignored targets (log-softmax in fp32, whatever the autocast
     dtype of the logits), and the model's MoE auxiliary loss."""
+    if cross_entropy == "chunked":
+        def head(inner, hidden):
+            return chunked_nll(inner, hidden, targets, chunk_tokens, reduction="none")
+        token_nll, aux_loss = model(inputs, head=head)
+        return -token_nll.sum(-1), aux_loss
     logits, aux_loss = model(inputs)
     token_logps = -F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=IGNORE_INDEX,
                                    reduction="none")  # 0 at ignored positions
     return token_logps.view(targets.shape).sum(-1), aux_loss
 
 
-class DPO:
+class DPO(_Objective):
     """Direct Preference Optimization (Rafailov et al. 2023) and its IPO and hinge variants, as TRL 1.16 defines them.
 
     A batch is (inputs [2B, T], targets [2B, T], ref_logps [2B]): rows 0..B-1 are the chosen replies of B pairs and
@@ -85,7 +161,8 @@ class DPO:
     logged = ("rewards_chosen", "rewards_rejected", "margin", "accuracy")
 
     def __init__(self, beta: float = 0.1, loss_type: str = "sigmoid", reference: torch.nn.Module | None = None,
-                 sft_weight: float = 0.0):
+                 sft_weight: float = 0.0, cross_entropy: str = "full", chunk_tokens: int = CHUNK_TOKENS):
+        super().__init__(cross_entropy, chunk_tokens)
         if loss_type not in ("sigmoid", "ipo", "hinge"):
             raise ValueError(f"DPO loss {loss_type!r} is not one of sigmoid, ipo, hinge")
         self.beta, self.loss_type, self.reference = beta, loss_type, reference
@@ -110,10 +187,10 @@ class DPO:
     def _terms(self, model, batch):
         """(losses, chosen rewards, rejected rewards, aux loss, (policy logps, reference logps, token counts))."""
         inputs, targets, ref_logps = batch
-        logps, aux_loss = sequence_logps(model, inputs, targets)
+        logps, aux_loss = sequence_logps(model, inputs, targets, self.cross_entropy, self.chunk_tokens)
         if self.reference is not None:
             with torch.no_grad():
-                ref_logps, _ = sequence_logps(self.reference, inputs, targets)
+                ref_logps, _ = sequence_logps(self.reference, inputs, targets, self.cross_entropy, self.chunk_tokens)
         counts = (targets != IGNORE_INDEX).sum(-1).float()
         return *self.pair_terms(logps, ref_logps, counts), aux_loss, (logps, ref_logps, counts)
 

@@ -22,6 +22,8 @@ from fermion.model.counting import count
 from fermion.train import checkpoint
 from fermion.train.distributed import DistInfo, all_reduce, can_compile, resolve_precision, wrap
 from fermion.train.logging import MetricsLogger, format_stats, make_progress, peak_flops
+from fermion.train.objectives import resolve_cross_entropy
+from fermion.train.prefetch import Prefetcher
 from fermion.train.schedule import learning_rate
 
 
@@ -68,7 +70,9 @@ class Trainer:
     def __init__(self, recipe: Recipe, model: torch.nn.Module, objective, loader, val_batches: list, info: DistInfo,
                  tokenizer_path: Path, console: Console | None = None):
         self.recipe, self.cfg, self.info = recipe, recipe.train, info
-        self.objective, self.loader, self.val_batches = objective, loader, val_batches
+        self.objective, self.val_batches = objective, val_batches
+        # Batches reach the device ahead of use (pinned, non-blocking, on CUDA); its state is what was consumed.
+        self.loader = Prefetcher(loader, info.device)
         self.tokenizer_path = tokenizer_path
         self.console = console or Console()
         self.run_dir = recipe.run_dir
@@ -78,11 +82,14 @@ class Trainer:
             os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # cuBLAS needs it for repeatable GEMMs
         torch.use_deterministic_algorithms(self.cfg.deterministic, warn_only=True)
         self.raw_model = model
+        # Memory settings go in before compiling and wrapping, so both see them.
+        model.set_activation_checkpointing(self.cfg.activation_checkpointing)
+        objective.cross_entropy = resolve_cross_entropy(self.cfg.cross_entropy, info.device)
         self.compiled = self.cfg.compile and can_compile(info.device)
         if self.cfg.compile and not self.compiled:
             self._warn("train.compile needs a C++ compiler on CPU and none was found; training in eager mode")
         self.loss_fn = self._compiled_loss() if self.compiled else objective.loss
-        self.model = wrap(model, self.cfg.distributed, info)
+        self.model = wrap(model, self.cfg.distributed, info, self.precision)
         self.optimizer = build_optimizer(self.model, recipe, info.device)
         self.tokens_per_step = self.cfg.micro_batch_size * recipe.seq_len * self.cfg.grad_accum * info.world_size
         self.counts = count(recipe.model, recipe.seq_len)
@@ -90,6 +97,8 @@ class Trainer:
         self.peak_flops = self.cfg.peak_flops or peak_flops(device_name)
         self.step, self.tokens_seen, self.nonfinite_streak, self.elapsed = 0, 0, 0, 0.0
         self._stop_signal: str | None = None
+        self._pending: checkpoint.PendingSave | None = None  # an asynchronous save still being written
+        self._checkpoint_group = None  # DCP's async writer talks over its own process group, not training's
 
     def _compiled_loss(self):
         if self.sharded:
@@ -102,25 +111,77 @@ class Trainer:
 
     # ------------------------------------------------------------------------------------------------ state
 
+    def global_batch(self) -> int:
+        """Sequences per optimizer step over all processes: what a resume on another world size must keep."""
+        return self.cfg.micro_batch_size * self.cfg.grad_accum * self.info.world_size
+
     def trainer_state(self) -> dict:
         return {"tokens_seen": self.tokens_seen, "loader": self.loader.state_dict(), "elapsed_s": self.elapsed,
-                "nonfinite_streak": self.nonfinite_streak, "lr": learning_rate(self.cfg, max(self.step - 1, 0))}
+                "nonfinite_streak": self.nonfinite_streak, "lr": learning_rate(self.cfg, max(self.step - 1, 0)),
+                "global_batch": self.global_batch(), "micro_batch_size": self.cfg.micro_batch_size,
+                "grad_accum": self.cfg.grad_accum}
 
-    def save(self) -> Path:
-        return checkpoint.save(self.run_dir, self.step, self.model if self.sharded else self.raw_model,
-                               self.optimizer, self.trainer_state(), self.info, self.sharded, self.recipe,
-                               self.tokenizer_path, self.cfg.keep_checkpoints)
+    def save(self, wait: bool = False) -> Path:
+        """Checkpoint the current step and return its directory. With train.async_checkpoint the files are written
+        in the background and the directory appears under that name only once they are complete (see
+        finish_pending); `wait` finishes it before returning. An earlier pending save is always finished first."""
+        self.finish_pending()
+        asynchronous = self.cfg.async_checkpoint
+        if asynchronous and self.sharded and self._checkpoint_group is None:
+            import torch.distributed as dist
+
+            self._checkpoint_group = dist.new_group(backend="gloo")  # every rank is here: saves are collective
+        pending = checkpoint.start_save(self.run_dir, self.step, self.model if self.sharded else self.raw_model,
+                                        self.optimizer, self.trainer_state(), self.info, self.sharded, self.recipe,
+                                        self.tokenizer_path, self.cfg.keep_checkpoints, asynchronous=asynchronous,
+                                        process_group=self._checkpoint_group)
+        if not asynchronous or wait:
+            return pending.finish()
+        self._pending = pending
+        return pending.final
+
+    def finish_pending(self) -> Path | None:
+        """Wait for an asynchronous save (every rank calls this), then put it in place; its directory or None."""
+        pending, self._pending = self._pending, None
+        return pending.finish() if pending is not None else None
 
     def restore(self, ckpt: Path) -> None:
         saved = checkpoint.load_recipe_of(ckpt)
         if saved.model != self.recipe.model:
             raise TrainingError(f"{ckpt} holds a different model than this recipe's 'model' section; "
                                 f"use another run.dir or restore the recipe's model section")
+        self._check_global_batch(ckpt)
         state = checkpoint.load_training(ckpt, self.model if self.sharded else self.raw_model, self.optimizer,
                                          self.info, self.sharded)
+        if state["world_size"] != self.info.world_size or (state["format"] == "dcp") != self.sharded:
+            self._say(f"resharding {ckpt.name}: written by {state['world_size']} process(es) as {state['format']}, "
+                      f"resumed on {self.info.world_size} as {'dcp' if self.sharded else 'safetensors'}")
         self.step, self.tokens_seen = state["step"], state["tokens_seen"]
         self.nonfinite_streak, self.elapsed = state["nonfinite_streak"], state["elapsed_s"]
         self.loader.load_state_dict(state["loader"])
+
+    def _check_global_batch(self, ckpt: Path) -> None:
+        """The loader's position counts samples of one global sequence, so any world size can continue it, but
+        only with the same number of sequences per step; otherwise the steps (and the schedule) would differ."""
+        state = checkpoint.trainer_state_of(ckpt)
+        saved = state.get("global_batch")
+        if saved is None and state.get("step"):  # written before global_batch was recorded
+            saved = state["tokens_seen"] // state["step"] // self.recipe.seq_len
+        ours = self.global_batch()
+        if saved is None or saved == ours:
+            return
+        was = ""
+        if "micro_batch_size" in state:
+            was = (f" ({state['micro_batch_size']} micro-batch × {state['grad_accum']} accumulation × "
+                   f"{state['world_size']} processes)")
+        need = saved / (self.cfg.micro_batch_size * self.info.world_size)
+        hint = (f"set train.grad_accum={int(need)}" if need == int(need) and need >= 1 else
+                "change train.micro_batch_size or train.grad_accum")
+        raise TrainingError(
+            f"{ckpt} was trained with a global batch of {saved} sequences per step{was}; this run has {ours} "
+            f"({self.cfg.micro_batch_size} × {self.cfg.grad_accum} × {self.info.world_size} processes). Keep the "
+            f"global batch when resuming on another number of processes: {hint}"
+        )
 
     def _resume_from(self, resume: str) -> Path | None:
         if resume == "none":
@@ -153,8 +214,14 @@ class Trainer:
                 signal.signal(s, handler)
 
     def _stop_requested(self) -> bool:
-        flag = torch.tensor([1.0 if self._stop_signal else 0.0], device=self.info.device)
-        return bool(all_reduce(flag, self.info, op="max").item())
+        """Whether any rank got a stop signal. The same all-reduce asks whether every rank has written its share
+        of a pending asynchronous save, which is then put in place without waiting for the next one."""
+        pending = self._pending
+        flags = [1.0 if self._stop_signal else 0.0, 0.0 if pending is None or pending.done() else 1.0]
+        flags = all_reduce(torch.tensor(flags, device=self.info.device), self.info, op="max").tolist()
+        if pending is not None and flags[1] == 0.0:
+            self.finish_pending()
+        return bool(flags[0])
 
     # ------------------------------------------------------------------------------------------------ steps
 
@@ -240,6 +307,12 @@ class Trainer:
         try:
             with self._stop_on_signals():
                 return self._loop(logger)
+        except BaseException:
+            # One process can still complete a save that was being written; with several, the others may be gone,
+            # and the half-written checkpoint stays hidden under its temporary name.
+            if self._pending is not None and not self.info.distributed:
+                self.finish_pending()
+            raise
         finally:
             if logger is not None:
                 logger.close()
@@ -252,7 +325,7 @@ class Trainer:
             task = progress.add_task(self.objective.name, total=self.cfg.steps, completed=self.step, stats="")
             while self.step < self.cfg.steps:
                 if self._stop_requested():
-                    path = self.save()
+                    path = self.save(wait=True)
                     self._say(f"received {self._stop_signal or 'a stop request'}: saved {path}; resume with "
                               f"--resume auto")
                     return TrainResult("preempted", self.step, path, last_eval)
@@ -280,7 +353,8 @@ class Trainer:
                 if every and (self.step % every == 0 or self.step == self.cfg.steps):
                     self._benchmark(logger)
                 if self.step % self.cfg.checkpoint_every == 0 or self.step == self.cfg.steps:
-                    path = self.save()
+                    path = self.save(wait=self.step == self.cfg.steps)
+        self.finish_pending()
         return TrainResult("complete", self.step, path, last_eval)
 
     def _benchmark(self, logger: MetricsLogger | None) -> None:
@@ -326,7 +400,7 @@ class Trainer:
         self._say(f"[yellow]step {self.step:,}: non-finite loss {loss} / gradient norm {grad_norm}; "
                   f"update skipped ({self.nonfinite_streak} in a row)[/]")
         if self.nonfinite_streak >= self.cfg.max_nonfinite:
-            path = self.save()
+            path = self.save(wait=True)
             raise TrainingError(
                 f"the loss was not finite for {self.nonfinite_streak} steps in a row (up to step {self.step:,}); "
                 f"stopped. The last good weights are saved in {path}. Lower train.lr, raise train.warmup_steps "
