@@ -23,7 +23,7 @@ import pytest
 import torch
 
 from fermion.config import recipe_from_dict
-from fermion.model.counting import plan_memory, training_memory
+from fermion.model.counting import allocation_peak, plan_memory, training_memory
 from fermion.model.transformer import Transformer
 from fermion.train import objectives
 from fermion.train.distributed import DistInfo
@@ -56,19 +56,7 @@ def measured_step_peak(trainer: Trainer) -> int:
 
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
         trainer.train_step()
-    events, stack = [], list(prof.profiler.kineto_results.experimental_event_tree())
-    while stack:
-        event = stack.pop()
-        stack.extend(event.children)
-        fields = event.extra_fields
-        if type(fields).__name__ == "_ExtraFields_Allocation" and fields.device.type == "cpu":
-            events.append((event.start_time_ns, fields.alloc_size))
-    assert events, "the profiler reported no allocations"
-    held = peak = 0
-    for _, size in sorted(events, key=lambda e: e[0]):
-        held += size
-        peak = max(peak, held)
-    return peak
+    return allocation_peak(prof)
 
 
 def build_trainer(tmp_path, precision: str, checkpointing: str, cross_entropy: str, model_overrides: dict):

@@ -252,6 +252,10 @@ class TrainConfig(Section):
     # projection and cross-entropy run a slice of tokens at a time, never materialising [tokens, vocab] fp32
     # logits); auto: chunked on CUDA, full on CPU.
     cross_entropy: Literal["auto", "full", "chunked"] = "auto"
+    # How packed documents and sliding windows attend: sdpa (a dense [B, 1, T, T] mask, no flash kernels); flex
+    # (FlexAttention with a block-sparse mask, compiled kernels, GQA without repeating K/V; no backward on CPU, so
+    # GPU only for training); auto: flex on CUDA, sdpa otherwise. Plain causal attention always runs SDPA's kernel.
+    attention: Literal["auto", "sdpa", "flex"] = "auto"
     # Write checkpoints in the background: training continues while the files go to storage.
     async_checkpoint: bool = False
     device: Literal["auto", "cpu", "cuda"] = "auto"

@@ -345,3 +345,23 @@ def inference_memory(cfg: ModelConfig, batch: int = 1, bytes_per_value: int = 2)
     kv_cache = 2 * cfg.n_layers * cfg.kv_heads * cfg.dim_per_head * window * batch * bytes_per_value
     weights = counts.total_params * bytes_per_value
     return {"weights": weights, "kv_cache": kv_cache, "total": weights + kv_cache}
+
+
+def allocation_peak(profiler) -> int:
+    """The highest net CPU allocation (bytes above what was held when profiling began) that a finished
+    `torch.profiler.profile(profile_memory=True)` saw: the running sum of its allocation and free events, in time
+    order: the measured counterpart of `training_memory` (tests/test_memory.py, bench/train_throughput.py)."""
+    events, stack = [], list(profiler.profiler.kineto_results.experimental_event_tree())
+    while stack:
+        event = stack.pop()
+        stack.extend(event.children)
+        fields = event.extra_fields
+        if type(fields).__name__ == "_ExtraFields_Allocation" and fields.device.type == "cpu":
+            events.append((event.start_time_ns, fields.alloc_size))
+    if not events:
+        raise RuntimeError("the profiler recorded no allocations; profile with profile_memory=True")
+    held = peak = 0
+    for _, size in sorted(events, key=lambda e: e[0]):
+        held += size
+        peak = max(peak, held)
+    return peak

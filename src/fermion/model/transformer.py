@@ -5,6 +5,11 @@ mixture of SwiGLU experts). Attention runs through `scaled_dot_product_attention
 (Mistral) adds a banded causal mask. Q/K/V and gate/up projections are each one fused matmul; export splits them.
 The rotary convention is the "rotate half" one used by Hugging Face Llama, so exported weights need no permuting.
 
+Packed documents and sliding windows need a mask, and a dense [B, 1, T, T] one keeps SDPA off its flash kernels.
+`Transformer.set_attention("flex")` runs those cases through FlexAttention instead: one BlockMask per forward
+(causal, same document, within the window), so the kernel skips the blocks no query may see, and grouped-query
+attention reads K/V without repeating them. Plain causal attention stays on SDPA's fused causal kernel either way.
+
 Activation checkpointing (`Transformer.set_activation_checkpointing`) trades compute for memory while training;
 what each mode keeps between forward and backward, per block, is spelled out in `CHECKPOINTING_MODES`.
 """
@@ -17,6 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.nn.attention.flex_attention import BlockMask, create_block_mask, flex_attention
 from torch.utils.checkpoint import checkpoint
 
 from fermion.config import ModelConfig
@@ -38,6 +44,14 @@ CHECKPOINTING_MODES = {
     # forward is re-run once in backward and all of its intermediates are live together then.
     "full": "block input (1 x [B, T, d_model])",
 }
+
+
+ATTENTION_MODES = ("sdpa", "flex")  # see Transformer.set_attention
+
+# FlexAttention is fast only as compiled kernels: compile it once here (each new shape or mask compiles again). A
+# model compiled as a whole traces flex_attention into its own graph, so it calls the function itself then.
+_compiled_flex_attention = torch.compile(flex_attention, dynamic=False)
+_compiled_create_block_mask = torch.compile(create_block_mask, dynamic=False)
 
 
 class RMSNorm(nn.Module):
@@ -81,6 +95,37 @@ def sliding_window_mask(seq_len: int, window: int, device=None) -> torch.Tensor:
     return (j <= i) & (j > i - window)
 
 
+def flex_block_mask(seq_len: int, segments: torch.Tensor | None = None, window: int | None = None,
+                    device=None) -> BlockMask:
+    """FlexAttention's BlockMask for what `document_mask` / `sliding_window_mask` allow: causal, within the
+    same segment when `segments` [B, T] is given, within the window when `window` is given."""
+    def mask_mod(b, h, q_idx, kv_idx):
+        allowed = kv_idx <= q_idx
+        if window is not None:
+            allowed = allowed & (q_idx - kv_idx < window)
+        if segments is not None:
+            allowed = allowed & (segments[b, q_idx] == segments[b, kv_idx])
+        return allowed
+
+    device = segments.device if segments is not None else torch.device(device or "cpu")
+    batch = None if segments is None else segments.shape[0]  # None: one mask broadcast over the batch
+    # On CUDA the mask is built by a compiled kernel, block by block, never as a dense [B, T, T] tensor; on a CPU
+    # (FlexAttention has no backward there, so forwards only) the plain function saves a compile.
+    build = (_compiled_create_block_mask
+             if device.type == "cuda" and not torch.compiler.is_compiling() else create_block_mask)
+    return build(mask_mod, batch, None, seq_len, seq_len, device=device)
+
+
+def _flex_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_mask: BlockMask) -> torch.Tensor:
+    if not torch.compiler.is_compiling():
+        return _compiled_flex_attention(q, k, v, block_mask=block_mask, enable_gqa=k.shape[1] != q.shape[1])
+    # Inside a compiled model, contiguous inputs: with GQA and q/k/v as transposed views of the QKV projection,
+    # PyTorch 2.13's CPU flex kernel computed wrong outputs in a larger graph (up to 4 off, against SDPA); the
+    # copies fuse into the producing kernels.
+    return flex_attention(q.contiguous(), k.contiguous(), v.contiguous(), block_mask=block_mask,
+                          enable_gqa=k.shape[1] != q.shape[1])
+
+
 class Attention(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
@@ -107,9 +152,12 @@ class Attention(nn.Module):
         return apply_rope(q.transpose(1, 2), cos, sin), apply_rope(k.transpose(1, 2), cos, sin), v
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                mask: torch.Tensor | None = None) -> torch.Tensor:
+                mask: torch.Tensor | BlockMask | None = None) -> torch.Tensor:
         B, T, _ = x.shape
         q, k, v = self.project(x, cos, sin)
+        if isinstance(mask, BlockMask):  # FlexAttention (Transformer.set_attention): GQA without expanding K/V
+            y = _flex_attention(q, k, v, mask)
+            return self.wo(y.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim))
         if self.n_kv_heads != self.n_heads:
             # Expanding K/V keeps SDPA on its fused kernels on every backend.
             repeat = self.n_heads // self.n_kv_heads
@@ -183,7 +231,24 @@ def _checkpoint(function, *args):
     return checkpoint(function, *args, use_reentrant=False, preserve_rng_state=False)
 
 
+def resolve_attention(setting: str, device: torch.device) -> str:
+    """train.attention -> the mode for Transformer.set_attention. auto: FlexAttention on CUDA (where it runs as
+    Triton kernels, forward and backward), SDPA elsewhere. FlexAttention has no backward on CPU (PyTorch <= 2.13
+    at least), so training with "flex" there is refused up front rather than at the first backward."""
+    device = torch.device(device)
+    if setting == "auto":
+        return "flex" if device.type == "cuda" else "sdpa"
+    if setting == "flex" and device.type == "cpu":
+        raise ValueError(f"train.attention=flex needs a GPU: FlexAttention has no backward on CPU in PyTorch "
+                         f"{torch.__version__}; use sdpa (or auto)")
+    if setting not in ATTENTION_MODES:
+        raise ValueError(f"attention {setting!r} is not one of auto, {', '.join(ATTENTION_MODES)}")
+    return setting
+
+
 class Transformer(nn.Module):
+    attention = "sdpa"  # see ATTENTION_MODES; set through set_attention
+
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.cfg = cfg
@@ -224,6 +289,15 @@ class Transformer(nn.Module):
         for block in self.blocks:
             block.checkpointing = mode
 
+    def set_attention(self, mode: str) -> None:
+        """How masked attention runs (packed documents, sliding windows shorter than the sequence): "sdpa" (a dense
+        boolean mask, which keeps SDPA off its flash kernels) or "flex" (FlexAttention with a BlockMask built once
+        per forward; on CPU forwards only). Plain causal attention and explicit masks passed to `hidden` always
+        use SDPA. Call before torch.compile; `resolve_attention` turns train.attention into a mode."""
+        if mode not in ATTENTION_MODES:
+            raise ValueError(f"attention {mode!r} is not one of {', '.join(ATTENTION_MODES)}")
+        self.attention = mode
+
     def output_weight(self) -> torch.Tensor:
         return self.tok_emb.weight if self.lm_head is None else self.lm_head.weight
 
@@ -256,8 +330,11 @@ class Transformer(nn.Module):
             cos, sin = self.rope_cos[:T], self.rope_sin[:T]
         else:
             cos, sin = self.rope_cos[positions].unsqueeze(1), self.rope_sin[positions].unsqueeze(1)
-        if mask is None and segments is not None:
-            mask = document_mask(segments, self.cfg.sliding_window)
+        window = self.cfg.sliding_window
+        if mask is None and self.attention == "flex" and (segments is not None or (window is not None and T > window)):
+            mask = flex_block_mask(T, segments, window if window is not None and window < T else None, idx.device)
+        elif mask is None and segments is not None:
+            mask = document_mask(segments, window)
         x = self.tok_emb(idx)
         aux_loss = torch.zeros((), device=idx.device)
         for block in self.blocks:

@@ -19,6 +19,7 @@ from fermion.chat.templates import ChatTemplate
 from fermion.config import Recipe
 from fermion.data.tokenizer import Tokenizer
 from fermion.model.counting import count
+from fermion.model.transformer import resolve_attention
 from fermion.train import checkpoint
 from fermion.train.distributed import DistInfo, all_reduce, can_compile, resolve_precision, wrap
 from fermion.train.logging import MetricsLogger, format_stats, make_progress, peak_flops
@@ -84,6 +85,7 @@ class Trainer:
         self.raw_model = model
         # Memory settings go in before compiling and wrapping, so both see them.
         model.set_activation_checkpointing(self.cfg.activation_checkpointing)
+        model.set_attention(resolve_attention(self.cfg.attention, info.device))
         objective.cross_entropy = resolve_cross_entropy(self.cfg.cross_entropy, info.device)
         self.compiled = self.cfg.compile and can_compile(info.device)
         if self.cfg.compile and not self.compiled:
