@@ -514,6 +514,25 @@ def export_cmd(
             fail(f"the {fmt} export needs the '{err.name}' package: pip install 'fermion[export]'")
 
 
+@app.command()
+def card(
+    run: Annotated[Path, typer.Argument(help="The run directory.")],
+    out: Annotated[Path | None, typer.Option(help="Output folder (default: the final stage's export/hf: "
+                                                  "<run>/export/hf, <run>/sft/export/hf or <run>/dpo/export/hf).")]
+    = None,
+    license: Annotated[str, typer.Option(help="The license in the card's metadata (recipes record none).")]
+    = "apache-2.0",
+    language: Annotated[str, typer.Option(help="The language tag in the card's metadata.")] = "en",
+    samples: Annotated[bool, typer.Option("--samples/--no-samples", help="Generate sample answers (seeded) when "
+                                          "the run has no recorded smoke test.")] = True,
+) -> None:
+    """Write a model card (README.md with loss plots) from the run's own records."""
+    from fermion.card import build_card
+
+    console.print(str(run_guarded(lambda: build_card(run, out, license=license, language=language,
+                                                     generate=samples))), highlight=False, markup=False)
+
+
 def _export_root(run: Path, kind: str) -> Path:
     """<run>/<kind> for a run directory or one of its checkpoints; beside the folder otherwise."""
     from fermion.train.checkpoint import checkpoints_dir

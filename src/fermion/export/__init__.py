@@ -17,3 +17,6 @@ def check_mapped(cfg, target: str) -> None:
         if name not in MAPPED_FIELDS and getattr(cfg, name) != field.get_default(call_default_factory=True):
             raise ExportError(f"model.{name} = {getattr(cfg, name)!r} has no equivalent in {target}; "
                               "export it with that option off")
+
+# What `fermion card` writes into an export folder (README.md and loss_<stage>.png); re-exporting keeps them.
+CARD_FILES = ("README.md", "loss_*.png")

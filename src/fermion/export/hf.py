@@ -29,7 +29,7 @@ from fermion.atomic import replaced_dir
 from fermion.chat.templates import ChatTemplate
 from fermion.config import ModelConfig, MoEConfig, Recipe, RunConfig, TokenizerConfig
 from fermion.data.tokenizer import CONFIG_NAME, Tokenizer
-from fermion.export import ExportError, check_mapped
+from fermion.export import CARD_FILES, ExportError, check_mapped
 from fermion.model.transformer import Transformer
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -150,7 +150,8 @@ def export_hf(model: Transformer, tokenizer: Tokenizer, out_dir: str | os.PathLi
         raise ExportError(f"model.vocab_size ({model.cfg.vocab_size}) is smaller than the tokenizer's "
                           f"{tokenizer.vocab_size} tokens")
     out = Path(out_dir)
-    with replaced_dir(out, "config.json", ExportError, "an earlier export") as tmp:
+    # The model card (`fermion card`) lives in this folder too and survives a re-export.
+    with replaced_dir(out, "config.json", ExportError, "an earlier export", keep=CARD_FILES) as tmp:
         weights = {name: t.to(DTYPES[dtype]).contiguous().clone() for name, t in to_hf_state_dict(model).items()}
         _save_sharded(weights, tmp, max_shard_bytes)
         _write_json(tmp / "config.json", hf_config(model.cfg, tokenizer, dtype))
