@@ -226,8 +226,8 @@ def create_app(engine: Engine, config: ServerConfig, engine_thread: bool = True)
                 merged.append(event)
         return merged
 
-    def stream_events(request: Request, queue: asyncio.Queue, jobs: list[Job], first: list[dict],
-                      chunk, final, prompt_tokens: int, include_usage: bool) -> EventSourceResponse:
+    def stream_events(queue: asyncio.Queue, jobs: list[Job], first: list[dict], chunk, final,
+                      prompt_tokens: int, include_usage: bool) -> EventSourceResponse:
         """SSE: the opening chunks, one chunk per text delta, a closing chunk per choice, usage, [DONE]."""
 
         async def events() -> AsyncIterator[dict]:
@@ -303,7 +303,7 @@ def create_app(engine: Engine, config: ServerConfig, engine_thread: bool = True)
                 else []
             include_usage = bool(body.stream_options and body.stream_options.include_usage)
             return stream_events(
-                request, queue, jobs, first, lambda i, text: frame([choice(i, text, None)]),
+                queue, jobs, first, lambda i, text: frame([choice(i, text, None)]),
                 lambda i, reason, use=None: frame([choice(i, "", reason)]) if use is None
                 else frame([], usage=use), prompt_tokens, include_usage)
         finals = await collect(request, queue, jobs)
@@ -338,7 +338,7 @@ def create_app(engine: Engine, config: ServerConfig, engine_thread: bool = True)
             first = [frame(chunk, [delta(j, {"role": "assistant", "content": ""})]) for j in range(body.n)]
             include_usage = bool(body.stream_options and body.stream_options.include_usage)
             return stream_events(
-                request, queue, jobs, first, lambda i, text: frame(chunk, [delta(i, {"content": text})]),
+                queue, jobs, first, lambda i, text: frame(chunk, [delta(i, {"content": text})]),
                 lambda i, reason, use=None: frame(chunk, [delta(i, {}, reason)]) if use is None
                 else frame(chunk, [], usage=use), len(prompt), include_usage)
         finals = await collect(request, queue, jobs)

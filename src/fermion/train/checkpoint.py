@@ -200,23 +200,6 @@ def _write_manifest(tmp: Path, step: int) -> None:
     (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2))
 
 
-def save(
-    run_dir: Path,
-    step: int,
-    model: torch.nn.Module,
-    optimizer: torch.optim.Optimizer,
-    trainer_state: dict,
-    info: DistInfo,
-    sharded: bool,
-    recipe: Recipe,
-    tokenizer_path: Path,
-    keep: int,
-) -> Path:
-    """Write a complete checkpoint atomically and return its directory. Every rank calls this."""
-    return start_save(run_dir, step, model, optimizer, trainer_state, info, sharded, recipe, tokenizer_path,
-                      keep).finish()
-
-
 def start_save(
     run_dir: Path,
     step: int,
