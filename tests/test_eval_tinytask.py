@@ -29,7 +29,8 @@ def test_same_seed_same_problems_and_other_seeds_differ():
 
 def test_every_expected_answer_is_a_perfect_answer():
     for problem in tinytask.problems(200):
-        assert tinytask.score(problem, problem.answer_text) == {"valid_json": True, "schema_ok": True, "exact": True}
+        assert tinytask.score(problem, problem.answer_text) == {"valid_json": True, "schema_ok": True, "exact": True,
+                                                                "arguments": 1.0}
         assert problem.answer["name"] in [tool["name"] for tool in problem.tools]
 
 
@@ -66,6 +67,13 @@ def test_scores_broken_wrong_and_fenced_answers():
     for text, expected in cases.items():
         got = tinytask.score(problem, text)
         assert (got["valid_json"], got["schema_ok"], got["exact"]) == expected, text
+        assert got["arguments"] == (1.0 if expected[2] else 0.0 if not expected[0] else got["arguments"]), text
+    n = len(arguments)
+    assert tinytask.score(problem, answer(arguments=wrong_city))["arguments"] == (n - 1) / n
+    assert tinytask.score(problem, answer(arguments={**wrong_city, "passengers": 12}))["arguments"] == (n - 2) / n
+    assert tinytask.score(problem, answer(name="calculate"))["arguments"] == 0.0
+    missing = {k: v for k, v in arguments.items() if k != "origin"}
+    assert tinytask.score(problem, answer(arguments=missing))["arguments"] == (n - 1) / n
 
 
 def test_sft_records_train_through_the_chat_template(tmp_path, shakespeare_tokenizer):

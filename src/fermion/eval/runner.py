@@ -2,8 +2,9 @@
 
 Task names: hellaswag, arc_easy, arc_challenge, piqa, mmlu (log-likelihood multiple choice), gsm8k, bbh
 (generative, exact match), ifeval, humaneval, tinytask (structured output; `tinytask_constrained` decodes under
-the JSON schema), smoke (the OK/WEAK/FAIL smoke test), and perplexity=PATH (bits per byte on a text file;
-plain `perplexity` uses WikiText-2's test file beside the eval data when it is there). Groups: `mc` (the five
+the JSON schema), arithmetic (held-out generated problems: exact answers and preference accuracy), smoke (the
+OK/WEAK/FAIL smoke test), and perplexity=PATH (bits per byte on a text file; plain `perplexity` uses WikiText-2's
+test file beside the eval data when it is there). Groups: `mc` (the five
 multiple-choice tasks), `all` (everything but perplexity).
 """
 
@@ -18,7 +19,7 @@ from fermion.eval.lm import EvalModel
 from fermion.eval.results import TaskOptions, TaskResult
 
 MULTIPLE_CHOICE = ["hellaswag", "arc_easy", "arc_challenge", "piqa", "mmlu"]
-GENERATIVE = ["gsm8k", "bbh", "ifeval", "humaneval", "tinytask", "tinytask_constrained", "smoke"]
+GENERATIVE = ["gsm8k", "bbh", "ifeval", "humaneval", "tinytask", "tinytask_constrained", "arithmetic", "smoke"]
 GROUPS = {"mc": MULTIPLE_CHOICE, "all": MULTIPLE_CHOICE + GENERATIVE}
 DEFAULT_TEXT = Path("..") / "pretrain" / "wikitext-2-raw" / "wiki.test.raw"  # relative to the eval data folder
 
@@ -48,6 +49,10 @@ def _task(name: str) -> Callable[[EvalModel, TaskOptions], TaskResult]:
 
         constrained = name == "tinytask_constrained"
         return lambda lm, options: tinytask.run(lm, options, constrained=constrained)
+    if name == "arithmetic":
+        from fermion.eval import arithmetic
+
+        return arithmetic.run
     if name == "smoke":
         from fermion.eval import smoke
 

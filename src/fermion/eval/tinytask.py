@@ -8,15 +8,17 @@ tools' schemas accept more than the requests use (operands up to 9999), as a rea
 
 The prompt describes each tool by a one-line signature (`book_hotel(city: city, check_in: YYYY-MM-DD, ...)`), which
 a model with a context of a few hundred tokens can afford; scoring uses the tools' full JSON Schemas (required
-fields, `additionalProperties: false`, enums, integer ranges, a date pattern). Three scores per answer:
+fields, `additionalProperties: false`, enums, integer ranges, a date pattern). Four scores per answer:
 
     valid_json   the answer (whitespace stripped, a ```json fence allowed) parses as a JSON object
     schema       it validates against the schema of a call: one of the offered tools' names and its arguments
     exact        it equals the expected call (key order aside)
+    arguments    partial credit: the share of the expected call's arguments given right (0 for the wrong tool)
 
-`sft_records` writes training data for the same tools in the same prompt format. Problems for evaluation and for
-training are drawn from separate random streams, and each call belongs to one side only (by a hash of its JSON), so
-no evaluated call, and hence no evaluated request, is ever in the training data.
+`sft_records` writes training data for the same tools in the same prompt format, and `preference_records` DPO pairs
+(the right call against the same call with one argument wrong). Problems for evaluation and for training are drawn
+from separate random streams, and each call belongs to one side only (by a hash of its JSON), so no evaluated call,
+and hence no evaluated request, is ever in the training data.
 
 `run(..., constrained=True)` decodes under a grammar built from the call's schema (infer/constrain.py), which makes
 every answer valid JSON that conforms to the schema; what is left to measure is whether it is the right call.
@@ -277,6 +279,60 @@ def sft_records(n: int, seed: int = 0) -> list[dict]:
                           {"role": "assistant", "content": p.answer_text}]} for p in _draw(n, seed, "train")]
 
 
+def preference_records(n: int, seed: int = 0) -> list[dict]:
+    """DPO pairs for the training conversations of sft_records(n, seed): the same system and user messages as the
+    prompt, the right call as chosen, and as rejected a plausible mistake, the same tool with exactly one argument
+    changed to another valid value (so the rejected call conforms to the schema but is wrong). Neither side is ever
+    an evaluated call."""
+    rng = random.Random(f"{TASK}/pairs/{seed}")  # its own stream, so the problems match sft_records'
+    records = []
+    for p in _draw(n, seed, "train"):
+        while True:
+            rejected = wrong_call(p.answer, rng)
+            if not _for_evaluation(rejected):
+                break
+        records.append({"prompt": [{"role": "system", "content": SYSTEM}, {"role": "user", "content": user_text(p)}],
+                        "chosen": p.answer_text, "rejected": one_line(rejected)})
+    return records
+
+
+def wrong_call(call: dict, rng: random.Random) -> dict:
+    """The call with one argument, drawn at random, changed to another value its tool's schema allows: another city
+    (never the flight's other one), another date (day, month or year moved), a nearby or another number within the
+    range requests use, another cabin or operation, another unit of the same dimension (never the other unit)."""
+    arguments = dict(call["arguments"])
+    key = rng.choice(list(arguments))
+    value = arguments[key]
+    if key in ("origin", "destination", "city"):
+        taken = {arguments.get("origin"), arguments.get("destination"), value}
+        new = rng.choice([c for c in CITIES if c not in taken])
+    elif key in ("date", "check_in"):
+        year, month, day = map(int, value.split("-"))
+        part = rng.choice(("year", "month", "day", "day"))
+        if part == "year":
+            year = 2025 if year == 2026 else 2026
+        elif part == "month":
+            month = rng.choice([m for m in range(1, 13) if m != month])
+        else:
+            day = rng.choice([d for d in range(1, 29) if d != day])
+        new = f"{year}-{month:02d}-{day:02d}"
+    elif key == "cabin":
+        new = rng.choice([c for c in CABINS if c != value])
+    elif key == "operation":
+        new = rng.choice([o for o in OPERATIONS if o != value])
+    elif key in ("from_unit", "to_unit"):
+        units = next(units for units in UNITS.values() if value in units)
+        new = rng.choice([u for u in units if u not in (arguments["from_unit"], arguments["to_unit"])])
+    else:  # a number: one nearby, as a misread would give, or any other within the tool's range and NUMBERS'
+        schema = TOOLS[call["name"]]["parameters"]["properties"][key]
+        low, high = max(schema["minimum"], NUMBERS[0]), min(schema["maximum"], NUMBERS[-1])
+        near = [value + d for d in (-2, -1, 1, 2) if low <= value + d <= high]
+        new = rng.choice(near) if near and rng.random() < 0.5 else rng.choice(
+            [v for v in range(low, high + 1) if v != value])
+    arguments[key] = new
+    return {"name": call["name"], "arguments": arguments}
+
+
 # -------------------------------------------------------------------------------------------------------- scoring
 
 _FENCE = re.compile(r"```(?:json)?\s*(.*?)\s*```", re.DOTALL)
@@ -301,13 +357,26 @@ def _conforms(call: dict, schema: dict) -> bool:
     return jsonschema.Draft202012Validator(schema).is_valid(call)
 
 
-def score(problem: Problem, text: str) -> dict[str, bool]:
+def score(problem: Problem, text: str) -> dict[str, bool | float]:
     call = parse_call(text)
     if call is None:
-        return {"valid_json": False, "schema_ok": False, "exact": False}
+        return {"valid_json": False, "schema_ok": False, "exact": False, "arguments": 0.0}
     # Canonical JSON compares types too: 2 and 2.0, or 1 and true, are different arguments.
     exact = json.dumps(call, sort_keys=True) == json.dumps(problem.answer, sort_keys=True)
-    return {"valid_json": True, "schema_ok": _conforms(call, call_schema(problem.tools)), "exact": exact}
+    return {"valid_json": True, "schema_ok": _conforms(call, call_schema(problem.tools)), "exact": exact,
+            "arguments": argument_share(call, problem.answer)}
+
+
+def argument_share(call: dict, expected: dict) -> float:
+    """Partial credit: the share of the expected call's arguments given with their exact value (0 for the wrong
+    tool). Moves before `exact` does, which needs every argument right at once."""
+    wanted = expected["arguments"]
+    given = call.get("arguments")
+    if call.get("name") != expected["name"] or not isinstance(given, dict) or not wanted:
+        return float(call.get("name") == expected["name"] and given == wanted)
+    same = sum(json.dumps(given.get(key, None), sort_keys=True) == json.dumps(value, sort_keys=True)
+               and key in given for key, value in wanted.items())
+    return same / len(wanted)
 
 
 # ------------------------------------------------------------------------------------------------------------ run
@@ -349,7 +418,8 @@ def _sample(problem: Problem, completion: Completion) -> dict:
             "output": completion.text, "finish_reason": completion.finish_reason,
             # A cut answer ran out of tokens before it ended; under a grammar that means it is incomplete JSON.
             "cut": completion.finish_reason == "length",
-            "valid_json": scores["valid_json"], "schema": scores["schema_ok"], "exact": scores["exact"]}
+            "valid_json": scores["valid_json"], "schema": scores["schema_ok"], "exact": scores["exact"],
+            "arguments": scores["arguments"]}
 
 
 def run(lm: EvalModel, options: TaskOptions, constrained: bool = False) -> TaskResult:
@@ -367,5 +437,6 @@ def run(lm: EvalModel, options: TaskOptions, constrained: bool = False) -> TaskR
     params = SamplingParams(max_new_tokens=max_new_tokens, temperature=0.0, stop=[] if lm.chat else ["\n\n"])
     completions = lm.generate([prompt(lm, problem) for problem in chosen], params, constraints)
     samples = [_sample(problem, completion) for problem, completion in zip(chosen, completions, strict=True)]
-    metrics = [mean_metric(name, [float(s[name]) for s in samples]) for name in ("valid_json", "schema", "exact")]
+    metrics = [mean_metric(name, [float(s[name]) for s in samples]) for name in ("valid_json", "schema", "exact",
+                                                                                        "arguments")]
     return TaskResult(f"{TASK}_constrained" if constrained else TASK, metrics, len(samples), 0, samples)
