@@ -1,17 +1,25 @@
 """`fermion card`: the model card renders every section, and every number in it is the run's own."""
 
+import io
 import json
 import shutil
 
 import pytest
 import yaml
-from conftest import SHARED_DATA, fermion
+from conftest import REPO, SHARED_DATA, fermion
+from rich.console import Console
 
-from fermion.card import build_card
-from fermion.config import load_recipe
+from fermion.card import StageRecord, build_card, training_section
+from fermion.config import load_recipe, recipe_from_dict
+from fermion.eval import lm as eval_lm
+from fermion.eval import runner
+from fermion.eval.results import TaskOptions, write
 from fermion.export import ExportError
 from fermion.model.counting import count
 from fermion.train.checkpoint import newest_good, trainer_state_of
+from fermion.train.dpo import dpo
+from fermion.train.pretrain import pretrain
+from fermion.train.sft import sft
 
 EVAL_DATA = SHARED_DATA / "eval"
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -60,7 +68,9 @@ def test_card_renders_every_section_from_the_records(run_copy):
     assert f"| steps | {state['step']:,} |" in text
     assert f"| tokens seen | {state['tokens_seen']:,} |" in text
     assert f"| wall-clock (training steps) | {state['elapsed_s']:,.1f} s" in text
-    assert "| hardware | not recorded" in text
+    hw = state["hardware"]
+    assert f"| hardware | 1 × {hw['name']} (cpu, {hw['cpu_cores']:,} CPU cores) |" in text
+    assert f"| precision | {state['precision']} (train.precision: fp32) |" in text
 
     index = json.loads((run_copy / "data" / "index.json").read_text())
     for name, entry in index["sources"].items():
@@ -134,3 +144,120 @@ def test_the_card_and_the_hf_export_share_their_folder_in_either_order(run_copy)
     refused = fermion("export", str(run_copy), "--format", "hf", "--out", str(other))
     assert refused.returncode == 2 and "is not an earlier export" in refused.stderr
     assert (other / "notes.txt").read_text() == "mine"
+
+
+# ----------------------------------------------------------------------------------- every stage of a long run
+
+STORIES = SHARED_DATA / "pretrain" / "tinystories" / "tinystories_train_sample_2MiB.txt"
+ALICE = SHARED_DATA / "pretrain" / "gutenberg_nltk" / "carroll-alice.txt"
+ALPACA = SHARED_DATA / "sft" / "alpaca" / "alpaca_small_2k.json"
+HH = SHARED_DATA / "preference" / "hh-rlhf" / "helpful-base" / "test.jsonl.gz"
+
+
+def staged_recipe(run_dir):
+    """configs/tiny.yaml cut to a few steps, with a continued stage on Alice in Wonderland, SFT and DPO, and the
+    arc_easy benchmark run by the trainer every 3 steps."""
+    raw = yaml.safe_load((REPO / "configs" / "tiny.yaml").read_text())
+    raw["run"]["dir"] = str(run_dir)
+    raw["data"]["sources"][0].update(paths=[str(STORIES)], max_documents=300)
+    raw["train"].update(steps=6, warmup_steps=2, eval_every=6, eval_batches=2, checkpoint_every=6, log_every=1)
+    raw["stages"] = [{"name": "alice", "train": {"steps": 4, "lr": 1e-3, "eval_every": 4, "checkpoint_every": 4},
+                      "data": {"sources": [{"name": "alice", "kind": "books", "paths": [str(ALICE)],
+                                            "separator": "\n", "max_documents": 400}],
+                               "val_fraction": 0.05, "num_workers": 1}}]
+    short = {"steps": 4, "eval_every": 4, "eval_batches": 2, "checkpoint_every": 4, "log_every": 1}
+    raw["sft"].update(sources=[{"name": "alpaca", "paths": [str(ALPACA)], "max_documents": 64}], epochs=None)
+    raw["sft"]["train"].update(short)
+    raw["dpo"].update(sources=[{"name": "hh", "paths": [str(HH)], "max_documents": 32}], epochs=None)
+    raw["dpo"]["train"].update({**short, "steps": 3, "eval_every": 3, "checkpoint_every": 3})
+    raw["eval"] = {"tasks": ["arc_easy"], "data_dir": str(EVAL_DATA), "limit": 4, "every": 3}
+    return recipe_from_dict(raw)
+
+
+def evaluate_stage(directory, text_file):
+    """What `fermion eval STAGE_DIR` (and `fermion run` after training) writes: <stage>/eval/results.json. The
+    perplexity of a text gives each stage its own numbers; arc_easy's come with standard errors."""
+    model = eval_lm.load(directory)
+    options = TaskOptions(data_dir=EVAL_DATA, limit=4)
+    results = runner.run(model, ["arc_easy", f"perplexity={text_file}"], options)
+    return json.loads(write(results, directory / "eval", model=str(directory), extra={"limit": 4}).read_text())
+
+
+def cells(text: str, label: str) -> list[str]:
+    """The cells after `label` (one cell, or several joined with " | ") of the first table row it starts."""
+    prefix = f"| {label} |"
+    row = next(line for line in text.splitlines() if line.startswith(prefix))
+    return [c.strip() for c in row[len(prefix):].strip().strip("|").split(" | ")]
+
+
+def with_error(metric: dict) -> str:
+    return f"{metric['value']:.4f}" + (f" ± {metric['stderr']:.4f}" if metric["stderr"] is not None else "")
+
+
+@pytest.mark.skipif(not (EVAL_DATA.is_dir() and ALICE.is_file() and HH.is_file()), reason="shared data is missing")
+def test_card_covers_continued_sft_and_dpo_stages_and_their_evaluations(tmp_path):
+    run = tmp_path / "run"
+    recipe = staged_recipe(run)
+    quiet = Console(file=io.StringIO())
+    pretrain(recipe, console=quiet)
+    pretrain(recipe.stage_recipe(0), console=quiet)
+    sft(recipe, console=quiet)
+    dpo(recipe, console=quiet)
+    dirs = {"pretrain": run, "alice": run / "stages" / "alice", "sft": run / "sft", "dpo": run / "dpo"}
+    text_file = tmp_path / "alice.txt"
+    text_file.write_text(ALICE.read_text()[:4000])
+    saved = {name: evaluate_stage(d, text_file) for name, d in dirs.items() if name != "alice"}  # alice: not evaluated
+
+    text = build_card(run, tmp_path / "card", generate=False).read_text()
+    assert "(pretrain → alice → sft → dpo)" in text
+    training = text.split("\n## Training\n")[1].split("\n## ")[0]
+    assert cells(training, "") == list(dirs)  # the training table's columns, in training order
+    states = {name: trainer_state_of(newest_good(d)) for name, d in dirs.items()}
+    assert cells(training, "steps") == [f"{s['step']:,}" for s in states.values()] == ["6", "4", "4", "3"]
+    assert cells(training, "tokens seen") == [f"{s['tokens_seen']:,}" for s in states.values()]
+    assert cells(training, "wall-clock (training steps)")[0].startswith(f"{states['pretrain']['elapsed_s']:,.1f} s")
+    hardware = states["dpo"]["hardware"]
+    assert hardware["device"] == "cpu" and hardware["count"] == 1 and hardware["name"]
+    assert cells(training, "hardware") == [f"1 × {s['hardware']['name']} (cpu, {s['hardware']['cpu_cores']:,} CPU "
+                                           f"cores)" for s in states.values()]
+    assert cells(training, "precision") == ["fp32 (train.precision: fp32)"] * 4
+    assert cells(training, "compiled") == ["no (train.compile: false)"] * 4
+    for name in dirs:
+        assert f"![loss_{name}.png](loss_{name}.png)" in text and (tmp_path / "card" / f"loss_{name}.png").is_file()
+
+    index = json.loads((dirs["alice"] / "data" / "index.json").read_text())
+    assert "### Continued pretraining: alice" in text
+    assert f"| alice | {ALICE} | books | 1 | {index['sources']['alice']['train']['documents']:,} |" in text
+    assert "### SFT data" in text and "### DPO data" in text
+
+    assert "### Evaluation across stages" in text
+    assert "Not evaluated: alice (no eval/results.json in its directory)." in text
+    across = text.split("### Evaluation across stages\n")[1].split("\n### ")[0]
+    assert cells(across, "task | metric") == ["pretrain", "sft", "dpo"]
+    for i, result in enumerate(saved["dpo"]["results"]):
+        for j, metric in enumerate(result["metrics"]):
+            assert cells(across, f"{result['task']} | {metric['name']}") == [
+                with_error(saved[s]["results"][i]["metrics"][j]) for s in ("pretrain", "sft", "dpo")]
+            assert f"| {result['task']} | {metric['name']} | {metric['value']:.4f} |" in text  # the final table
+    perplexity = saved["dpo"]["results"][1]
+    assert len(set(cells(across, f"{perplexity['task']} | {perplexity['metrics'][0]['name']}"))) == 3  # 3 models
+    for name, directory in dirs.items():
+        steps = sorted((directory / "eval").glob("step_*/results.json"))
+        assert steps, name  # eval.every: 3 wrote them in every stage
+        during = text.split(f"### Evaluation during training: {name}\n")[1].split("\n### ")[0]
+        for path in steps:
+            main = json.loads(path.read_text())["results"][0]["metrics"][0]
+            step = int(path.parent.name.removeprefix("step_"))
+            assert f"| {step:,} | {with_error(main)} |" in during
+
+
+def test_training_rows_of_a_checkpoint_without_hardware_records_say_so(tiny_run):
+    """Checkpoints written before the trainer recorded hardware, precision and compilation."""
+    recipe = load_recipe(tiny_run / "recipe.yaml", check_paths=False)
+    state = trainer_state_of(newest_good(tiny_run))
+    old = {k: v for k, v in state.items() if k not in ("hardware", "precision", "compiled")}
+    text = "\n".join(training_section([StageRecord("pretrain", "pretrain", tiny_run, recipe, recipe.data,
+                                                    newest_good(tiny_run), old)]))
+    assert "| hardware | not recorded (the checkpoint predates hardware records) |" in text
+    assert "| precision | not recorded (train.precision: fp32) |" in text
+    assert "| compiled | not recorded (train.compile: false) |" in text

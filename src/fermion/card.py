@@ -1,15 +1,16 @@
 """`fermion card RUN`: a Hugging Face model card (README.md) written from the run's own records.
 
 Every number in the card is read from what the run wrote: the recipes (recipe.yaml of the run and of each
-post-training stage), the newest good checkpoint's trainer_state.json (steps, tokens seen, wall-clock, batch),
-metrics.jsonl (loss curves, throughput), the shard index (tokens per source), the `fermion prepare` report
-(filtering counts), the SFT/DPO report.json (records read, used, skipped), and eval/results.json (benchmarks and
-smoke-test verdicts). Parameter counts come from fermion.model.counting. A section whose records are missing says
-so and names the command that would produce them; nothing is estimated.
+continued-pretraining and post-training stage), the newest good checkpoint's trainer_state.json (steps, tokens
+seen, wall-clock, batch, hardware, precision), metrics.jsonl (loss curves, throughput), the shard index (tokens per
+source), the `fermion prepare` report (filtering counts), the SFT/DPO report.json (records read, used, skipped),
+each stage's eval/results.json (benchmarks and smoke-test verdicts, compared across stages) and the trainer's
+eval/step_N/results.json (benchmarks during training). Parameter counts come from fermion.model.counting. A section
+whose records are missing says so and names the command that would produce them; nothing is estimated.
 
-The card describes the final model: the DPO stage if the run has one, else the SFT stage, else the pretrained
-model. The README and the loss plots are rendered in memory first and then each file is renamed into place, so an
-error leaves no half-written card.
+The stages are pretrain, each continued-pretraining stage (recipe `stages:`), sft and dpo, in that order, where
+they have checkpoints. The card describes the final model: the last of them. The README and the loss plots are
+rendered in memory first and then each file is renamed into place, so an error leaves no half-written card.
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ from fermion.atomic import replaced_file
 from fermion.config import Recipe, RecipeError, load_recipe
 from fermion.export import ExportError
 
-STAGES = ("pretrain", "sft", "dpo")
+POST_TRAINING = ("sft", "dpo")
 SAMPLE_PROMPTS = ["Once upon a time", "The capital of France is", "def add(a, b):\n"]
 SAMPLE_CHAT_PROMPTS = ["Tell me a short story about a cat.", "What is 2 + 3?", "Name three colours."]
 SAMPLE_SEED = 0
@@ -35,9 +36,11 @@ SAMPLE_TOKENS = 48
 
 @dataclass
 class StageRecord:
-    name: str  # pretrain, sft or dpo
+    name: str  # pretrain, a continued stage's name, sft or dpo
+    kind: str  # pretrain (the base run and continued stages), sft or dpo
     dir: Path
-    recipe: Recipe
+    recipe: Recipe  # the stage's own recipe.yaml
+    data: object  # the section whose sources it trained on: DataConfig, SFTConfig or DPOConfig (None if absent)
     checkpoint: Path
     state: dict
     metrics: list[dict] = field(default_factory=list)
@@ -59,7 +62,7 @@ def _load_recipe(path: Path) -> Recipe:
         raise ExportError(f"cannot write a model card: {err}") from None
 
 
-def _stage(name: str, directory: Path) -> StageRecord | None:
+def _stage(name: str, kind: str, directory: Path, data) -> StageRecord | None:
     from fermion.train import checkpoint
 
     if not checkpoint.checkpoints_dir(directory).is_dir():
@@ -81,28 +84,33 @@ def _stage(name: str, directory: Path) -> StageRecord | None:
                     metrics.append(record)
     report_path = directory / "report.json"
     report = json.loads(report_path.read_text()) if report_path.is_file() else None
-    return StageRecord(name, directory, recipe, ckpt, state, metrics, report)
+    return StageRecord(name, kind, directory, recipe, data, ckpt, state, metrics, report)
 
 
-def _stage_dir(run_dir: Path, recipe: Recipe, name: str) -> Path:
-    section = getattr(recipe, name)
-    return Path(section.dir) if section is not None and section.dir else run_dir / name
+def _planned_stages(run_dir: Path, recipe: Recipe) -> list[tuple[str, str, Path, object]]:
+    """(name, kind, directory, data section) of every stage the recipe describes, in training order. Default
+    directories are taken under `run_dir` (where the run is now), as Recipe.stage_dir and posttrain.stage_dir lay
+    them out under run.dir."""
+    planned = [("pretrain", "pretrain", run_dir, recipe.data)]
+    for stage in recipe.stages:
+        directory = Path(stage.dir) if stage.dir else run_dir / "stages" / stage.name
+        planned.append((stage.name, "pretrain", directory, stage.data))
+    for name in POST_TRAINING:
+        section = getattr(recipe, name)
+        directory = Path(section.dir) if section is not None and section.dir else run_dir / name
+        planned.append((name, name, directory, section))
+    return planned
 
 
 def gather(run_dir: Path) -> tuple[Recipe, list[StageRecord]]:
-    """The run's recipe and its trained stages (pretrain, then sft and dpo where they have checkpoints)."""
+    """The run's recipe and its trained stages (pretrain, continued stages, sft, dpo: those with checkpoints)."""
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
         raise ExportError(f"{run_dir} is not a run directory (no such folder)")
     if not (run_dir / "recipe.yaml").is_file():
         raise ExportError(f"{run_dir} is not a run directory: it has no recipe.yaml")
     recipe = _load_recipe(run_dir / "recipe.yaml")
-    stages = []
-    for name in STAGES:
-        directory = run_dir if name == "pretrain" else _stage_dir(run_dir, recipe, name)
-        stage = _stage(name, directory)
-        if stage is not None:
-            stages.append(stage)
+    stages = [stage for planned in _planned_stages(run_dir, recipe) if (stage := _stage(*planned)) is not None]
     if not stages:
         raise ExportError(f"{run_dir} has no complete checkpoint yet: train it first (fermion pretrain RECIPE)")
     return recipe, stages
@@ -147,16 +155,13 @@ def _source_label(source) -> str:
 def front_matter(recipe: Recipe, stages: list[StageRecord], license: str, language: str) -> str:
     """The metadata Hugging Face reads; datasets are the sources of the stages the model went through."""
     final = stages[-1]
-    trained = {s.name for s in stages}
-    sections = {"pretrain": recipe.data, "sft": recipe.sft, "dpo": recipe.dpo}
-    sources = [source for name in STAGES if name in trained and sections[name] is not None
-               for source in sections[name].sources]
+    sources = [source for s in stages if s.data is not None for source in s.data.sources]
     datasets = list(dict.fromkeys(_source_label(s) for s in sources))
     model = final.recipe.model
     tags = ["fermion", "llama-style" if not model.moe else "moe", "causal-lm"]
     if model.moe:
         tags.append("mixture-of-experts")
-    tags += [name for name in ("sft", "dpo") if name in trained]
+    tags += [s.kind for s in stages if s.kind in POST_TRAINING]
     meta = {"license": license, "language": [language], "datasets": datasets, "tags": tags,
             "pipeline_tag": "text-generation", "library_name": "transformers"}
     return "---\n" + yaml.safe_dump(meta, sort_keys=False, allow_unicode=True) + "---\n"
@@ -213,12 +218,33 @@ def _throughput(stage: StageRecord) -> str:
     return text
 
 
+def _hardware(state: dict) -> str:
+    hw = state.get("hardware")
+    if not hw:
+        return "not recorded (the checkpoint predates hardware records)"
+    cores = f", {_n(hw['cpu_cores'])} CPU cores" if hw.get("cpu_cores") else ""
+    return f"{_n(hw['count'])} × {hw['name']} ({hw['device']}{cores})"
+
+
+def _precision(stage: StageRecord) -> str:
+    setting = f"train.precision: {stage.recipe.train.precision}"
+    return f"{stage.state['precision']} ({setting})" if "precision" in stage.state else f"not recorded ({setting})"
+
+
+def _compiled(stage: StageRecord) -> str:
+    setting = f"train.compile: {str(stage.recipe.train.compile).lower()}"
+    if "compiled" not in stage.state:
+        return f"not recorded ({setting})"
+    return f"{'yes' if stage.state['compiled'] else 'no'} ({setting})"
+
+
 def training_section(stages: list[StageRecord]) -> list[str]:
     header = ["", *[s.name for s in stages]]
     rows = [
-        ["hardware", *["not recorded (the trainer keeps no device record)" for _ in stages]],
+        ["hardware", *[_hardware(s.state) for s in stages]],
         ["device setting", *[s.recipe.train.device for s in stages]],
-        ["precision (train.precision)", *[s.recipe.train.precision for s in stages]],
+        ["precision", *[_precision(s) for s in stages]],
+        ["compiled", *[_compiled(s) for s in stages]],
         ["optimizer", *[_optimizer(s.recipe.train) for s in stages]],
         ["schedule", *[_schedule(s.recipe.train) for s in stages]],
         ["sequence length", *[_n(s.recipe.seq_len) for s in stages]],
@@ -245,49 +271,58 @@ def _last(stage: StageRecord, key: str) -> str:
     return "not recorded"
 
 
-def data_section(run_dir: Path, recipe: Recipe, stages: list[StageRecord]) -> list[str]:
+def data_section(stages: list[StageRecord]) -> list[str]:
     lines = ["## Data", ""]
-    if recipe.data is not None and any(s.name == "pretrain" for s in stages):
-        shard_dir = Path(recipe.data.shard_dir) if recipe.data.shard_dir else run_dir / "data"
-        index_path = shard_dir / "index.json"
-        index = json.loads(index_path.read_text()) if index_path.is_file() else None
-        lines += ["### Pretraining mix", ""]
-        rows = []
-        for source in recipe.data.sources:
-            entry = (index or {}).get("sources", {}).get(source.name)
-            if entry:
-                rows.append([source.name, _source_label(source), entry["kind"], f"{entry['weight']:g}",
-                             _n(entry["train"]["documents"]), _n(entry["train"]["tokens"]),
-                             _n(entry["val"]["tokens"])])
-            else:
-                rows.append([source.name, _source_label(source), source.kind, f"{source.weight:g}",
-                             "not recorded", "not recorded", "not recorded"])
-        lines += _table(["source", "from", "kind", "weight", "train documents", "train tokens", "val tokens"], rows)
-        if index:
-            lines += ["", f"Total: {_n(index['splits']['train']['tokens'])} train tokens, "
-                          f"{_n(index['splits']['val']['tokens'])} validation tokens (`{index_path}`)."]
-        else:
-            lines += ["", f"No shard index at `{index_path}`: token counts per source are not recorded."]
-        lines += ["", "### Filtering", "", *_filtering(run_dir, recipe), ""]
     for stage in stages:
-        if stage.name == "pretrain":
-            continue
-        lines += [f"### {stage.name.upper()} data", ""]
-        section = getattr(recipe, stage.name)
-        if section is not None:
-            lines += [f"Sources: {', '.join(f'{s.name} ({_source_label(s)})' for s in section.sources)}.", ""]
-        report = stage.report
-        if report is None:
-            lines += [f"No `{stage.dir / 'report.json'}`: record counts are not recorded.", ""]
-            continue
-        rows = [["records read", _n(report["records_read"])], ["records used", _n(report["records_used"])]]
-        rows += [[f"skipped: {reason}", _n(n)] for reason, n in report.get("skipped", {}).items()]
-        for key in ("truncated", "train_conversations", "val_conversations", "train_pairs", "val_pairs",
-                    "train_tokens", "assistant_tokens"):
-            if isinstance(report.get(key), int):
-                rows.append([key.replace("_", " "), _n(report[key])])
-        lines += _table(["", "count"], rows) + [""]
+        if stage.kind == "pretrain":
+            lines += _pretraining_data(stage)
+        else:
+            lines += _post_training_data(stage)
     return lines
+
+
+def _pretraining_data(stage: StageRecord) -> list[str]:
+    """The mix of the base run or of a continued stage: tokens per source from its shard index, and filtering."""
+    title = "Pretraining mix" if stage.name == "pretrain" else f"Continued pretraining: {stage.name}"
+    lines = [f"### {title}", ""]
+    if stage.data is None:
+        return [*lines, "Not recorded: the recipe has no data section for this stage.", ""]
+    shard_dir = Path(stage.data.shard_dir) if stage.data.shard_dir else stage.dir / "data"
+    index_path = shard_dir / "index.json"
+    index = json.loads(index_path.read_text()) if index_path.is_file() else None
+    rows = []
+    for source in stage.data.sources:
+        entry = (index or {}).get("sources", {}).get(source.name)
+        if entry:
+            rows.append([source.name, _source_label(source), entry["kind"], f"{entry['weight']:g}",
+                         _n(entry["train"]["documents"]), _n(entry["train"]["tokens"]), _n(entry["val"]["tokens"])])
+        else:
+            rows.append([source.name, _source_label(source), source.kind, f"{source.weight:g}",
+                         "not recorded", "not recorded", "not recorded"])
+    lines += _table(["source", "from", "kind", "weight", "train documents", "train tokens", "val tokens"], rows)
+    if index:
+        lines += ["", f"Total: {_n(index['splits']['train']['tokens'])} train tokens, "
+                      f"{_n(index['splits']['val']['tokens'])} validation tokens (`{index_path}`)."]
+    else:
+        lines += ["", f"No shard index at `{index_path}`: token counts per source are not recorded."]
+    heading = "### Filtering" if stage.name == "pretrain" else f"#### Filtering ({stage.name})"
+    return [*lines, "", heading, "", *_filtering(stage.dir, stage.recipe), ""]
+
+
+def _post_training_data(stage: StageRecord) -> list[str]:
+    lines = [f"### {stage.name.upper()} data", ""]
+    if stage.data is not None:
+        lines += [f"Sources: {', '.join(f'{s.name} ({_source_label(s)})' for s in stage.data.sources)}.", ""]
+    report = stage.report
+    if report is None:
+        return [*lines, f"No `{stage.dir / 'report.json'}`: record counts are not recorded.", ""]
+    rows = [["records read", _n(report["records_read"])], ["records used", _n(report["records_used"])]]
+    rows += [[f"skipped: {reason}", _n(n)] for reason, n in report.get("skipped", {}).items()]
+    for key in ("truncated", "train_conversations", "val_conversations", "train_pairs", "val_pairs",
+                "train_tokens", "assistant_tokens"):
+        if isinstance(report.get(key), int):
+            rows.append([key.replace("_", " "), _n(report[key])])
+    return [*lines, *_table(["", "count"], rows), ""]
 
 
 def _filtering(run_dir: Path, recipe: Recipe) -> list[str]:
@@ -322,19 +357,68 @@ def _results(stage: StageRecord) -> tuple[Path, dict | None]:
     return path, (json.loads(path.read_text()) if path.is_file() else None)
 
 
-def eval_section(run_arg: str, final: StageRecord) -> list[str]:
+def _with_error(metric: dict) -> str:
+    value = f"{metric['value']:.4f}"
+    return value + (f" ± {metric['stderr']:.4f}" if metric.get("stderr") is not None else "")
+
+
+def eval_section(run_arg: str, stages: list[StageRecord]) -> list[str]:
+    final = stages[-1]
     path, results = _results(final)
     lines = ["## Evaluation", ""]
     if results is None:
-        return [*lines, f"Not evaluated: run `fermion eval {run_arg}` (it writes `{path}`).", ""]
-    rows = []
-    for r in results["results"]:
-        for m in r["metrics"]:
-            err = f"{m['stderr']:.4f}" if m.get("stderr") is not None else "–"
-            rows.append([r["task"], m["name"], f"{m['value']:.4f}", err, str(r["shots"]), str(r["n"])])
-    settings = ", ".join(f"{k} {results[k]}" for k in ("limit", "seed", "dtype", "chat") if k in results)
-    lines += _table(["task", "metric", "value", "± stderr", "shots", "n"], rows)
-    return [*lines, "", f"From `{path}`" + (f" ({settings})." if settings else "."), ""]
+        lines += [f"Not evaluated: run `fermion eval {run_arg}` (it writes `{path}`).", ""]
+    else:
+        rows = []
+        for r in results["results"]:
+            for m in r["metrics"]:
+                err = f"{m['stderr']:.4f}" if m.get("stderr") is not None else "–"
+                rows.append([r["task"], m["name"], f"{m['value']:.4f}", err, str(r["shots"]), str(r["n"])])
+        settings = ", ".join(f"{k} {results[k]}" for k in ("limit", "seed", "dtype", "chat") if k in results)
+        lines += _table(["task", "metric", "value", "± stderr", "shots", "n"], rows)
+        lines += ["", f"From `{path}`" + (f" ({settings})." if settings else "."), ""]
+    return lines + _across_stages(stages) + _during_training(stages)
+
+
+def _across_stages(stages: list[StageRecord]) -> list[str]:
+    """Each stage's eval/results.json side by side: what every stage of training did to the scores."""
+    evaluated = [(s, results) for s in stages if (results := _results(s)[1]) is not None]
+    if len(evaluated) < 2:
+        return []
+    cells: dict[tuple[str, str], dict[str, str]] = {}
+    for stage, results in evaluated:
+        for r in results["results"]:
+            for m in r["metrics"]:
+                cells.setdefault((r["task"], m["name"]), {})[stage.name] = _with_error(m)
+    rows = [[task, metric, *[by_stage.get(s.name, "not evaluated") for s, _ in evaluated]]
+            for (task, metric), by_stage in cells.items()]
+    lines = ["### Evaluation across stages", "", *_table(["task", "metric", *[s.name for s, _ in evaluated]], rows),
+             "", "Value ± standard error, from " + ", ".join(f"`{_results(s)[0]}`" for s, _ in evaluated) + "."]
+    missing = [s.name for s in stages if s.name not in {e.name for e, _ in evaluated}]
+    if missing:
+        lines.append(f"Not evaluated: {', '.join(missing)} (no eval/results.json in its directory).")
+    return [*lines, ""]
+
+
+def _during_training(stages: list[StageRecord]) -> list[str]:
+    """The benchmarks the trainer ran every eval.every steps (<stage>/eval/step_N/results.json): step by main
+    metric (each task's first) per task."""
+    lines = []
+    for stage in stages:
+        paths = sorted((stage.dir / "eval").glob("step_*/results.json"))
+        if not paths:
+            continue
+        columns: dict[str, None] = {}
+        by_step = []
+        for path in paths:
+            scores = {f"{r['task']} {r['metrics'][0]['name']}": _with_error(r["metrics"][0])
+                      for r in json.loads(path.read_text())["results"] if r["metrics"]}
+            columns.update(dict.fromkeys(scores))
+            by_step.append((int(path.parent.name.removeprefix("step_")), scores))
+        rows = [[_n(step), *[scores.get(c, "not evaluated") for c in columns]] for step, scores in by_step]
+        lines += [f"### Evaluation during training: {stage.name}", "", *_table(["step", *columns], rows), "",
+                  f"From `{stage.dir / 'eval'}/step_*/results.json` (written every eval.every steps).", ""]
+    return lines
 
 
 def smoke_section(run_arg: str, final: StageRecord) -> tuple[list[str], list[dict]]:
@@ -384,7 +468,7 @@ def _fresh_samples(final: StageRecord) -> list[str]:
 
     model, tokenizer, recipe = load_model(final.checkpoint, warn=lambda *_: None)
     engine = Engine(prepare_for_decode(model), tokenizer, max_batch=1)
-    chat = final.name != "pretrain"
+    chat = final.kind != "pretrain"
     template = ChatTemplate.get(recipe.tokenizer.chat_template) if chat else None
     prompts = SAMPLE_CHAT_PROMPTS if chat else SAMPLE_PROMPTS
     lines = [f"Generated for this card from `{final.checkpoint}`: temperature 0.7, top-p 0.95, "
@@ -443,7 +527,7 @@ def usage_section(run_arg: str, final: StageRecord) -> list[str]:
     lines += ["```python", "from transformers import AutoModelForCausalLM, AutoTokenizer", "",
               f'model = AutoModelForCausalLM.from_pretrained("{hf}")',
               f'tokenizer = AutoTokenizer.from_pretrained("{hf}")']
-    if final.name == "pretrain":
+    if final.kind == "pretrain":
         lines += ['inputs = tokenizer("Once upon a time", return_tensors="pt")']
     else:
         lines += ['messages = [{"role": "user", "content": "Hello!"}]',
@@ -470,7 +554,7 @@ def limitations_section(final: StageRecord, stages: list[StageRecord]) -> list[s
              f"- The context is {_n(final.recipe.model.context_length)} tokens; longer prompts are cut.",
              "- It knows only what its training data holds (see Data); the language tag is the recipe author's, "
              "not measured.",
-             "- It has had no safety training" + (" beyond the DPO stage's preference data" if final.name == "dpo"
+             "- It has had no safety training" + (" beyond the DPO stage's preference data" if final.kind == "dpo"
                                                   else "") + "; do not use it where harmful output matters.",
              "- Evaluation numbers with small n (see the table) have wide error bars."]
     return [*lines, ""]
@@ -502,8 +586,8 @@ def render(run_dir: Path, license: str = "apache-2.0", language: str = "en",
         lines += [f"![{name}]({name})" for name in plots] + [""]
     else:
         lines += ["Not recorded: the run has no metrics.jsonl.", ""]
-    lines += data_section(run_dir, recipe, stages)
-    lines += eval_section(run_arg, final)
+    lines += data_section(stages)
+    lines += eval_section(run_arg, stages)
     lines += smoke
     lines += samples_section(final, smoke_samples, generate)
     lines += usage_section(run_arg, final)

@@ -4,7 +4,8 @@
         model.safetensors      weights (one process or DDP)   | dcp/   sharded model + optimizer (FSDP2)
         optimizer.pt           AdamW state (torch.save; loaded with weights_only=True)
         rng_rank<r>.pt         every rank's RNG states
-        trainer_state.json     step, tokens seen, data-loader position, non-finite streak, lr, wall time
+        trainer_state.json     step, tokens seen, data-loader position, non-finite streak, lr, wall time,
+                               hardware, resolved precision, compiled
         recipe.yaml            the resolved recipe
         tokenizer.json         the tokenizer the run uses
         manifest.json          sha256 of every file above (damage is detected before anything is loaded)

@@ -7,6 +7,7 @@ from __future__ import annotations
 import contextlib
 import math
 import os
+import platform
 import signal
 import time
 from dataclasses import dataclass, field
@@ -55,6 +56,22 @@ def to_device(batch, device: torch.device):
     return tuple(t.to(device, non_blocking=True) for t in batch)
 
 
+def cpu_model() -> str:
+    """The CPU's marketing name (/proc/cpuinfo on Linux), else what the platform module knows."""
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    return platform.processor() or platform.machine() or "unknown"
+
+
+def hardware(info: DistInfo) -> dict:
+    """What the run trained on, recorded in every checkpoint for the model card."""
+    device = info.device
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_model()
+    return {"device": device.type, "name": name, "count": info.world_size, "cpu_cores": os.cpu_count()}
+
+
 def build_optimizer(model: torch.nn.Module, recipe: Recipe, device: torch.device) -> torch.optim.AdamW:
     """AdamW with weight decay on matmul weights only (norms and embeddings excluded unless configured)."""
     cfg = recipe.train
@@ -95,8 +112,9 @@ class Trainer:
         self.optimizer = build_optimizer(self.model, recipe, info.device)
         self.tokens_per_step = self.cfg.micro_batch_size * recipe.seq_len * self.cfg.grad_accum * info.world_size
         self.counts = count(recipe.model, recipe.seq_len)
-        device_name = torch.cuda.get_device_name(info.device) if info.device.type == "cuda" else None
-        self.peak_flops = self.cfg.peak_flops or peak_flops(device_name)
+        self.hardware = hardware(info)
+        gpu_name = self.hardware["name"] if info.device.type == "cuda" else None
+        self.peak_flops = self.cfg.peak_flops or peak_flops(gpu_name)
         self.step, self.tokens_seen, self.nonfinite_streak, self.elapsed = 0, 0, 0, 0.0
         self._stop_signal: str | None = None
         self._pending: checkpoint.PendingSave | None = None  # an asynchronous save still being written
@@ -121,7 +139,8 @@ class Trainer:
         return {"tokens_seen": self.tokens_seen, "loader": self.loader.state_dict(), "elapsed_s": self.elapsed,
                 "nonfinite_streak": self.nonfinite_streak, "lr": learning_rate(self.cfg, max(self.step - 1, 0)),
                 "global_batch": self.global_batch(), "micro_batch_size": self.cfg.micro_batch_size,
-                "grad_accum": self.cfg.grad_accum}
+                "grad_accum": self.cfg.grad_accum, "hardware": self.hardware, "precision": self.precision,
+                "compiled": self.compiled}
 
     def save(self, wait: bool = False) -> Path:
         """Checkpoint the current step and return its directory. With train.async_checkpoint the files are written
