@@ -153,3 +153,30 @@ def test_tokenizer_train_command_writes_a_tokenizer_with_chat_specials(tmp_path)
     assert tokenizer.vocab_size == 512
     assert [tokenizer.token_id(t) for t in ("<|bos|>", "<|eos|>", "<|pad|>", "<|im_start|>", "<|im_end|>")] == \
         [0, 1, 2, 3, 4]
+
+
+RECIPES = sorted((REPO / "configs").rglob("*.yaml"))
+
+
+@pytest.mark.parametrize("path", RECIPES, ids=lambda p: str(p.relative_to(REPO / "configs")))
+def test_every_shipped_recipe_loads_and_counts(path):
+    """What `fermion model info` needs from each recipe under configs/: it validates, and the model can be counted."""
+    from fermion.model.counting import count
+
+    recipe = load_recipe(path, check_paths=False)
+    counts = count(recipe.model, recipe.seq_len)
+    assert 0 < counts.active_params <= counts.total_params
+    assert counts.train_flops_per_token > 0
+    for i in range(len(recipe.stages)):
+        assert recipe.stage_recipe(i).train.steps >= 1  # each continued stage resolves to a pretraining recipe
+
+
+def test_nucleus_continues_on_textbooks_then_post_trains():
+    recipe = load_recipe(REPO / "configs" / "published" / "nucleus-1b.yaml", check_paths=False)
+    assert [stage.name for stage in recipe.stages] == ["textbooks"]
+    textbooks = recipe.stage_recipe(0)
+    assert {s.dataset for s in textbooks.data.sources} == {"HuggingFaceTB/cosmopedia"}
+    assert textbooks.train.steps != recipe.train.steps and textbooks.train.lr < recipe.train.lr
+    assert textbooks.train.init_from == str(recipe.run_dir)
+    assert recipe.pretrained_dir == recipe.run_dir / "stages" / "textbooks"
+    assert recipe.sft is not None and recipe.dpo is not None and recipe.eval.tasks

@@ -1,5 +1,5 @@
 """Training: exact resume after SIGKILL (one process and FSDP2 under torchrun), SIGTERM, FSDP2 vs one process,
-damaged checkpoints, non-finite losses, schedules, and the demo and generate commands end to end."""
+damaged checkpoints, non-finite losses, schedules, logging, and the generate command end to end."""
 
 import json
 import os
@@ -222,14 +222,11 @@ def test_shards_from_another_tokenizer_are_refused(reference, tmp_path):
     assert "made with tokenizer" in result.stderr and str(reference / "data") in result.stderr
 
 
-def test_demo_runs_end_to_end_and_prints_samples(tmp_path):
-    quick = ["run.dir=" + str(tmp_path / "demo"), "train.steps=6", "train.warmup_steps=2", "train.eval_every=3",
-             "data.sources.0.max_documents=60", "tokenizer.vocab_size=512", "model.vocab_size=512",
-             "train.micro_batch_size=2", "train.eval_batches=2", "train.wandb=true"]
-    result = run([*FERMION, "demo", *[arg for item in quick for arg in ("--set", item)]])
+def test_tensorboard_logs_and_wandb_is_optional(tmp_path):
+    result = run(pretrain_cmd(tmp_path / "run", "--set", "train.steps=6", "--set", "train.warmup_steps=2",
+                              "--set", "train.tensorboard=true", "--set", "train.wandb=true"))
     assert result.returncode == 0, result.stderr
-    assert result.stdout.count("sample ") == 5 and "final validation loss" in result.stdout
-    assert list((tmp_path / "demo" / "tensorboard").glob("events.out.tfevents.*"))
+    assert list((tmp_path / "run" / "tensorboard").glob("events.out.tfevents.*"))
     assert "wandb is not installed; logging locally only" in result.stdout  # W&B is optional, never required
 
 

@@ -25,7 +25,6 @@ console = Console(soft_wrap=True)  # log lines stay whole when piped to a file
 
 SetOption = Annotated[list[str] | None, typer.Option("--set", help="Override a recipe value: --set train.lr=3e-4")]
 RecipeArg = Annotated[Path, typer.Argument(help="The run's YAML recipe.")]
-DEMO_PROMPTS = ["def ", "import os\n", "class ", '    """Return the ', "for i in range("]
 
 
 def fail(message: str, code: int = 2) -> None:
@@ -403,6 +402,7 @@ def eval_cmd(
     from fermion.eval import lm as eval_lm
     from fermion.eval import runner
     from fermion.eval.results import TaskOptions, write
+    from fermion.export import export_root
 
     try:
         model = run_guarded(lambda: eval_lm.load(run, device=device, dtype=dtype, chat=chat))
@@ -436,12 +436,14 @@ def eval_cmd(
             table.add_row(result.task, m.name, f"{m.value:.4f}", f"{m.stderr:.4f}" if m.stderr is not None else "–",
                           str(result.shots), str(result.n))
     console.print(table)
-    path = write(results, out or _export_root(run, "eval"), model=str(run),
+    path = write(results, out or export_root(run, "eval"), model=str(run),
                  extra={"chat": model.chat, "limit": options.limit, "seed": seed, "dtype": dtype})
     console.print(f"results: {path} and {path.with_suffix('.md')}")
 
 
-SYNTH_KINDS = {"tinytask": "tool-calling SFT conversations for the tinytask eval",
+SYNTH_KINDS = {"chat": "general conversations: story requests, definitions, facts, small talk (SFT)",
+               "tinytask": "tool-calling conversations for the tinytask eval (SFT)",
+               "tinytask-pairs": "tool calls, the right one against one with a wrong argument (DPO)",
                "arithmetic": "arithmetic questions and answers (SFT)",
                "arithmetic-pairs": "arithmetic questions with a right and a plausible wrong answer (DPO)"}
 
@@ -453,20 +455,13 @@ def synth(
     n: Annotated[int, typer.Option(min=1, help="Records to write.")] = 2000,
     seed: int = 0,
 ) -> None:
-    """Write generated training data for `sft.sources` / `dpo.sources` (the same seed gives the same file)."""
+    """Write generated training data for `sft.sources` / `dpo.sources` (the same seed gives the same file; no
+    record holds an evaluated problem). A recipe can also name them directly: `builtin: KIND`."""
     from fermion.data import synthetic
 
-    if kind == "tinytask":
-        from fermion.eval import tinytask
-
-        records = tinytask.sft_records(n, seed)
-    elif kind == "arithmetic":
-        records = synthetic.arithmetic_examples(n, seed)
-    elif kind == "arithmetic-pairs":
-        records = synthetic.arithmetic_preferences(n, seed)
-    else:
+    if kind not in SYNTH_KINDS:
         fail(f"unknown kind {kind!r}; one of {', '.join(SYNTH_KINDS)}")
-    console.print(f"{n:,} {kind} records -> {synthetic.write_jsonl(out, records)}")
+    console.print(f"{n:,} {kind} records -> {synthetic.write_jsonl(out, synthetic.generated_records(kind, n, seed))}")
 
 
 @app.command("export")
@@ -479,39 +474,15 @@ def export_cmd(
     template: Annotated[str | None, typer.Option(help="Chat template (default: the recipe's).")] = None,
 ) -> None:
     """Export a checkpoint to a Hugging Face folder, a GGUF file (+ Ollama Modelfile) or an ONNX model."""
-    from fermion.chat.templates import ChatTemplate
-    from fermion.infer.engine import load_model
+    from fermion.export import export
 
     formats = [f.strip() for spec in format_ for f in spec.split(",") if f.strip()]
-    unknown = [f for f in formats if f not in ("hf", "gguf", "onnx")]
-    if unknown:
-        fail(f"--format {unknown[0]!r} is not one of hf, gguf, onnx")
-    if out is not None and len(formats) > 1:
-        fail("--out names one folder; export one format at a time with it, or leave it out")
-    model, tokenizer, recipe = run_guarded(lambda: load_model(run, warn=console.print))
-    chat_template = run_guarded(lambda: ChatTemplate.get(template or recipe.tokenizer.chat_template))
-    base = _export_root(run, "export")
-    for fmt in formats:
-        folder = out or base / fmt
-        def write(fmt=fmt, folder=folder):
-            if fmt == "hf":
-                from fermion.export.hf import export_hf
-
-                return export_hf(model, tokenizer, folder, template=chat_template, dtype=dtype or "bf16")
-            elif fmt == "gguf":
-                from fermion.export.gguf import export_gguf
-
-                return export_gguf(model, tokenizer, folder, dtype=dtype or "f16", chat_template=chat_template.source,
-                                   template_name=chat_template.name, name=recipe.run.name)
-            else:
-                from fermion.export.onnx import export_onnx
-
-            return export_onnx(model, folder, dtype=dtype or "fp32")
-
-        try:
-            console.print(f"{fmt}: {run_guarded(write)}")
-        except ModuleNotFoundError as err:
-            fail(f"the {fmt} export needs the '{err.name}' package: pip install 'fermion[export]'")
+    try:
+        paths = run_guarded(lambda: export(run, formats, out, dtype, template, warn=console.print))
+    except ModuleNotFoundError as err:
+        fail(f"the export needs the '{err.name}' package: pip install 'fermion[export]'")
+    for fmt, path in zip(formats, paths, strict=True):
+        console.print(f"{fmt}: {path}")
 
 
 @app.command()
@@ -533,17 +504,6 @@ def card(
                                                      generate=samples))), highlight=False, markup=False)
 
 
-def _export_root(run: Path, kind: str) -> Path:
-    """<run>/<kind> for a run directory or one of its checkpoints; beside the folder otherwise."""
-    from fermion.train.checkpoint import checkpoints_dir
-
-    if checkpoints_dir(run).is_dir():
-        return run / kind
-    if run.parent.name == "checkpoints":
-        return run.parent.parent / kind
-    return run.parent / f"{run.name}-{kind}"
-
-
 @app.command("import")
 def import_cmd(
     folder: Annotated[Path, typer.Argument(help="A Hugging Face Llama/Mistral/Qwen3/Mixtral/Qwen3-MoE folder.")],
@@ -558,29 +518,122 @@ def import_cmd(
     console.print(f"imported {folder} ({recipe.model.n_layers} layers, vocab {recipe.model.vocab_size:,}) -> {path}")
 
 
+@app.command("run")
+def run_cmd(
+    recipe: RecipeArg,
+    set_: SetOption = None,
+    from_: Annotated[str | None, typer.Option("--from", help="Run this step and every later one again, even if up "
+                                                             "to date (prepare, tokenizer, pretrain, a continued "
+                                                             "stage's name, sft, dpo, eval, export, card).")] = None,
+    only: Annotated[str | None, typer.Option(help="Run just this step (again); the ones before it must have "
+                                                  "finished.")] = None,
+) -> None:
+    """Every stage of the recipe in order: prepare, tokenizer, pretrain, continued stages, sft, dpo, eval, export,
+    card; a step whose output is complete and whose inputs are unchanged is skipped, a stopped one resumes."""
+    from fermion.run import run as run_all
+
+    if from_ is not None and only is not None:
+        fail("--from and --only cannot be used together")
+    loaded = recipe_or_exit(recipe, set_)
+    result = _run_or_exit(lambda: run_all(loaded, console, start=from_, only=only))
+    raise typer.Exit(0 if result.status in ("complete", "preempted") else 1)
+
+
+def _run_or_exit(action):
+    try:
+        return run_guarded(action)
+    except ModuleNotFoundError as err:
+        fail(f"this step needs the '{err.name}' package: pip install 'fermion[export,eval]'")
+
+
+DEMO_CHATS = ["Hello!", "Tell me a story about a brave rabbit named Pip.", "What is a map?", "What is 7 + 8?"]
+
+
 @app.command()
 def demo(
+    data: Annotated[Path | None, typer.Option(help="Pretrain on your own corpora instead: a folder of .txt, .jsonl "
+                                                   "or .jsonl.gz files (one source per file or subfolder).")]
+    = None,
     set_: SetOption = None,
-    resume: Annotated[str, typer.Option(help="auto, none, or a checkpoint directory")] = "auto",
+    from_: Annotated[str | None, typer.Option("--from", help="Run this step and every later one again.")] = None,
 ) -> None:
-    """The built-in recipe, offline: a tokenizer and a small model trained on the Python standard library."""
-    from fermion.infer.engine import SamplingParams
-    from fermion.train.pretrain import pretrain as run_pretrain
+    """The built-in recipe end to end, offline: pretraining on the Python standard library and generated stories,
+    textbook text, arithmetic and tool calls; SFT and DPO on generated data; eval; hf and gguf export; a model card;
+    sample chats."""
+    import time
 
+    from fermion.run import run as run_all
+
+    started = time.perf_counter()
+    # with --data, a run directory of its own (runs/demo-<folder>); --set still has the last word
+    named = [f"run.name=demo-{data.resolve().name}", f"run.dir=runs/demo-{data.resolve().name}"] if data else []
     with resources.as_file(resources.files("fermion") / "recipes" / "demo.yaml") as path:
-        loaded = recipe_or_exit(path, set_)
-    console.print(f"[bold]fermion demo[/]: a {loaded.model.n_layers}-layer model, {loaded.train.steps} steps on the "
-                  f"Python standard library\nrun directory: {loaded.run_dir}")
-    result = run_guarded(lambda: run_pretrain(loaded, resume=resume, console=console))
-    if result.status == "preempted":
+        loaded = recipe_or_exit(path, named + list(set_ or []))
+    if data is not None:
+        loaded = run_guarded(lambda: _with_user_data(loaded, data))
+    sources = ", ".join(f"{s.name}" for s in loaded.data.sources)
+    console.print(f"[bold]fermion demo[/]: a {loaded.model.n_layers}-layer model pretrained on {sources}; then "
+                  f"{', '.join(n for n in ('sft', 'dpo') if getattr(loaded, n))}, eval, export, card\n"
+                  f"run directory: {loaded.run_dir}")
+    result = _run_or_exit(lambda: run_all(loaded, console, start=from_))
+    if result.status != "complete":
         raise typer.Exit(0)
-    engine, _ = load_engine(loaded.run_dir)
-    for i, text in enumerate(DEMO_PROMPTS):
-        console.rule(f"sample {i + 1}: {text!r}")
-        completion = engine.complete(text, SamplingParams(max_new_tokens=80, temperature=0.7, top_k=50, seed=i))
-        console.print(text + completion.text, highlight=False, markup=False)
-    if result.val_loss is not None:
-        console.print(f"[bold]final validation loss {result.val_loss:.4f} · {result.val_bpb:.4f} bits/byte[/]")
+    _sample_chats(loaded)
+    console.print(f"[bold]demo finished in {time.perf_counter() - started:.0f} s[/] · chat with it: fermion chat "
+                  f"{_final_dir(loaded)} · model card: {_final_dir(loaded) / 'export' / 'hf' / 'README.md'}")
+
+
+def _final_dir(recipe: Recipe) -> Path:
+    from fermion.run import trained_stages
+
+    return trained_stages(recipe)[-1][1]
+
+
+def _with_user_data(recipe: Recipe, folder: Path) -> Recipe:
+    """The demo recipe with its pretraining sources replaced by the corpora in `folder`."""
+    from fermion.config import DataConfig, SourceConfig
+    from fermion.data.sources import DataError
+
+    if not folder.is_dir():
+        raise DataError(f"--data {folder}: not a folder; give a folder of .txt, .jsonl or .jsonl.gz files")
+    suffixes = (".txt", ".jsonl", ".jsonl.gz")
+    sources = []
+    for entry in sorted(folder.iterdir()):
+        if entry.is_file() and entry.name.endswith(suffixes):
+            paths = [str(entry)]
+        elif entry.is_dir():
+            paths = [str(entry / "**" / f"*{suffix}") for suffix in suffixes
+                     if any(entry.rglob(f"*{suffix}"))]
+        else:
+            continue
+        if paths:
+            name = entry.name.split(".")[0] or entry.name
+            sources.append(SourceConfig(name=name, paths=paths, kind="code" if name == "code" else "web"))
+    if not sources:
+        raise DataError(f"--data {folder}: no .txt, .jsonl or .jsonl.gz files in it")
+    data = DataConfig(**{**recipe.data.model_dump(), "sources": [s.model_dump() for s in sources]})
+    return recipe.model_copy(update={"data": data})
+
+
+def _sample_chats(recipe: Recipe) -> None:
+    """A few answers from the final model through its chat template (greedy, so they repeat), the last one a
+    held-out tinytask tool call."""
+    from fermion.chat.templates import ChatTemplate
+    from fermion.eval import tinytask
+    from fermion.infer.engine import SamplingParams
+
+    engine, final_recipe = load_engine(_final_dir(recipe))
+    template = ChatTemplate.get(final_recipe.tokenizer.chat_template)
+    params = SamplingParams(max_new_tokens=160, temperature=0.0, stop=template.stop_strings)
+    problem = tinytask.problems(1, seed=1)[0]
+    chats = [(q, [{"role": "user", "content": q}]) for q in DEMO_CHATS]
+    chats.append((f"[tools: {', '.join(t['name'] for t in problem.tools)}] {problem.request}",
+                  [{"role": "system", "content": tinytask.SYSTEM},
+                   {"role": "user", "content": tinytask.user_text(problem)}]))
+    prompts = [template.encode(engine.tokenizer, messages, add_generation_prompt=True).ids for _, messages in chats]
+    for (shown, _), completion in zip(chats, engine.generate(prompts, params), strict=True):
+        console.print(f"[bold cyan]user[/] {escape(shown)}\n[bold green]assistant[/] {escape(completion.text.strip())}",
+                      highlight=False)
 
 
 def main() -> None:

@@ -109,7 +109,13 @@ class TokenizerConfig(Section):
 class SourceConfig(Section):
     name: str = Field(min_length=1)
     paths: list[str] = Field(default_factory=list)  # files or globs: .txt, .jsonl, .jsonl.gz (.json for SFT/DPO)
-    builtin: Literal["python-stdlib"] | None = None  # text every machine with Python has
+    # Text every machine has: python-stdlib (the running Python's standard library source), or fermion's generated
+    # data (data/synthetic.py): stories, textbook, arithmetic, tinytask documents for pretraining; chat, arithmetic,
+    # tinytask records for sft; arithmetic-pairs, tinytask-pairs for dpo. Generated sources take max_documents
+    # records from seed.
+    builtin: Literal["python-stdlib", "stories", "textbook", "arithmetic", "tinytask", "chat", "arithmetic-pairs",
+                     "tinytask-pairs"] | None = None
+    seed: int = 0  # generated builtins: the same seed gives the same records on every machine
     dataset: str | None = None  # a Hugging Face dataset name (or local dataset folder), read with `datasets`
     subset: str | None = None  # the dataset's configuration ("name" in datasets.load_dataset), e.g. ARC-Easy
     split: str = "train"  # the dataset's split
@@ -124,7 +130,9 @@ class SourceConfig(Section):
     @model_validator(mode="after")
     def _has_input(self) -> SourceConfig:
         if not self.paths and self.builtin is None and self.dataset is None:
-            raise ValueError("give paths (files or globs), a dataset, or builtin: python-stdlib")
+            raise ValueError("give paths (files or globs), a dataset, or a builtin (python-stdlib, stories, ...)")
+        if self.builtin not in (None, "python-stdlib") and self.max_documents is None:
+            raise ValueError(f"builtin: {self.builtin} is generated: set max_documents to how many records to make")
         return self
 
 
@@ -332,15 +340,36 @@ class EvalConfig(Section):
         return eval_data_dir(self.data_dir)
 
 
+class StageConfig(Section):
+    """A continued-pretraining stage (stories, then textbooks): the previous stage's final weights and the run's
+    tokenizer, trained on its own data. `train` holds only what differs from the recipe's train section."""
+
+    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+    data: DataConfig
+    train: dict[str, Any] = Field(default_factory=dict)  # overrides of the recipe's train section (steps, lr, ...)
+    dir: str | None = None  # default: <run dir>/stages/<name>
+
+
+class ExportConfig(Section):
+    """What `fermion run` ships: the final stage exported to these formats (the model card goes beside hf)."""
+
+    formats: list[Literal["hf", "gguf", "onnx"]] = Field(default_factory=lambda: ["hf", "gguf"], min_length=1)
+
+
+RUN_STEPS = ("prepare", "tokenizer", "pretrain", "sft", "dpo", "eval", "export", "card")
+
+
 class Recipe(Section):
     run: RunConfig = Field(default_factory=RunConfig)
     model: ModelConfig = Field(default_factory=ModelConfig)
     tokenizer: TokenizerConfig = Field(default_factory=TokenizerConfig)
     data: DataConfig | None = None
     train: TrainConfig = Field(default_factory=TrainConfig)
+    stages: list[StageConfig] = Field(default_factory=list)  # continued pretraining after train, in order
     sft: SFTConfig | None = None
     dpo: DPOConfig | None = None
     eval: EvalConfig = Field(default_factory=EvalConfig)
+    export: ExportConfig = Field(default_factory=ExportConfig)
 
     @model_validator(mode="after")
     def _lengths_fit(self) -> Recipe:
@@ -348,7 +377,31 @@ class Recipe(Section):
             raise ValueError(
                 f"train.seq_len ({self.train.seq_len}) exceeds model.context_length ({self.model.context_length})"
             )
+        names = [stage.name for stage in self.stages]
+        for i, stage in enumerate(self.stages):
+            if stage.name in names[:i] or stage.name in RUN_STEPS:
+                raise ValueError(f"stages[{i}].name {stage.name!r} is used twice or is one of fermion run's own "
+                                 f"steps ({', '.join(RUN_STEPS)})")
+            self.stage_train(i)
+        if self.stages and self.data is None:
+            raise ValueError("stages continue a pretraining run: add the data section it starts from")
         return self
+
+    def stage_train(self, index: int) -> TrainConfig:
+        """The train section of continued stage `index`: the recipe's, with the stage's overrides."""
+        stage = self.stages[index]
+        unknown = sorted(set(stage.train) - set(TrainConfig.model_fields))
+        if unknown:
+            close = difflib.get_close_matches(unknown[0], list(TrainConfig.model_fields), n=1)
+            hint = f"; did you mean {close[0]!r}?" if close else ""
+            raise ValueError(f"stages[{index}].train: unknown key {unknown[0]!r}{hint}")
+        merged = {**self.train.model_dump(exclude={"init_from"}), **stage.train}
+        try:
+            return TrainConfig.model_validate(merged)
+        except ValidationError as err:
+            first = err.errors()[0]
+            where = "".join(f".{p}" for p in first["loc"])
+            raise ValueError(f"stages[{index}].train{where}: {first['msg'].removeprefix('Value error, ')}") from None
 
     @property
     def seq_len(self) -> int:
@@ -360,6 +413,32 @@ class Recipe(Section):
 
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
+
+    @property
+    def tokenizer_file(self) -> Path:
+        """The tokenizer every stage of the run uses: tokenizer.path, else <run dir>/tokenizer.json."""
+        return Path(self.tokenizer.path) if self.tokenizer.path else self.run_dir / "tokenizer.json"
+
+    def stage_dir(self, index: int) -> Path:
+        stage = self.stages[index]
+        return Path(stage.dir) if stage.dir else self.run_dir / "stages" / stage.name
+
+    def stage_recipe(self, index: int) -> Recipe:
+        """Continued stage `index` as a pretraining recipe of its own: its data and train settings, in its own
+        directory, starting from the previous stage's (or the base run's) final weights, with the run's tokenizer."""
+        stage = self.stages[index]
+        train = self.stage_train(index).model_copy(
+            update={"init_from": str(self.stage_dir(index - 1) if index else self.run_dir)})
+        return self.model_copy(update={
+            "run": self.run.model_copy(update={"name": f"{self.run.name}-{stage.name}",
+                                               "dir": str(self.stage_dir(index))}),
+            "tokenizer": self.tokenizer.model_copy(update={"path": str(self.tokenizer_file)}),
+            "data": stage.data, "train": train, "stages": [], "sft": None, "dpo": None})
+
+    @property
+    def pretrained_dir(self) -> Path:
+        """Where pretraining ends: the last continued stage's directory, else the run directory."""
+        return self.stage_dir(len(self.stages) - 1) if self.stages else self.run_dir
 
 
 # ---------------------------------------------------------------------------------------------- loading + errors
@@ -434,7 +513,7 @@ def describe_error(error: dict, raw: dict) -> str:
     if error["type"] == "missing":
         return f"'{where}' is required"
     got = f" (got {error['input']!r})" if "input" in error and not isinstance(error["input"], dict) else ""
-    return f"{where or 'recipe'}: {message}{got}"
+    return f"{where}: {message}{got}" if where else f"{message}{got}"
 
 
 def _dotted(loc) -> str:
@@ -480,7 +559,8 @@ def no_match_message(pattern: str) -> str:
 def check_data_paths(recipe: Recipe, source: str) -> None:
     if recipe.tokenizer.path and not Path(recipe.tokenizer.path).is_file():
         raise RecipeError(f"{source}: tokenizer.path: file not found: {recipe.tokenizer.path}")
-    sections = [("data", recipe.data), ("sft", recipe.sft), ("dpo", recipe.dpo)]
+    sections = [("data", recipe.data), *((f"stages[{i}].data", s.data) for i, s in enumerate(recipe.stages)),
+                ("sft", recipe.sft), ("dpo", recipe.dpo)]
     for section, config in sections:
         for i, src in enumerate(config.sources if config is not None else []):
             for j, pattern in enumerate(src.paths):

@@ -230,10 +230,11 @@ class DatasetReader(_RecordChecks, HuggingFaceDatasetReader):
         return self.document(data, f"{source_file}[{self.source.split}]#{id_in_file}")
 
 
-class StdlibReader(BaseReader):
-    """The running Python's standard library (builtin: python-stdlib), read by the first task."""
+class BuiltinReader(BaseReader):
+    """A builtin source (the running Python's standard library, or fermion's generated data), read by the first
+    task."""
 
-    name = "🐍 Python standard library"
+    name = "🐍 Built-in corpus"
 
     def __init__(self, source: SourceConfig):
         super().__init__()
@@ -244,9 +245,9 @@ class StdlibReader(BaseReader):
             yield from data
         if rank != 0:
             return
-        stdlib_only = SourceConfig(name=self.source.name, builtin="python-stdlib")
-        for number, text in enumerate(iter_documents(stdlib_only), start=1):
-            document = Document(text=text, id=f"python-stdlib#{number}", metadata={"source": self.source.name})
+        builtin_only = self.source.model_copy(update={"paths": [], "dataset": None})
+        for number, text in enumerate(iter_documents(builtin_only), start=1):
+            document = Document(text=text, id=f"{self.source.builtin}#{number}", metadata={"source": self.source.name})
             self.update_doc_stats(document)
             yield document
 
@@ -482,8 +483,8 @@ def _source_readers(plan: Plan, source: SourceConfig, strict: bool) -> list[Pipe
         readers.append(SourceFileReader(source, _common_folder(files), str(plan.input_list(source.name)), strict))
     if source.dataset is not None:
         readers.append(DatasetReader(source, strict))
-    if source.builtin == "python-stdlib":
-        readers.append(StdlibReader(source))
+    if source.builtin is not None:
+        readers.append(BuiltinReader(source))
     if source.max_documents:
         readers.append(FirstDocuments(source.max_documents))
     return readers

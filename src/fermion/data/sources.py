@@ -34,6 +34,8 @@ def iter_documents(source: SourceConfig) -> Iterator[str]:
     documents = itertools.chain.from_iterable(_file_documents(path, source) for path in files)
     if source.builtin == "python-stdlib":
         documents = itertools.chain(documents, _stdlib_documents())
+    elif source.builtin is not None:
+        documents = itertools.chain(documents, _generated(source, "documents"))
     return itertools.islice(documents, source.max_documents)
 
 
@@ -59,7 +61,24 @@ def iter_records(source: SourceConfig) -> Iterator[tuple[str, dict]]:
     records = itertools.chain.from_iterable(file_records(path) for path in files)
     if source.dataset is not None:
         records = itertools.chain(records, _dataset_records(source))
+    if source.builtin is not None:
+        records = itertools.chain(records, ((f"builtin {source.builtin} #{i}", record) for i, record
+                                            in enumerate(_generated(source, "records"))))
     return itertools.islice(records, source.max_documents)
+
+
+def _generated(source: SourceConfig, kind: str) -> Iterator:
+    """fermion's generated data (data/synthetic.py) for a `builtin:` source: documents to pretrain on, or records
+    for SFT/DPO; a builtin of the other kind is refused with the names that would do."""
+    from fermion.data import synthetic
+
+    names = synthetic.GENERATED_DOCUMENTS if kind == "documents" else synthetic.GENERATED_RECORDS
+    if source.builtin not in names:
+        use = "pretraining data" if kind == "documents" else "sft/dpo records"
+        raise DataError(f"source {source.name!r}: builtin {source.builtin!r} cannot be used as {use}; builtins that "
+                        f"can: {', '.join(names if kind == 'records' else ('python-stdlib', *names))}")
+    make = synthetic.generated_documents if kind == "documents" else synthetic.generated_records
+    return make(source.builtin, source.max_documents, source.seed)
 
 
 def file_records(path: str | os.PathLike) -> Iterator[tuple[str, dict]]:

@@ -20,3 +20,54 @@ def check_mapped(cfg, target: str) -> None:
 
 # What `fermion card` writes into an export folder (README.md and loss_<stage>.png); re-exporting keeps them.
 CARD_FILES = ("README.md", "loss_*.png")
+
+FORMATS = ("hf", "gguf", "onnx")
+
+
+def export(run, formats: list[str], out=None, dtype: str | None = None, template: str | None = None,
+           warn=print) -> list:
+    """Export a run or checkpoint (loaded once) to each format: <run>/export/<format>, or `out` for one format.
+    Returns the written paths. Import errors of an optional exporter's package propagate (ModuleNotFoundError)."""
+    from pathlib import Path
+
+    from fermion.chat.templates import ChatTemplate
+    from fermion.infer.engine import load_model
+
+    unknown = [f for f in formats if f not in FORMATS]
+    if unknown:
+        raise ExportError(f"format {unknown[0]!r} is not one of {', '.join(FORMATS)}")
+    if out is not None and len(formats) > 1:
+        raise ExportError("an output folder names one format; export one format at a time with it")
+    model, tokenizer, recipe = load_model(Path(run), warn=warn)
+    chat_template = ChatTemplate.get(template or recipe.tokenizer.chat_template)
+    paths = []
+    for fmt in formats:
+        folder = Path(out) if out is not None else export_root(Path(run), "export") / fmt
+        if fmt == "hf":
+            from fermion.export.hf import export_hf
+
+            paths.append(export_hf(model, tokenizer, folder, template=chat_template, dtype=dtype or "bf16"))
+        elif fmt == "gguf":
+            from fermion.export.gguf import export_gguf
+
+            paths.append(export_gguf(model, tokenizer, folder, dtype=dtype or "f16", chat_template=chat_template.source,
+                                     template_name=chat_template.name, name=recipe.run.name))
+        else:
+            from fermion.export.onnx import export_onnx
+
+            paths.append(export_onnx(model, folder, dtype=dtype or "fp32"))
+    return paths
+
+
+def export_root(run, kind: str):
+    """<run>/<kind> for a run directory or one of its checkpoints; beside the folder otherwise."""
+    from pathlib import Path
+
+    from fermion.train.checkpoint import checkpoints_dir
+
+    run = Path(run)
+    if checkpoints_dir(run).is_dir():
+        return run / kind
+    if run.parent.name == "checkpoints":
+        return run.parent.parent / kind
+    return run.parent / f"{run.name}-{kind}"

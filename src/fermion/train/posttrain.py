@@ -75,8 +75,9 @@ def stage_dir(recipe: Recipe, name: str) -> Path:
 
 
 def default_init(recipe: Recipe, name: str) -> str:
-    """SFT starts from the run's pretraining, DPO from its SFT, unless train.init_from says otherwise."""
-    return str(recipe.run_dir if name == "sft" else stage_dir(recipe, "sft"))
+    """SFT starts from the run's pretraining (its last continued stage), DPO from its SFT, unless
+    train.init_from says otherwise."""
+    return str(recipe.pretrained_dir if name == "sft" else stage_dir(recipe, "sft"))
 
 
 def setup_stage(recipe: Recipe, name: str) -> Stage:
@@ -91,7 +92,7 @@ def setup_stage(recipe: Recipe, name: str) -> Stage:
     directory = stage_dir(recipe, name)
     stage_recipe = recipe.model_copy(update={
         "model": source_recipe.model,
-        "train": section.train,
+        "train": section.train.model_copy(update={"init_from": init_from}),  # recorded: where the stage started
         "run": recipe.run.model_copy(update={"dir": str(directory), "name": f"{recipe.run.name}-{name}"}),
         "tokenizer": source_recipe.tokenizer.model_copy(update={"chat_template": template_spec}),
     })

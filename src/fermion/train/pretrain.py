@@ -18,7 +18,7 @@ from fermion.train.trainer import Trainer, TrainResult
 
 
 def tokenizer_path(recipe: Recipe) -> Path:
-    return Path(recipe.tokenizer.path) if recipe.tokenizer.path else recipe.run_dir / "tokenizer.json"
+    return recipe.tokenizer_file
 
 
 def shard_dir(recipe: Recipe) -> Path:

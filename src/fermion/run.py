@@ -1,0 +1,422 @@
+"""`fermion run RECIPE`: every stage of a recipe in order, each skipped when its output is complete and its inputs
+are unchanged.
+
+    prepare -> tokenizer -> pretrain -> <continued stages> -> sft -> dpo -> eval -> export -> card
+
+The run directory holds everything (the layout is in docs/run.md):
+
+    <run>/run.json                  the ledger: per step its inputs' fingerprint, status, timings, outcome
+    <run>/recipe.yaml, tokenizer.json, prepared/, prepare_report.json, data/, checkpoints/, metrics.jsonl
+    <run>/stages/<name>/            a continued-pretraining stage, laid out like a pretraining run
+    <run>/sft/, <run>/dpo/          post-training stages
+    <stage dir>/eval/results.json   every trained stage evaluated on the recipe's eval tasks
+    <final stage>/export/<format>/  the final model's exports; the model card (README.md) sits in export/hf
+
+A step's fingerprint hashes what it is made from: its recipe sections (minus settings that change how a run is
+watched, not what it makes: logging, progress, checkpoint cadence), the files it reads (path, size, mtime), and the
+fingerprints of the steps before it, so a change upstream reaches everything downstream. A step whose fingerprint
+matches a finished record, and whose output is there, is skipped. A training stage that was stopped (preempted,
+killed, crashed) with the same fingerprint resumes from its newest good checkpoint; one whose inputs changed starts
+again, and what it had written moves to `<dir>/superseded/<time>/` rather than being deleted.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+
+from rich.console import Console
+from rich.table import Table
+
+from fermion.atomic import replaced_file
+from fermion.config import Recipe, RecipeError, SourceConfig, matching_files
+
+LEDGER = "run.json"
+# Training settings that change how a run is watched or saved, not the weights it makes.
+WATCHING = {"progress", "log_every", "tensorboard", "wandb", "keep_checkpoints", "checkpoint_every",
+            "async_checkpoint", "eval_every", "eval_batches", "device"}
+# What a training stage writes into its directory (moved aside together when the stage starts again).
+TRAINING_OUTPUTS = ("checkpoints", "metrics.jsonl", "tensorboard", "eval", "export", "report.json")
+
+
+class Preempted(Exception):
+    """A training stage stopped on a signal with a checkpoint saved: the run ends here and resumes next time."""
+
+
+@dataclass
+class Step:
+    name: str
+    kind: str  # prepare, tokenizer, train, eval, export, card
+    inputs: dict
+    # (restart: inputs changed or --from/--only, forced: --from/--only) -> a short note on what it did
+    action: Callable[[bool, bool], str]
+    complete: Callable[[], bool]
+    directory: Path | None = None  # a training stage's directory
+    fingerprint: str = ""
+
+
+@dataclass
+class Outcome:
+    name: str
+    status: str  # ran, resumed, skipped, restarted, not run
+    seconds: float = 0.0
+    note: str = ""
+
+
+@dataclass
+class RunResult:
+    run_dir: Path
+    outcomes: list[Outcome] = field(default_factory=list)
+    status: str = "complete"  # complete or preempted
+
+
+# ------------------------------------------------------------------------------------------------- fingerprints
+
+
+def _digest(value) -> str:
+    return hashlib.sha256(json.dumps(value, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def _files(sources: list[SourceConfig]) -> list:
+    """What the sources read, as (path, size, mtime) of each file; datasets and builtins by their settings."""
+    out = []
+    for source in sources:
+        for pattern in source.paths:
+            for path in sorted(matching_files(pattern)):
+                stat = Path(path).stat()
+                out.append((path, stat.st_size, stat.st_mtime_ns))
+    return out
+
+
+def _section(config, exclude: set[str] = frozenset()) -> dict:
+    return config.model_dump(mode="json", exclude=exclude) if config is not None else {}
+
+
+def _train(config) -> dict:
+    return _section(config, WATCHING)
+
+
+def _data(config) -> dict:
+    return {"config": _section(config), "files": _files(config.sources)} if config is not None else {}
+
+
+# ------------------------------------------------------------------------------------------------------ ledger
+
+
+class Ledger:
+    """<run>/run.json: one record per step, rewritten whole after every change."""
+
+    def __init__(self, run_dir: Path):
+        self.path = run_dir / LEDGER
+        self.steps: dict[str, dict] = {}
+        if self.path.is_file():
+            try:
+                self.steps = json.loads(self.path.read_text()).get("steps", {})
+            except (json.JSONDecodeError, AttributeError):
+                raise RecipeError(f"{self.path}: not a fermion run ledger (unreadable JSON); move it away to "
+                                  "start the run's bookkeeping afresh") from None
+
+    def get(self, name: str) -> dict | None:
+        return self.steps.get(name)
+
+    def update(self, name: str, **values) -> None:
+        self.steps[name] = {**self.steps.get(name, {}), **values}
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        with replaced_file(self.path) as tmp:
+            tmp.write_text(json.dumps({"steps": self.steps}, indent=1) + "\n")
+
+
+def _now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
+def _supersede(directory: Path, names: tuple[str, ...]) -> Path | None:
+    """Move what an earlier attempt wrote into <directory>/superseded/<time>/; returns where, or None."""
+    present = [directory / name for name in names if (directory / name).exists()]
+    if not present:
+        return None
+    stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%S")
+    target, n = directory / "superseded" / stamp, 1
+    while target.exists():
+        n += 1
+        target = directory / "superseded" / f"{stamp}-{n}"
+    target.mkdir(parents=True)
+    for path in present:
+        shutil.move(str(path), str(target / path.name))
+    return target
+
+
+# ------------------------------------------------------------------------------------------------------ the plan
+
+
+def trained_stages(recipe: Recipe) -> list[tuple[str, Path]]:
+    """(name, directory) of every model the recipe trains, in order."""
+    from fermion.train.posttrain import stage_dir
+
+    stages = [("pretrain", recipe.run_dir)]
+    stages += [(stage.name, recipe.stage_dir(i)) for i, stage in enumerate(recipe.stages)]
+    stages += [(name, stage_dir(recipe, name)) for name in ("sft", "dpo") if getattr(recipe, name) is not None]
+    return stages
+
+
+def step_names(recipe: Recipe) -> list[str]:
+    return [step.name for step in plan(recipe, Console(quiet=True))]
+
+
+def plan(recipe: Recipe, console: Console) -> list[Step]:
+    """The recipe's steps in order, with their inputs; fingerprints chain each step to the ones before it."""
+    from fermion.train.checkpoint import newest_good
+    from fermion.train.pretrain import tokenizer_path
+
+    run_dir = recipe.run_dir
+    steps: list[Step] = []
+    if recipe.data is None:
+        raise RecipeError("fermion run needs a data section to pretrain on (data.sources); to post-train an "
+                          "existing model, run fermion sft and fermion dpo with sft.train.init_from set")
+
+    def trained(directory: Path) -> Callable[[], bool]:
+        return lambda: newest_good(directory, warn=lambda *_: None) is not None
+
+    if recipe.data.prepare is not None:
+        def prepare(restart: bool, forced: bool) -> str:
+            from fermion.train.pretrain import prepare as run_prepare
+
+            # datatrove skips its finished tasks, and a changed plan gets a folder of its own (prepared/<plan>)
+            report = run_prepare(recipe, console=console)  # then the tokenizer and the shards of what it kept
+            if report is None:
+                raise Preempted("prepare: Slurm jobs are running; run again once they have finished")
+            kept = report["totals"]["kept"]
+            return f"{kept['documents']:,} of {report['totals']['read']['documents']:,} documents kept"
+
+        def prepared() -> bool:
+            from fermion.data import pipeline
+
+            return (pipeline.make_plan(recipe).root / pipeline.REPORT_NAME).is_file()
+
+        steps.append(Step("prepare", "prepare", {"data": _data(recipe.data), "seed": recipe.run.seed}, prepare,
+                          prepared))
+
+    def tokenizer(restart: bool, forced: bool) -> str:
+        from fermion.data.tokenizer import Tokenizer
+        from fermion.train.pretrain import train_tokenizer
+
+        # with data.prepare, the prepare step has trained it on what it kept (and retrained it when that changed)
+        force = restart and not recipe.tokenizer.path and recipe.data.prepare is None
+        path = train_tokenizer(recipe, console, force=force)
+        return f"{Tokenizer.load(path).vocab_size:,} tokens -> {path}"
+
+    tokenizer_inputs = {"tokenizer": _section(recipe.tokenizer, {"chat_template"}), "data": _data(recipe.data)}
+    if recipe.tokenizer.path:
+        tokenizer_inputs = {"file": _files([SourceConfig(name="tokenizer", paths=[recipe.tokenizer.path])])}
+    steps.append(Step("tokenizer", "tokenizer", tokenizer_inputs, tokenizer,
+                      lambda: tokenizer_path(recipe).is_file()))
+
+    def train_step(name: str, stage_recipe: Recipe, runner, directory: Path, inputs: dict) -> Step:
+        def action(restart: bool, forced: bool) -> str:
+            if restart:
+                moved = _supersede(directory, TRAINING_OUTPUTS)
+                if moved is not None:
+                    console.print(f"{name}: its inputs changed; the earlier attempt's files moved to {moved}")
+            result = runner(stage_recipe, resume="auto", console=console)
+            if result.status == "preempted":
+                raise Preempted(f"{name} stopped at step {result.step:,} with a checkpoint; run again to resume")
+            loss = f" · val loss {result.val_loss:.4f}" if result.val_loss is not None else ""
+            return f"step {result.step:,}{loss}"
+
+        return Step(name, "train", inputs, action, trained(directory), directory)
+
+    from fermion.train.dpo import dpo
+    from fermion.train.pretrain import pretrain
+    from fermion.train.sft import sft
+
+    steps.append(train_step("pretrain", recipe, pretrain, run_dir,
+                            {"model": _section(recipe.model), "train": _train(recipe.train),
+                             "data": _data(recipe.data), "seed": recipe.run.seed}))
+    for i, stage in enumerate(recipe.stages):
+        stage_recipe = recipe.stage_recipe(i)
+        steps.append(train_step(stage.name, stage_recipe, pretrain, recipe.stage_dir(i),
+                                {"train": _train(stage_recipe.train), "data": _data(stage.data)}))
+    for name, runner in (("sft", sft), ("dpo", dpo)):
+        section = getattr(recipe, name)
+        if section is not None:
+            directory = dict(trained_stages(recipe))[name]
+            inputs = {"section": _section(section, {"train"}), "train": _train(section.train),
+                      "files": _files(section.sources), "template": recipe.tokenizer.chat_template}
+            steps.append(train_step(name, recipe, runner, directory, inputs))
+
+    models = trained_stages(recipe)
+    final_name, final_dir = models[-1]
+
+    fingerprints = {step.name: "" for step in steps}  # filled in below, once every step has its fingerprint
+
+    def evaluate(restart: bool, forced: bool) -> str:
+        tables, reused = {}, []
+        for name, directory in models:
+            # A stage's own results stand while it and the eval settings are what they were (--from eval redoes
+            # them all): a changed DPO stage re-evaluates DPO only.
+            key = _digest({"eval": _section(recipe.eval, {"every"}), "stage": fingerprints[name]})
+            previous = _read_results(directory / "eval" / "results.json")
+            if not forced and previous is not None and previous.get("fingerprint") == key:
+                tables[name] = previous
+                reused.append(name)
+                console.print(f"eval {name}: unchanged since its results were written, kept")
+                continue
+            tables[name] = evaluate_stage(recipe, name, directory, console, key)
+        console.print(comparison_table(tables))
+        note = f" ({', '.join(reused)} as before)" if reused else ""
+        return f"{len(models)} model(s) on {', '.join(recipe.eval.tasks)}{note}"
+
+    def evaluated() -> bool:
+        return all((directory / "eval" / "results.json").is_file() for _, directory in models)
+
+    steps.append(Step("eval", "eval", {"eval": _section(recipe.eval, {"every"})}, evaluate, evaluated))
+
+    def export(restart: bool, forced: bool) -> str:
+        from fermion.export import export as run_export
+
+        paths = run_export(final_dir, list(recipe.export.formats), warn=console.print)
+        return " · ".join(str(p) for p in paths)
+
+    def exported() -> bool:
+        return all(any((final_dir / "export" / fmt).glob("*")) for fmt in recipe.export.formats)
+
+    steps.append(Step("export", "export", {"export": _section(recipe.export), "final": final_name,
+                                           "template": recipe.tokenizer.chat_template}, export, exported))
+
+    def card(restart: bool, forced: bool) -> str:
+        from fermion.card import build_card
+
+        return str(build_card(run_dir))
+
+    steps.append(Step("card", "card", {}, card, lambda: (final_dir / "export" / "hf" / "README.md").is_file()))
+
+    upstream = ""
+    for step in steps:
+        step.fingerprint = _digest({"inputs": step.inputs, "upstream": upstream})
+        upstream = step.fingerprint
+        fingerprints[step.name] = step.fingerprint
+    return steps
+
+
+def _read_results(path: Path) -> dict | None:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError):
+        return None
+
+
+# ------------------------------------------------------------------------------------------------------- eval
+
+
+def evaluate_stage(recipe: Recipe, name: str, directory: Path, console: Console, fingerprint: str = "") -> dict:
+    """The recipe's eval tasks on one trained stage (chat prompts for SFT/DPO); <dir>/eval/results.json."""
+    from fermion.eval import lm as eval_lm
+    from fermion.eval import runner
+    from fermion.eval.results import TaskOptions, to_json, write
+
+    model = eval_lm.load(directory)
+    options = TaskOptions(data_dir=recipe.eval.resolved_data_dir(), limit=recipe.eval.limit, shots=recipe.eval.shots)
+    console.print(f"eval {name} ({'chat' if model.chat else 'base'} prompts): {', '.join(recipe.eval.tasks)}")
+
+    def report(result, seconds):
+        main = result.metrics[0]
+        err = f" ± {main.stderr:.3f}" if main.stderr is not None else ""
+        console.print(f"  {result.task}: {main.name} {main.value:.3f}{err} · n={result.n} · {seconds:.1f} s")
+
+    results = runner.run(model, runner.task_names(recipe.eval.tasks), options, on_result=report)
+    extra = {"chat": model.chat, "limit": options.limit, "stage": name, "fingerprint": fingerprint}
+    write(results, directory / "eval", model=str(directory), extra=extra)
+    return to_json(results, str(directory), extra)
+
+
+def comparison_table(tables: dict[str, dict]) -> Table:
+    """Rows task/metric, a column per stage: how each stage moved each score."""
+    table = Table("task", "metric", *tables, title="evaluation by stage")
+    rows: dict[tuple[str, str], dict[str, str]] = {}
+    for stage, data in tables.items():
+        for task in data["results"]:
+            for metric in task["metrics"]:
+                err = f" ± {metric['stderr']:.3f}" if metric.get("stderr") is not None else ""
+                rows.setdefault((task["task"], metric["name"]), {})[stage] = f"{metric['value']:.3f}{err}"
+    for (task, metric), values in rows.items():
+        table.add_row(task, metric, *(values.get(stage, "–") for stage in tables))
+    return table
+
+
+# --------------------------------------------------------------------------------------------------------- run
+
+
+def run(recipe: Recipe, console: Console | None = None, start: str | None = None, only: str | None = None
+        ) -> RunResult:
+    """Run the recipe's steps; `start` forces that step and every later one to run again, `only` runs just one
+    (forced; the steps before it must be finished)."""
+    console = console or Console()
+    steps = plan(recipe, console)
+    names = [step.name for step in steps]
+    for option, value in (("--from", start), ("--only", only)):
+        if value is not None and value not in names:
+            raise RecipeError(f"{option} {value!r}: this recipe's steps are {', '.join(names)}")
+    recipe.run_dir.mkdir(parents=True, exist_ok=True)
+    ledger = Ledger(recipe.run_dir)
+    result = RunResult(recipe.run_dir)
+    forced_from = names.index(start) if start is not None else len(names)
+    for index, step in enumerate(steps):
+        if only is not None and step.name != only:
+            if index < names.index(only) and not _finished(step, ledger):
+                raise RecipeError(f"--only {only}: the step before it, {step.name}, has not finished; run "
+                                  f"`fermion run RECIPE` (or --from {step.name}) first")
+            continue
+        forced = index >= forced_from or only == step.name
+        record = ledger.get(step.name)
+        if not forced and _finished(step, ledger):
+            result.outcomes.append(Outcome(step.name, "skipped", note="up to date"))
+            console.print(f"[dim]{step.name}: up to date, skipped[/]")
+            continue
+        changed = record is not None and record.get("fingerprint") != step.fingerprint
+        restart = forced or changed
+        resuming = step.kind == "train" and not restart and record is not None and record.get("status") == "started"
+        console.rule(f"[bold]{step.name}[/]" + (" (resuming)" if resuming else ""))
+        ledger.update(step.name, fingerprint=step.fingerprint, status="started", started=_now())
+        began = time.perf_counter()
+        try:
+            note = step.action(restart, forced)
+        except Preempted as stop:
+            seconds = time.perf_counter() - began
+            ledger.update(step.name, seconds=round(seconds, 1))
+            result.outcomes.append(Outcome(step.name, "stopped", seconds, str(stop)))
+            result.status = "preempted"
+            console.print(str(stop))
+            break
+        seconds = time.perf_counter() - began
+        ledger.update(step.name, status="done", finished=_now(), seconds=round(seconds, 1), note=note)
+        status = "resumed" if resuming else "restarted" if changed and not forced else "ran"
+        result.outcomes.append(Outcome(step.name, status, seconds, note))
+    console.print(summary_table(result))
+    return result
+
+
+def _finished(step: Step, ledger: Ledger) -> bool:
+    record = ledger.get(step.name)
+    return (record is not None and record.get("status") == "done" and record.get("fingerprint") == step.fingerprint
+            and step.complete())
+
+
+def summary_table(result: RunResult) -> Table:
+    total = sum(outcome.seconds for outcome in result.outcomes)
+    table = Table("step", "status", "time", "result", title=f"fermion run: {result.run_dir} ({result.status}, "
+                  f"{_duration(total)})")
+    for outcome in result.outcomes:
+        table.add_row(outcome.name, outcome.status, _duration(outcome.seconds) if outcome.seconds else "–",
+                      outcome.note)
+    return table
+
+
+def _duration(seconds: float) -> str:
+    minutes, secs = divmod(int(round(seconds)), 60)
+    return f"{minutes} min {secs:02d} s" if minutes else f"{seconds:.1f} s"
