@@ -64,7 +64,7 @@ class Step:
 @dataclass
 class Outcome:
     name: str
-    status: str  # ran, resumed, skipped, restarted, not run
+    status: str  # ran, resumed, restarted, skipped, stopped
     seconds: float = 0.0
     note: str = ""
 
@@ -165,14 +165,9 @@ def trained_stages(recipe: Recipe) -> list[tuple[str, Path]]:
     return stages
 
 
-def step_names(recipe: Recipe) -> list[str]:
-    return [step.name for step in plan(recipe, Console(quiet=True))]
-
-
 def plan(recipe: Recipe, console: Console) -> list[Step]:
     """The recipe's steps in order, with their inputs; fingerprints chain each step to the ones before it."""
     from fermion.train.checkpoint import newest_good
-    from fermion.train.pretrain import tokenizer_path
 
     run_dir = recipe.run_dir
     steps: list[Step] = []
@@ -215,7 +210,7 @@ def plan(recipe: Recipe, console: Console) -> list[Step]:
     if recipe.tokenizer.path:
         tokenizer_inputs = {"file": _files([SourceConfig(name="tokenizer", paths=[recipe.tokenizer.path])])}
     steps.append(Step("tokenizer", "tokenizer", tokenizer_inputs, tokenizer,
-                      lambda: tokenizer_path(recipe).is_file()))
+                      lambda: recipe.tokenizer_file.is_file()))
 
     def train_step(name: str, stage_recipe: Recipe, runner, directory: Path, inputs: dict) -> Step:
         def action(restart: bool, forced: bool) -> str:
