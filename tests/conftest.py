@@ -4,6 +4,7 @@ import contextlib
 import os
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -18,7 +19,16 @@ SHARED_DATA = REPO.parent / "shared" / "data"
 # The benchmarks evaluation and decontamination read by default (fermion's own default is ~/.cache/fermion/eval);
 # subprocesses inherit it.
 os.environ.setdefault("FERMION_EVAL_DATA", str(SHARED_DATA / "eval"))
+# Inductor's on-disk kernel cache is keyed without ATEN_CPU_CAPABILITY: a run that sets it (to act as another kind of
+# CPU, see model/attention.py) keeps its kernels apart, or later ordinary runs would load its kernels.
+if os.environ.get("ATEN_CPU_CAPABILITY") and "TORCHINDUCTOR_CACHE_DIR" not in os.environ:
+    os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(Path(tempfile.gettempdir()) /
+                                                f"torchinductor-{os.environ['ATEN_CPU_CAPABILITY']}")
 SHAKESPEARE = SHARED_DATA / "pretrain" / "tinyshakespeare" / "input.txt"
+# Seconds a test waits for a process or a server before calling it hung. Only a guard against hangs, never a speed
+# check: the slowest single command in the suite (the shrunk demo) takes about 1 minute on a 2-core AVX512 machine,
+# so a CPU several times slower, with one thread and a loaded machine, still finishes well inside it.
+HANG = 1200
 TINY = dict(vocab_size=97, d_model=64, n_layers=2, n_heads=4, n_kv_heads=2, ffn_hidden=96, context_length=48,
             rope_theta=5000.0, tie_embeddings=False)
 
@@ -45,7 +55,7 @@ def shakespeare_tokenizer() -> Tokenizer:
     return Tokenizer.train([text], TokenizerConfig(vocab_size=512, train_bytes=300_000))
 
 
-def fermion(*args: str, timeout: int = 300) -> subprocess.CompletedProcess:
+def fermion(*args: str, timeout: float = HANG) -> subprocess.CompletedProcess:
     """Run the `fermion` command from the repository root; a traceback on stderr fails the test outright."""
     result = subprocess.run([sys.executable, "-m", "fermion", *args], cwd=REPO, capture_output=True, text=True,
                             timeout=timeout)
@@ -81,7 +91,7 @@ def running_server(engine, config):
                                            log_level="warning", timeout_graceful_shutdown=2))
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
-    deadline = time.monotonic() + 30
+    deadline = time.monotonic() + HANG
     while not server.started:
         assert thread.is_alive() and time.monotonic() < deadline, "the server did not start"
         time.sleep(0.02)
@@ -89,4 +99,4 @@ def running_server(engine, config):
         yield f"http://127.0.0.1:{port}"
     finally:
         server.should_exit = True
-        thread.join(timeout=15)
+        thread.join(timeout=60)

@@ -6,7 +6,7 @@ import gc
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import TINY, tiny_model
+from conftest import HANG, TINY, tiny_model
 from torch.multiprocessing.reductions import StorageWeakRef
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
@@ -174,7 +174,7 @@ def test_fsdp2_with_checkpointing_mixed_precision_and_chunked_loss(kind, mode, p
     here = Path(__file__).resolve()
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(here),
            kind, mode, precision]
-    result = subprocess.run(cmd, cwd=here.parents[1], capture_output=True, text=True, timeout=300,
+    result = subprocess.run(cmd, cwd=here.parents[1], capture_output=True, text=True, timeout=HANG,
                             env={**__import__("os").environ, "OMP_NUM_THREADS": "1"})
     assert result.returncode == 0 and "FSDP-OK" in result.stdout, result.stderr[-3000:]
 

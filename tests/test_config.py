@@ -6,10 +6,10 @@ from pathlib import Path
 
 import pytest
 import yaml
+from conftest import HANG, REPO
 
 from fermion.config import RecipeError, load_recipe
 
-REPO = Path(__file__).resolve().parents[1]
 TINY = REPO / "configs" / "tiny.yaml"
 
 
@@ -24,7 +24,7 @@ def write_recipe(tmp_path: Path, mutate) -> Path:
 
 def fermion(*args: str, cwd: Path = REPO) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "fermion", *args], cwd=cwd, capture_output=True, text=True,
-                          timeout=300)
+                          timeout=HANG)
 
 
 def misspelt(raw):

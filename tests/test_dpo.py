@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 import torch
 import yaml
-from conftest import tiny_model
+from conftest import HANG, tiny_model
 from rich.console import Console
 from safetensors.torch import load_file
 
@@ -407,16 +407,16 @@ def test_dpo_command_trains_after_sft_and_refuses_bad_data_in_one_line(pretraine
     common = ["--set", f"run.dir={pretrained}", "--set", f"sft.dir={tmp_path / 'sft'}",
               "--set", f"dpo.dir={tmp_path / 'dpo'}"]
     sft = subprocess.run([*fermion, "sft", TINY, *common, "--set", "sft.epochs=null", "--set", "sft.train.steps=3"],
-                         cwd=REPO, capture_output=True, text=True, timeout=300)
+                         cwd=REPO, capture_output=True, text=True, timeout=HANG)
     assert sft.returncode == 0, sft.stderr
     result = subprocess.run([*fermion, "dpo", TINY, *common, "--set", "dpo.epochs=null",
-                             "--set", "dpo.train.steps=4"], cwd=REPO, capture_output=True, text=True, timeout=300)
+                             "--set", "dpo.train.steps=4"], cwd=REPO, capture_output=True, text=True, timeout=HANG)
     assert result.returncode == 0 and "Traceback" not in result.stderr, result.stderr
     assert "dpo data: 200 records read" in result.stdout and "accuracy" in result.stdout
     assert json.loads((tmp_path / "dpo" / "report.json").read_text())["records_read"] == 200
     useless = write_jsonl(tmp_path / "same.jsonl", [{"prompt": "Hi", "chosen": "Yo", "rejected": "Yo"}])
     bad = subprocess.run([*fermion, "dpo", TINY, *common, "--set", f"dpo.dir={tmp_path / 'bad'}",
                           "--set", f"dpo.sources=[{{name: same, paths: [{useless}]}}]"],
-                         cwd=REPO, capture_output=True, text=True, timeout=300)
+                         cwd=REPO, capture_output=True, text=True, timeout=HANG)
     assert bad.returncode == 2 and "Traceback" not in bad.stderr
     assert "dpo.sources: none of the 1 records is a usable preference pair" in bad.stderr

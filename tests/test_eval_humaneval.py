@@ -25,7 +25,7 @@ def problems() -> list[Problem]:
     return humaneval.load(DATA)
 
 
-def attempt(problem: Problem, *lines: str, timeout: float = 10.0) -> Execution:
+def attempt(problem: Problem, *lines: str, timeout: float = 60.0) -> Execution:
     """The canonical solution with `lines` run first in the function's body: a completion that answers correctly
     after doing something else, so that only the something else can make it fail."""
     body = "".join(f"    {line}\n" for line in lines)

@@ -8,7 +8,7 @@ import subprocess
 import sys
 
 import pytest
-from conftest import REPO, tiny_model
+from conftest import HANG, REPO, tiny_model
 
 from fermion.chat.conversations import to_messages
 from fermion.chat.templates import ChatTemplate
@@ -126,7 +126,7 @@ def test_stopping_an_answer_frees_the_engine_and_takes_the_turn_back(engine):
 
 def test_the_chat_command_with_piped_input(tiny_run):
     result = subprocess.run([sys.executable, "-m", "fermion", "chat", str(tiny_run), "--seed", "0"], cwd=REPO,
-                            input="hello\n/temp 0\nhi\n/bogus\n/exit\n", capture_output=True, text=True, timeout=300)
+                            input="hello\n/temp 0\nhi\n/bogus\n/exit\n", capture_output=True, text=True, timeout=HANG)
     assert result.returncode == 0 and "Traceback" not in result.stderr, result.stderr[-2000:]
     lines = result.stdout.splitlines()
     assert sum(bool(re.search(r"\d+ tokens in \d+\.\d\d s · [\d,.]+ tokens/s", line)) for line in lines) == 2
@@ -134,5 +134,5 @@ def test_the_chat_command_with_piped_input(tiny_run):
     assert "unknown command /bogus" in result.stdout
     assert "chat · chatml template" in lines[0]
     eof = subprocess.run([sys.executable, "-m", "fermion", "chat", str(tiny_run), "--template", "tagged"], cwd=REPO,
-                         input="hello\n", capture_output=True, text=True, timeout=300)  # end of input ends, no /exit
+                         input="hello\n", capture_output=True, text=True, timeout=HANG)  # end of input ends, no /exit
     assert eof.returncode == 0 and "tokens/s" in eof.stdout and "tagged template" in eof.stdout, eof.stderr[-2000:]

@@ -12,9 +12,9 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import HANG, REPO
 from safetensors.torch import load_file
 
-REPO = Path(__file__).resolve().parents[1]
 TINY = str(REPO / "configs" / "tiny.yaml")
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "fermion"]
 FERMION = [sys.executable, "-m", "fermion"]
@@ -36,7 +36,7 @@ def pretrain(run_dir: Path, *overrides: str, launcher=FERMION, data: Path | None
     if data is not None:  # share the first run's tokenizer and shards rather than making them again
         sets += [f"tokenizer.path={data / 'tokenizer.json'}", f"data.shard_dir={data / 'data'}"]
     cmd = [*launcher, "pretrain", TINY, *[arg for item in sets for arg in ("--set", item)]]
-    result = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300,
+    result = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=HANG,
                             env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert "Traceback" not in result.stderr, result.stderr[-2500:]
     return result

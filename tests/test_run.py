@@ -11,7 +11,7 @@ import time
 import pytest
 import torch
 import yaml
-from conftest import REPO, SHARED_DATA, fermion
+from conftest import HANG, REPO, SHARED_DATA, fermion
 
 from fermion.config import load_recipe
 from fermion.model.counting import count
@@ -56,7 +56,7 @@ def test_killed_during_pretraining_it_resumes_without_redoing_prepare(tmp_path):
     path, run_dir = write_recipe(tmp_path, steps=400)
     command = [sys.executable, "-m", "fermion", "run", str(path)]
     process = subprocess.Popen(command, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    deadline = time.monotonic() + 240
+    deadline = time.monotonic() + HANG
     while time.monotonic() < deadline and process.poll() is None:
         if newest_good(run_dir, warn=lambda *_: None) is not None:
             break
@@ -74,7 +74,7 @@ def test_killed_during_pretraining_it_resumes_without_redoing_prepare(tmp_path):
     shards = run_dir / "data" / "index.json"
     before = {p: p.stat().st_mtime_ns for p in (report, tokenizer, shards)}
 
-    again = fermion("run", str(path), timeout=600)
+    again = fermion("run", str(path))
     assert again.returncode == 0, again.stdout + again.stderr
     out = again.stdout.replace("\n", " ")
     assert "prepare: up to date, skipped" in out and "tokenizer: up to date, skipped" in out
@@ -103,7 +103,7 @@ def test_stages_skip_when_up_to_date_and_rerun_from_a_change_onwards(tmp_path):
         dpo={"sources": [{"name": "pairs", "builtin": "arithmetic-pairs", "max_documents": 64, "seed": 2}],
              "epochs": 1, "train": post},
         export={"formats": ["hf", "gguf"]})
-    first = fermion("run", str(path), timeout=600)
+    first = fermion("run", str(path))
     assert first.returncode == 0, first.stdout + first.stderr
     names = ["prepare", "tokenizer", "pretrain", "more", "sft", "dpo", "eval", "export", "card"]
     records = ledger(run_dir)
@@ -127,7 +127,7 @@ def test_stages_skip_when_up_to_date_and_rerun_from_a_change_onwards(tmp_path):
     # a changed SFT setting reruns SFT and everything after it, and nothing before
     sft_ckpts = list_checkpoints(run_dir / "sft")
     scored = {d: (d / "eval" / "results.json").stat().st_mtime_ns for d in (run_dir, run_dir / "sft")}
-    changed = fermion("run", str(path), "--set", "sft.train.lr=5e-4", timeout=600)
+    changed = fermion("run", str(path), "--set", "sft.train.lr=5e-4")
     assert changed.returncode == 0, changed.stdout + changed.stderr
     for name in names[:4]:
         assert f"{name}: up to date, skipped" in changed.stdout
@@ -167,7 +167,7 @@ def demo_run(tmp_path_factory):
              "sft.sources.1.max_documents=200", "sft.sources.2.max_documents=100", "sft.train.compile=false",
              "dpo.sources.0.max_documents=64", "dpo.sources.1.max_documents=32", "dpo.train.compile=false",
              "eval.limit=6"]
-    result = fermion("demo", *[arg for item in quick for arg in ("--set", item)], timeout=900)
+    result = fermion("demo", *[arg for item in quick for arg in ("--set", item)])
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr
     return run_dir, result.stdout
 

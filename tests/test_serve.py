@@ -13,7 +13,7 @@ import time
 import httpx
 import openai
 import pytest
-from conftest import REPO, fermion, running_server, tiny_model
+from conftest import HANG, REPO, fermion, running_server, tiny_model
 
 from fermion.chat.templates import ChatTemplate
 from fermion.infer.engine import Engine, SamplingParams
@@ -66,7 +66,7 @@ def cli_server(tiny_run):
                                 "--dtype", "fp32", "--model-name", "tiny"], cwd=REPO, stdout=subprocess.PIPE,
                                stderr=subprocess.STDOUT, text=True)
     url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 60
+    deadline = time.monotonic() + HANG
     while True:
         assert process.poll() is None, process.stdout.read()
         try:
@@ -78,7 +78,7 @@ def cli_server(tiny_run):
         time.sleep(0.2)
     yield url
     process.terminate()
-    output = process.communicate(timeout=30)[0]
+    output = process.communicate(timeout=HANG)[0]
     assert "Traceback" not in output, output
     assert f"on http://127.0.0.1:{port}" in output  # loopback unless told otherwise
 
@@ -253,11 +253,11 @@ def test_32_concurrent_streams_all_complete_correctly_in_shared_steps(server, en
 def test_a_client_that_disconnects_frees_its_slot(server, engine):
     before = health(server)["aborted"]
     body = {"model": MODEL, "prompt": "Friends, Romans", "max_tokens": 200, "stream": True, "ignore_eos": True}
-    with httpx.stream("POST", f"{server}/v1/completions", json=body, timeout=30) as response:
+    with httpx.stream("POST", f"{server}/v1/completions", json=body, timeout=HANG) as response:
         lines = response.iter_lines()
         assert sum(1 for line, _ in zip(lines, range(6), strict=False) if line.startswith("data:")) >= 2
     # the connection is closed mid-answer
-    deadline = time.monotonic() + 10
+    deadline = time.monotonic() + 60
     while health(server)["running"] or health(server)["aborted"] == before:
         assert time.monotonic() < deadline, health(server)
         time.sleep(0.05)
@@ -268,11 +268,11 @@ def test_a_client_that_disconnects_frees_its_slot(server, engine):
         payload = json.dumps({**body, "stream": False, "max_tokens": 240}).encode()
         raw.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
                     b"Content-Length: %d\r\n\r\n%s" % (len(payload), payload))
-        deadline = time.monotonic() + 10
+        deadline = time.monotonic() + 60
         while not health(server)["running"]:
             assert time.monotonic() < deadline
             time.sleep(0.01)
-    deadline = time.monotonic() + 10
+    deadline = time.monotonic() + 60
     while health(server)["running"]:
         assert time.monotonic() < deadline, health(server)
         time.sleep(0.05)

@@ -25,7 +25,7 @@ CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-
 MAX_TOKENS = 48
 PACE_S = 0.01  # per decode step while the page streams
 PROMPT = "Who goes <b>there</b>?"  # markup in the text must come out as text
-TIMEOUT_MS = 15_000
+TIMEOUT_MS = 120_000  # a guard against a hung page, not a speed check
 
 # Records the latest answer's length after every change to the page, to see it grow chunk by chunk, and whether
 # Stop took Send's place while it did.
@@ -203,7 +203,7 @@ def test_stop_ends_the_stream_and_frees_the_server(page, engine):
             page.wait_for_selector('.msg.assistant[data-state="stopped"]')
             assert page.text_content(".msg.assistant .text") and "stopped" in page.text_content(".msg.assistant .meta")
             assert page.is_visible("#send") and page.locator(".msg.error").count() == 0
-            deadline = time.monotonic() + 5
+            deadline = time.monotonic() + 60
             while json.load(urllib.request.urlopen(f"{url}/health", timeout=5))["running"]:
                 assert time.monotonic() < deadline, "the stopped answer still holds an engine slot"
                 time.sleep(0.05)

@@ -13,7 +13,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 import yaml
-from conftest import fermion, tiny_model
+from conftest import HANG, fermion, tiny_model
 
 from fermion.chat.conversations import Skipped, to_messages
 from fermion.chat.templates import ChatTemplate
@@ -187,12 +187,12 @@ def test_sft_stage_runs_reports_and_resumes_exactly(pretrained, tmp_path):
     halted = tmp_path / "halted"
     proc = subprocess.Popen([*FERMION, "sft", TINY, *args, "--set", f"sft.dir={halted}"], cwd=REPO,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    deadline = time.monotonic() + 120
+    deadline = time.monotonic() + HANG
     while not ((halted / "metrics.jsonl").is_file() and len(sft_losses(halted)) >= 3):
         assert proc.poll() is None and time.monotonic() < deadline, proc.stdout.read()
         time.sleep(0.01)
     proc.send_signal(signal.SIGTERM)
-    assert proc.wait(timeout=60) == 0
+    assert proc.wait(timeout=HANG) == 0
     assert "received SIGTERM" in proc.stdout.read()
     assert len(sft_losses(halted)) < 24
     second = run("sft", TINY, *args, "--set", f"sft.dir={halted}")

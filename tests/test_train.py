@@ -11,12 +11,12 @@ import time
 from pathlib import Path
 
 import pytest
+from conftest import HANG, REPO
 from safetensors.torch import load_file
 
 from fermion.config import TrainConfig, load_recipe
 from fermion.train.schedule import learning_rate
 
-REPO = Path(__file__).resolve().parents[1]
 TINY = str(REPO / "configs" / "tiny.yaml")
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "fermion"]
 FERMION = [sys.executable, "-m", "fermion"]
@@ -27,7 +27,7 @@ def losses(run_dir: Path) -> dict[int, float]:
     return {r["step"]: r["loss"] for r in records if "loss" in r}
 
 
-def run(cmd: list[str], timeout: int = 300) -> subprocess.CompletedProcess:
+def run(cmd: list[str], timeout: float = HANG) -> subprocess.CompletedProcess:
     result = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=timeout)
     assert "Traceback" not in result.stderr, result.stderr[:2500]
     return result
@@ -38,7 +38,7 @@ def start(cmd: list[str]) -> subprocess.Popen:
                             start_new_session=True)
 
 
-def wait_for_step(run_dir: Path, step: int, proc: subprocess.Popen, timeout: float = 120) -> None:
+def wait_for_step(run_dir: Path, step: int, proc: subprocess.Popen, timeout: float = HANG) -> None:
     deadline = time.monotonic() + timeout
     metrics = run_dir / "metrics.jsonl"
     while time.monotonic() < deadline:
@@ -94,7 +94,7 @@ def test_sigterm_saves_a_checkpoint_exits_zero_and_resumes(reference, tmp_path):
     proc = start(pretrain_cmd(run_dir, "--set", "train.checkpoint_every=1000"))
     wait_for_step(run_dir, 15, proc)
     proc.send_signal(signal.SIGTERM)
-    output, _ = proc.communicate(timeout=120)
+    output, _ = proc.communicate(timeout=HANG)
     assert proc.returncode == 0, output
     stopped_at = max(losses(run_dir))
     assert stopped_at < 60 and "received SIGTERM" in output

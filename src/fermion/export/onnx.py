@@ -30,8 +30,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from fermion.export import ExportError
+from fermion.model.attention import sliding_window_mask
 from fermion.model.moe import MoEFeedForward
-from fermion.model.transformer import Attention, Transformer, sliding_window_mask
+from fermion.model.transformer import Attention, Transformer
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16}
 # Above this much weight data the weights go to `model.onnx.data`: protobuf refuses single files over 2 GiB.

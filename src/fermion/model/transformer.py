@@ -5,10 +5,8 @@ mixture of SwiGLU experts). Attention runs through `scaled_dot_product_attention
 (Mistral) adds a banded causal mask. Q/K/V and gate/up projections are each one fused matmul; export splits them.
 The rotary convention is the "rotate half" one used by Hugging Face Llama, so exported weights need no permuting.
 
-Packed documents and sliding windows need a mask, and a dense [B, 1, T, T] one keeps SDPA off its flash kernels.
-`Transformer.set_attention("flex")` runs those cases through FlexAttention instead: one BlockMask per forward
-(causal, same document, within the window), so the kernel skips the blocks no query may see, and grouped-query
-attention reads K/V without repeating them. Plain causal attention stays on SDPA's fused causal kernel either way.
+Packed documents and sliding windows need a mask: a dense one for SDPA, or (`Transformer.set_attention("flex")`)
+one FlexAttention BlockMask per forward. The kernels and masks live in `model/attention.py`.
 
 Activation checkpointing (`Transformer.set_activation_checkpointing`) trades compute for memory while training;
 what each mode keeps between forward and backward, per block, is spelled out in `CHECKPOINTING_MODES`.
@@ -21,11 +19,11 @@ import math
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.nn.attention import SDPBackend, sdpa_kernel
-from torch.nn.attention.flex_attention import BlockMask, create_block_mask, flex_attention
+from torch.nn.attention.flex_attention import BlockMask
 from torch.utils.checkpoint import checkpoint
 
 from fermion.config import ModelConfig
+from fermion.model.attention import ATTENTION_MODES, document_mask, flex, flex_block_mask, sdpa, sliding_window_mask
 from fermion.model.moe import MoEFeedForward
 
 # What each activation-checkpointing mode keeps alive between a block's forward and its backward (B x T tokens):
@@ -44,14 +42,6 @@ CHECKPOINTING_MODES = {
     # forward is re-run once in backward and all of its intermediates are live together then.
     "full": "block input (1 x [B, T, d_model])",
 }
-
-
-ATTENTION_MODES = ("sdpa", "flex")  # see Transformer.set_attention
-
-# FlexAttention is fast only as compiled kernels: compile it once here (each new shape or mask compiles again). A
-# model compiled as a whole traces flex_attention into its own graph, so it calls the function itself then.
-_compiled_flex_attention = torch.compile(flex_attention, dynamic=False)
-_compiled_create_block_mask = torch.compile(create_block_mask, dynamic=False)
 
 
 class RMSNorm(nn.Module):
@@ -77,53 +67,6 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     half = x.shape[-1] // 2
     rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
     return (x * cos + rotated * sin).type_as(x)
-
-
-def document_mask(segments: torch.Tensor, window: int | None = None) -> torch.Tensor:
-    """Boolean [B, 1, T, T] for packed sequences: causal, within the same segment (document), within the window."""
-    T = segments.shape[1]
-    i = torch.arange(T, device=segments.device)[:, None]
-    j = torch.arange(T, device=segments.device)[None, :]
-    allowed = (j <= i) if window is None else (j <= i) & (j > i - window)
-    return (allowed & (segments[:, :, None] == segments[:, None, :]))[:, None]
-
-
-def sliding_window_mask(seq_len: int, window: int, device=None) -> torch.Tensor:
-    """Boolean [T, T]: position i sees j when i - window < j <= i (Mistral's convention)."""
-    i = torch.arange(seq_len, device=device)[:, None]
-    j = torch.arange(seq_len, device=device)[None, :]
-    return (j <= i) & (j > i - window)
-
-
-def flex_block_mask(seq_len: int, segments: torch.Tensor | None = None, window: int | None = None,
-                    device=None) -> BlockMask:
-    """FlexAttention's BlockMask for what `document_mask` / `sliding_window_mask` allow: causal, within the
-    same segment when `segments` [B, T] is given, within the window when `window` is given."""
-    def mask_mod(b, h, q_idx, kv_idx):
-        allowed = kv_idx <= q_idx
-        if window is not None:
-            allowed = allowed & (q_idx - kv_idx < window)
-        if segments is not None:
-            allowed = allowed & (segments[b, q_idx] == segments[b, kv_idx])
-        return allowed
-
-    device = segments.device if segments is not None else torch.device(device or "cpu")
-    batch = None if segments is None else segments.shape[0]  # None: one mask broadcast over the batch
-    # On CUDA the mask is built by a compiled kernel, block by block, never as a dense [B, T, T] tensor; on a CPU
-    # (FlexAttention has no backward there, so forwards only) the plain function saves a compile.
-    build = (_compiled_create_block_mask
-             if device.type == "cuda" and not torch.compiler.is_compiling() else create_block_mask)
-    return build(mask_mod, batch, None, seq_len, seq_len, device=device)
-
-
-def _flex_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_mask: BlockMask) -> torch.Tensor:
-    if not torch.compiler.is_compiling():
-        return _compiled_flex_attention(q, k, v, block_mask=block_mask, enable_gqa=k.shape[1] != q.shape[1])
-    # Inside a compiled model, contiguous inputs: with GQA and q/k/v as transposed views of the QKV projection,
-    # PyTorch 2.13's CPU flex kernel computed wrong outputs in a larger graph (up to 4 off, against SDPA); the
-    # copies fuse into the producing kernels.
-    return flex_attention(q.contiguous(), k.contiguous(), v.contiguous(), block_mask=block_mask,
-                          enable_gqa=k.shape[1] != q.shape[1])
 
 
 class Attention(nn.Module):
@@ -155,26 +98,12 @@ class Attention(nn.Module):
                 mask: torch.Tensor | BlockMask | None = None) -> torch.Tensor:
         B, T, _ = x.shape
         q, k, v = self.project(x, cos, sin)
-        if isinstance(mask, BlockMask):  # FlexAttention (Transformer.set_attention): GQA without expanding K/V
-            y = _flex_attention(q, k, v, mask)
-            return self.wo(y.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim))
-        if self.n_kv_heads != self.n_heads:
-            # Expanding K/V keeps SDPA on its fused kernels on every backend.
-            repeat = self.n_heads // self.n_kv_heads
-            k, v = k.repeat_interleave(repeat, dim=1), v.repeat_interleave(repeat, dim=1)
-        if mask is not None:  # packed documents: the caller's mask already holds causality and the window
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
-        elif self.sliding_window is not None and T > self.sliding_window:
-            mask = sliding_window_mask(T, self.sliding_window, x.device)
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
-        elif x.device.type == "cpu" and T <= 1024 and torch.is_grad_enabled() and torch.compiler.is_compiling():
-            # Compiled training on a CPU: PyTorch's flash kernel for CPU is slow in backward; the plain kernel
-            # (scores materialised, which the compiler fuses) trained 7-10% faster at seq 256 (10M and 30M models).
-            # Eager runs keep the fused kernel and its memory (what `fermion model info` predicts).
-            with sdpa_kernel(SDPBackend.MATH):
-                y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
-        else:
-            y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        if isinstance(mask, BlockMask):  # FlexAttention (Transformer.set_attention)
+            y = flex(q, k, v, mask)
+        elif mask is None and self.sliding_window is not None and T > self.sliding_window:
+            y = sdpa(q, k, v, sliding_window_mask(T, self.sliding_window, x.device))
+        else:  # causal, or packed documents: the caller's mask already holds causality and the window
+            y = sdpa(q, k, v, mask)
         return self.wo(y.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim))
 
 
@@ -229,21 +158,6 @@ def _checkpoint(function, *args):
     # Non-reentrant: works with torch.compile, FSDP2 and inputs that do not require grad. The model draws no random
     # numbers, so there is no RNG state to stash and restore.
     return checkpoint(function, *args, use_reentrant=False, preserve_rng_state=False)
-
-
-def resolve_attention(setting: str, device: torch.device) -> str:
-    """train.attention -> the mode for Transformer.set_attention. auto: FlexAttention on CUDA (where it runs as
-    Triton kernels, forward and backward), SDPA elsewhere. FlexAttention has no backward on CPU (PyTorch <= 2.13
-    at least), so training with "flex" there is refused up front rather than at the first backward."""
-    device = torch.device(device)
-    if setting == "auto":
-        return "flex" if device.type == "cuda" else "sdpa"
-    if setting == "flex" and device.type == "cpu":
-        raise ValueError(f"train.attention=flex needs a GPU: FlexAttention has no backward on CPU in PyTorch "
-                         f"{torch.__version__}; use sdpa (or auto)")
-    if setting not in ATTENTION_MODES:
-        raise ValueError(f"attention {setting!r} is not one of auto, {', '.join(ATTENTION_MODES)}")
-    return setting
 
 
 class Transformer(nn.Module):

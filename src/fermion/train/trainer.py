@@ -19,8 +19,8 @@ from rich.console import Console
 from fermion.chat.templates import ChatTemplate
 from fermion.config import Recipe
 from fermion.data.tokenizer import Tokenizer
+from fermion.model.attention import resolve_attention
 from fermion.model.counting import count
-from fermion.model.transformer import resolve_attention
 from fermion.train import checkpoint
 from fermion.train.distributed import DistInfo, all_reduce, can_compile, resolve_precision, wrap
 from fermion.train.logging import MetricsLogger, format_stats, make_progress, peak_flops

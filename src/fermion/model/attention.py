@@ -1,0 +1,133 @@
+"""Attention kernels and masks: what `model/transformer.py`'s `Attention` calls once q, k and v are made.
+
+Plain causal attention runs SDPA's fused causal kernel. Packed documents and sliding windows need a mask: either a
+dense boolean [B, 1, T, T] one for SDPA (`document_mask`, `sliding_window_mask`), which keeps SDPA off its flash
+kernels, or FlexAttention's block-sparse `BlockMask` (`flex_block_mask`), with which the kernel skips the blocks no
+query may see and reads grouped-query K/V without repeating them. Nothing here is compiled at import time:
+FlexAttention's kernels are compiled lazily, once, on first use.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.nn.attention.flex_attention import BlockMask, create_block_mask, flex_attention
+
+ATTENTION_MODES = ("sdpa", "flex")  # see Transformer.set_attention
+
+
+def resolve_attention(setting: str, device: torch.device) -> str:
+    """train.attention -> the mode for Transformer.set_attention. auto: FlexAttention on CUDA (where it runs as
+    Triton kernels, forward and backward), SDPA elsewhere. FlexAttention has no backward on CPU (PyTorch <= 2.13
+    at least), so training with "flex" there is refused up front rather than at the first backward."""
+    device = torch.device(device)
+    if setting == "auto":
+        return "flex" if device.type == "cuda" else "sdpa"
+    if setting == "flex" and device.type == "cpu":
+        raise ValueError(f"train.attention=flex needs a GPU: FlexAttention has no backward on CPU in PyTorch "
+                         f"{torch.__version__}; use sdpa (or auto)")
+    if setting not in ATTENTION_MODES:
+        raise ValueError(f"attention {setting!r} is not one of auto, {', '.join(ATTENTION_MODES)}")
+    return setting
+
+
+def document_mask(segments: torch.Tensor, window: int | None = None) -> torch.Tensor:
+    """Boolean [B, 1, T, T] for packed sequences: causal, within the same segment (document), within the window."""
+    T = segments.shape[1]
+    i = torch.arange(T, device=segments.device)[:, None]
+    j = torch.arange(T, device=segments.device)[None, :]
+    allowed = (j <= i) if window is None else (j <= i) & (j > i - window)
+    return (allowed & (segments[:, :, None] == segments[:, None, :]))[:, None]
+
+
+def sliding_window_mask(seq_len: int, window: int, device=None) -> torch.Tensor:
+    """Boolean [T, T]: position i sees j when i - window < j <= i (Mistral's convention)."""
+    i = torch.arange(seq_len, device=device)[:, None]
+    j = torch.arange(seq_len, device=device)[None, :]
+    return (j <= i) & (j > i - window)
+
+
+def sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    """SDPA over q [B, H, T, hd] and k/v [B, H_kv, T, hd]: causal when `mask` is None, else as the boolean mask
+    allows (the mask already holds causality and any window)."""
+    if k.shape[1] != q.shape[1]:
+        # Expanding K/V keeps SDPA on its fused kernels on every backend.
+        repeat = q.shape[1] // k.shape[1]
+        k, v = k.repeat_interleave(repeat, dim=1), v.repeat_interleave(repeat, dim=1)
+    if mask is not None:
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+    if q.device.type == "cpu" and q.shape[2] <= 1024 and torch.is_grad_enabled() and torch.compiler.is_compiling():
+        # Compiled training on a CPU: PyTorch's flash kernel for CPU is slow in backward; the plain kernel
+        # (scores materialised, which the compiler fuses) trained 7-10% faster at seq 256 (10M and 30M models).
+        # Eager runs keep the fused kernel and its memory (what `fermion model info` predicts).
+        with sdpa_kernel(SDPBackend.MATH):
+            return F.scaled_dot_product_attention(q, k, v, is_causal=True)
+    return F.scaled_dot_product_attention(q, k, v, is_causal=True)
+
+
+@functools.cache
+def _compiled(function):
+    """`function` compiled once, on first use (FlexAttention is fast only as compiled kernels; each new shape or
+    mask compiles again). A model compiled as a whole traces flex_attention into its own graph instead."""
+    return torch.compile(function, dynamic=False)
+
+
+def flex_block_mask(seq_len: int, segments: torch.Tensor | None = None, window: int | None = None,
+                    device=None) -> BlockMask:
+    """FlexAttention's BlockMask for what `document_mask` / `sliding_window_mask` allow: causal, within the
+    same segment when `segments` [B, T] is given, within the window when `window` is given."""
+    def mask_mod(b, h, q_idx, kv_idx):
+        allowed = kv_idx <= q_idx
+        if window is not None:
+            allowed = allowed & (q_idx - kv_idx < window)
+        if segments is not None:
+            allowed = allowed & (segments[b, q_idx] == segments[b, kv_idx])
+        return allowed
+
+    device = segments.device if segments is not None else torch.device(device or "cpu")
+    batch = None if segments is None else segments.shape[0]  # None: one mask broadcast over the batch
+    # On CUDA the mask is built by a compiled kernel, block by block, never as a dense [B, T, T] tensor; on a CPU
+    # (FlexAttention has no backward there, so forwards only) the plain function saves a compile.
+    build = (_compiled(create_block_mask)
+             if device.type == "cuda" and not torch.compiler.is_compiling() else create_block_mask)
+    return build(mask_mod, batch, None, seq_len, seq_len, device=device)
+
+
+# PyTorch 2.13's CPU FlexAttention kernel (inductor's C++ template) computes wrong scores for head sizes 8 and 16
+# when it is generated for 256-bit vectors (AVX2: every x86 CPU without AVX512, and any CPU under
+# ATEN_CPU_CAPABILITY=avx2 or inductor's cpp.simdlen=256). Its Q.K^T micro-kernel handles the last, narrower
+# block of keys (width N < 16) with a "transpose, then outer product" branch taken when N, the head size K and
+# the vector width line up (N % 8 == 0, K % 8 == 0, K < 24), but that branch is written for the full 16 columns:
+# it reads 8 key rows past the tail and stores 8 scores past the row, over the next row's scores or, on the last
+# row, over the running row maxima that follow them in the scratch buffer. A key length that leaves a tail of 8
+# (40 = 16 + 16 + 8) is enough; what comes out depends on the memory past the keys (off by up to ~3, or NaN).
+# (ATEN_CPU_CAPABILITY=avx2 on an AVX512 machine reproduces it, and leaves the faulty kernel in inductor's on-disk
+# cache, keyed without the vector width, for later runs without the variable: clear /tmp/torchinductor_$USER then.)
+# Minimal reproduction, on such a CPU or with torch._inductor.config.cpp.simdlen = 256:
+#     q = k = v = torch.randn(1, 1, 24, 16)
+#     torch.compile(flex_attention)(q, k, v, block_mask=create_block_mask(causal, None, None, 24, 24, "cpu"))
+#     differs from F.scaled_dot_product_attention(q, k, v, is_causal=True).
+# Any other head size takes the kernel's correct branch, so smaller heads are zero-padded to 24 (q.k and the
+# weights over v are unchanged; the padded output columns are dropped). Head sizes 8 and 16 only occur in test
+# and toy models, and the cost is confined to them. tests/test_flex_attention.py forces the 256-bit kernel.
+_CPU_FLEX_MIN_HEAD_DIM = 24
+
+
+def flex(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_mask: BlockMask) -> torch.Tensor:
+    """FlexAttention over q [B, H, T, hd] and k/v [B, H_kv, T, hd] with the BlockMask; GQA without expanding K/V."""
+    head_dim = q.shape[-1]
+    pad = _CPU_FLEX_MIN_HEAD_DIM - head_dim if q.device.type == "cpu" else 0
+    if pad > 0:
+        q, k, v = (F.pad(t, (0, pad)) for t in (q, k, v))
+    options = dict(block_mask=block_mask, scale=head_dim ** -0.5, enable_gqa=k.shape[1] != q.shape[1])
+    if torch.compiler.is_compiling():
+        # Inside a compiled model, contiguous inputs: with GQA and q/k/v as transposed views of the QKV
+        # projection, PyTorch 2.13's CPU flex kernel computes wrong outputs in the block's graph (0.9 off against
+        # SDPA at head size 32, on AVX512 and AVX2 alike; a separate fault); the copies fuse into the producers.
+        y = flex_attention(q.contiguous(), k.contiguous(), v.contiguous(), **options)
+    else:
+        y = _compiled(flex_attention)(q, k, v, **options)
+    return y[..., :head_dim] if pad > 0 else y
