@@ -21,10 +21,11 @@ from pathlib import Path
 import torch
 
 from fermion.chat.templates import ChatTemplate
+from fermion.checkpoint import load_model
 from fermion.config import ModelConfig, TokenizerConfig
 from fermion.data.tokenizer import Tokenizer
 from fermion.export.hf import export_hf
-from fermion.infer.engine import Engine, SamplingParams, load_model, prepare_for_decode
+from fermion.infer.engine import Engine, SamplingParams, prepare_for_decode
 from fermion.infer.quantize import quantize
 from fermion.model.transformer import Transformer
 

@@ -24,9 +24,9 @@ import torch
 from rich.console import Console
 from safetensors import safe_open
 
+from fermion import checkpoint
 from fermion.config import load_recipe, recipe_from_dict
 from fermion.data.synthetic import arithmetic_examples, arithmetic_preferences, write_jsonl
-from fermion.train import checkpoint
 from fermion.train.dpo import REFERENCE_CACHE, dpo, prepare, val_batches
 from fermion.train.objectives import DPO
 from fermion.train.pretrain import build_model, pretrain

@@ -43,11 +43,11 @@ import yaml  # noqa: E402
 from lm_eval.models.huggingface import HFLM  # noqa: E402
 from lm_eval.tasks import TaskManager  # noqa: E402
 
+from fermion.checkpoint import load_model  # noqa: E402
 from fermion.eval import multiple_choice  # noqa: E402
 from fermion.eval.lm import EvalModel, load  # noqa: E402
 from fermion.eval.results import TaskOptions  # noqa: E402
 from fermion.export.hf import export_hf  # noqa: E402
-from fermion.infer.engine import load_model  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 DATA_DIR = REPO.parent / "shared" / "data" / "eval"

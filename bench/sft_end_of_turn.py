@@ -14,7 +14,8 @@ import json
 from pathlib import Path
 
 from fermion.chat.templates import ChatTemplate
-from fermion.infer.engine import Engine, SamplingParams, load_model
+from fermion.checkpoint import load_model
+from fermion.infer.engine import Engine, SamplingParams
 
 SEEDS = Path(__file__).resolve().parents[2] / "shared" / "data" / "sft" / "alpaca" / "seed_tasks.jsonl"
 

@@ -21,12 +21,12 @@ from pathlib import Path
 import torch
 from rich.console import Console
 
+from fermion import checkpoint
 from fermion.config import recipe_from_dict
 from fermion.data.synthetic import write_jsonl
 from fermion.eval import tinytask
 from fermion.eval.lm import load
 from fermion.eval.results import TaskOptions, TaskResult
-from fermion.train import checkpoint
 from fermion.train.sft import sft
 
 

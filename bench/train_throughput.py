@@ -45,9 +45,9 @@ import torch
 import transformers
 
 from fermion.config import ModelConfig, Recipe, TrainConfig
+from fermion.device import DistInfo, resolve_precision
 from fermion.model.counting import allocation_peak, count
 from fermion.model.transformer import Transformer
-from fermion.train.distributed import DistInfo, resolve_precision
 from fermion.train.logging import peak_flops
 from fermion.train.objectives import Pretrain
 from fermion.train.trainer import Trainer

@@ -11,7 +11,7 @@ from torch.multiprocessing.reductions import StorageWeakRef
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
-from fermion.train.distributed import can_compile
+from fermion.device import can_compile
 
 MODES = ("none", "selective", "full")
 
@@ -128,7 +128,8 @@ def _fsdp_worker(kind: str, mode: str, precision: str) -> None:
     rank 0 compares the gathered gradients with one process, no checkpointing, full logits."""
     import torch.distributed as dist
 
-    from fermion.train.distributed import setup, teardown, wrap
+    from fermion.device import setup, teardown
+    from fermion.train.distributed import wrap
     from fermion.train.objectives import Pretrain
 
     info = setup("cpu")

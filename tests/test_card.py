@@ -10,13 +10,13 @@ from conftest import REPO, SHARED_DATA, fermion
 from rich.console import Console
 
 from fermion.card import StageRecord, build_card, training_section
+from fermion.checkpoint import newest_good, trainer_state_of
 from fermion.config import load_recipe, recipe_from_dict
+from fermion.errors import ExportError
 from fermion.eval import lm as eval_lm
 from fermion.eval import runner
 from fermion.eval.results import TaskOptions, write
-from fermion.export import ExportError
 from fermion.model.counting import count
-from fermion.train.checkpoint import newest_good, trainer_state_of
 from fermion.train.dpo import dpo
 from fermion.train.pretrain import pretrain
 from fermion.train.sft import sft

@@ -10,8 +10,8 @@ from conftest import TINY, tiny_model
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
-from fermion.train.distributed import can_compile
-from fermion.train.objectives import DPO, IGNORE_INDEX, SFT, Pretrain, resolve_cross_entropy, sequence_logps
+from fermion.device import can_compile, resolve_cross_entropy
+from fermion.train.objectives import DPO, IGNORE_INDEX, SFT, Pretrain, sequence_logps
 
 V = TINY["vocab_size"]
 TOKEN_BYTES = torch.ones(V, dtype=torch.long)

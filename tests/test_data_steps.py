@@ -18,6 +18,7 @@ from datatrove.data import Document
 from datatrove.pipeline.writers import JsonlWriter
 from rich.console import Console
 
+from fermion.checkpoint import load_model
 from fermion.config import load_recipe
 from fermion.data.sources import DataError
 from fermion.data.steps import (
@@ -29,7 +30,6 @@ from fermion.data.steps import (
 )
 from fermion.eval.lm import EvalModel
 from fermion.eval.perplexity import text_nll
-from fermion.infer.engine import load_model
 from fermion.train.pretrain import pretrain
 
 EVAL_DATA = SHARED_DATA / "eval"

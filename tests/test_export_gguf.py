@@ -21,7 +21,7 @@ from tokenizers import pre_tokenizers
 from fermion.chat.templates import BUILTIN, ChatTemplate
 from fermion.config import ModelConfig, TokenizerConfig
 from fermion.data.tokenizer import Tokenizer
-from fermion.export import ExportError
+from fermion.errors import ExportError
 from fermion.export.gguf import export_gguf
 from fermion.model.transformer import Transformer, apply_rope, rope_tables
 

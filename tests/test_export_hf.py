@@ -13,9 +13,10 @@ from safetensors.torch import load_file
 from fermion.chat.templates import BUILTIN, ChatTemplate
 from fermion.config import ModelConfig
 from fermion.data.tokenizer import Tokenizer
-from fermion.export import ExportError
-from fermion.export.hf import architecture, export_hf, hf_config, import_hf, to_hf_state_dict
+from fermion.errors import ExportError
+from fermion.export.hf import export_hf
 from fermion.infer.engine import Engine, SamplingParams
+from fermion.model.hf import architecture, hf_config, import_hf, to_hf_state_dict
 from fermion.model.transformer import Transformer
 
 CONVERSATION = [

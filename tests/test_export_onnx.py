@@ -9,7 +9,7 @@ import torch
 
 import fermion.export.onnx as onnx_export
 from fermion.config import ModelConfig
-from fermion.export import ExportError
+from fermion.errors import ExportError
 from fermion.export.onnx import export_onnx
 from fermion.model.transformer import Transformer
 

@@ -10,9 +10,9 @@ import torch
 from conftest import tiny_model
 
 from fermion.config import recipe_from_dict
+from fermion.device import DistInfo, resolve_attention
 from fermion.model import attention, transformer
-from fermion.model.attention import flex_block_mask, resolve_attention
-from fermion.train.distributed import DistInfo
+from fermion.model.attention import flex_block_mask
 from fermion.train.objectives import Pretrain
 from fermion.train.trainer import Trainer
 

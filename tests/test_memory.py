@@ -23,10 +23,10 @@ import pytest
 import torch
 
 from fermion.config import recipe_from_dict
+from fermion.device import DistInfo
 from fermion.model.counting import allocation_peak, plan_memory, training_memory
 from fermion.model.transformer import Transformer
 from fermion.train import objectives
-from fermion.train.distributed import DistInfo
 from fermion.train.objectives import Pretrain
 from fermion.train.trainer import Trainer
 

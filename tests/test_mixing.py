@@ -12,10 +12,10 @@ import torch
 import yaml
 from conftest import REPO, SHARED_DATA, fermion
 
+from fermion.checkpoint import list_checkpoints
 from fermion.config import SourceConfig, TokenizerConfig
 from fermion.data import ShardSet, Tokenizer, TokenLoader, interleave_documents
 from fermion.data.shards import BLOCK
-from fermion.train.checkpoint import list_checkpoints
 
 PRETRAIN = SHARED_DATA / "pretrain"
 SEQ_LEN, BATCH, STEPS = 8, 128, 100  # 12,800 windows: a share's standard error is at most 0.0044, a 2% gap is 4.5 of it

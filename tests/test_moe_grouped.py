@@ -8,8 +8,8 @@ import torch.nn.functional as F
 from conftest import TINY
 
 from fermion.config import ModelConfig
+from fermion.device import can_compile
 from fermion.model.moe import MoEFeedForward
-from fermion.train.distributed import can_compile
 
 
 def loop_forward(moe: MoEFeedForward, x: torch.Tensor):

@@ -24,12 +24,12 @@ from conftest import SHARED_DATA, TINY, fermion, tiny_model
 from datatrove.executor import RayPipelineExecutor, SlurmPipelineExecutor
 from rich.console import Console
 
+from fermion.checkpoint import save_weights
 from fermion.config import LengthRules, Recipe, RecipeError, load_recipe, recipe_from_dict
 from fermion.data import pipeline
 from fermion.data.shards import load_index
 from fermion.data.sources import DataError
 from fermion.data.tokenizer import Tokenizer
-from fermion.train.checkpoint import save_weights
 from fermion.train.pretrain import training_data
 
 STORIES = SHARED_DATA / "pretrain" / "tinystories" / "tinystories_train_sample_2MiB.txt"

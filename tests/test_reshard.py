@@ -171,10 +171,10 @@ def test_a_pending_async_save_is_invisible_and_holds_the_state_it_started_with(o
     """Files are written from a copy taken when the save starts; the directory and `latest` appear only when
     finish() runs after the files are complete; a save abandoned mid-write (a crash) never appears and the
     next save clears it away."""
+    from fermion import checkpoint
     from fermion.config import load_recipe
+    from fermion.device import DistInfo
     from fermion.model.transformer import Transformer
-    from fermion.train import checkpoint
-    from fermion.train.distributed import DistInfo
 
     recipe = load_recipe(TINY, [f"run.dir={tmp_path / 'run'}"])
     model = Transformer(recipe.model)

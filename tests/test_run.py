@@ -13,9 +13,9 @@ import torch
 import yaml
 from conftest import HANG, REPO, SHARED_DATA, fermion
 
+from fermion.checkpoint import list_checkpoints, newest_good, step_of, trainer_state_of
 from fermion.config import load_recipe
 from fermion.model.counting import count
-from fermion.train.checkpoint import list_checkpoints, newest_good, step_of, trainer_state_of
 
 STORIES = SHARED_DATA / "pretrain" / "tinystories" / "tinystories_train_sample_2MiB.txt"
 WATCH = {"progress": False, "tensorboard": False, "compile": False, "log_every": 10}
@@ -187,8 +187,8 @@ def test_demo_runs_every_stage_and_chats(demo_run):
 def test_demo_export_loads_in_transformers_with_its_chat_template(demo_run):
     transformers = pytest.importorskip("transformers")
     from fermion.chat.templates import ChatTemplate
+    from fermion.checkpoint import load_model
     from fermion.data.tokenizer import Tokenizer
-    from fermion.infer.engine import load_model
 
     run_dir, _ = demo_run
     folder = run_dir / "dpo" / "export" / "hf"

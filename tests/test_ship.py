@@ -78,7 +78,8 @@ def test_generate_streams_from_run_checkpoint_and_hf_folder(trained, tmp_path, q
 
 def test_int8_stays_close_to_float_on_a_trained_model(trained):
     """Measured on this run: teacher-forced top-1 agreement and free-running greedy agreement of int8 vs fp32."""
-    from fermion.infer.engine import Engine, SamplingParams, load_model
+    from fermion.checkpoint import load_model
+    from fermion.infer.engine import Engine, SamplingParams
     from fermion.infer.quantize import quantize
 
     model, tokenizer, _ = load_model(trained)

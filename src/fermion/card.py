@@ -25,7 +25,7 @@ import yaml
 
 from fermion.atomic import replaced_file
 from fermion.config import Recipe, RecipeError, load_recipe
-from fermion.export import ExportError
+from fermion.errors import ExportError
 
 POST_TRAINING = ("sft", "dpo")
 SAMPLE_PROMPTS = ["Once upon a time", "The capital of France is", "def add(a, b):\n"]
@@ -63,7 +63,7 @@ def _load_recipe(path: Path) -> Recipe:
 
 
 def _stage(name: str, kind: str, directory: Path, data) -> StageRecord | None:
-    from fermion.train import checkpoint
+    from fermion import checkpoint
 
     if not checkpoint.checkpoints_dir(directory).is_dir():
         return None
@@ -168,8 +168,8 @@ def front_matter(recipe: Recipe, stages: list[StageRecord], license: str, langua
 
 
 def architecture_section(final: StageRecord) -> list[str]:
-    from fermion.export.hf import architecture
     from fermion.model.counting import count
+    from fermion.model.hf import architecture
 
     cfg = final.recipe.model
     counts = count(cfg, final.recipe.seq_len)
@@ -464,7 +464,8 @@ def samples_section(final: StageRecord, smoke_samples: list[dict], generate: boo
 
 def _fresh_samples(final: StageRecord) -> list[str]:
     from fermion.chat.templates import ChatTemplate
-    from fermion.infer.engine import Engine, SamplingParams, load_model, prepare_for_decode
+    from fermion.checkpoint import load_model
+    from fermion.infer.engine import Engine, SamplingParams, prepare_for_decode
 
     model, tokenizer, recipe = load_model(final.checkpoint, warn=lambda *_: None)
     engine = Engine(prepare_for_decode(model), tokenizer, max_batch=1)

@@ -43,8 +43,7 @@ def run_guarded(action):
     """Run a stage, turning the project's own errors into one clear line and an exit code."""
     from fermion.chat.templates import TemplateError
     from fermion.data.sources import DataError
-    from fermion.export import ExportError
-    from fermion.train.checkpoint import CheckpointError
+    from fermion.errors import CheckpointError, ExportError
     from fermion.train.trainer import TrainingError
 
     try:
@@ -236,11 +235,13 @@ def load_engine(path: Path, quant: str = "none", device: str = "cpu", dtype: str
     weights laid out for decoding, wrapped in an engine."""
     import torch
 
-    from fermion.infer.engine import Engine, inference_dtype, load_model, prepare_for_decode
+    from fermion.checkpoint import load_model
+    from fermion.device import resolve_dtype
+    from fermion.infer.engine import Engine, prepare_for_decode
     from fermion.infer.quantize import quantize
 
     try:
-        torch_dtype = inference_dtype(dtype, torch.device(device))
+        torch_dtype = resolve_dtype(dtype, torch.device(device))
     except (ValueError, RuntimeError) as err:
         fail(str(err))
     model, tokenizer, recipe = run_guarded(lambda: load_model(path, device=device, dtype=torch_dtype,
@@ -510,8 +511,8 @@ def import_cmd(
     out: Annotated[Path, typer.Argument(help="The fermion checkpoint directory to write.")],
 ) -> None:
     """Turn a Hugging Face folder into a fermion checkpoint (for generate, export, or train.init_from)."""
-    from fermion.export.hf import imported_recipe
-    from fermion.train.checkpoint import save_weights
+    from fermion.checkpoint import save_weights
+    from fermion.model.hf import imported_recipe
 
     model, tokenizer, recipe = run_guarded(lambda: imported_recipe(folder))
     path = run_guarded(lambda: save_weights(model, recipe, tokenizer, out))

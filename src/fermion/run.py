@@ -167,7 +167,7 @@ def trained_stages(recipe: Recipe) -> list[tuple[str, Path]]:
 
 def plan(recipe: Recipe, console: Console) -> list[Step]:
     """The recipe's steps in order, with their inputs; fingerprints chain each step to the ones before it."""
-    from fermion.train.checkpoint import newest_good
+    from fermion.checkpoint import newest_good
 
     run_dir = recipe.run_dir
     steps: list[Step] = []

@@ -299,7 +299,7 @@ class PerplexityFilter(BaseFilter):
 
     def model(self):
         if self._loaded is None:
-            from fermion.infer.engine import load_model  # imported here: the other steps need no model code
+            from fermion.checkpoint import load_model  # imported here: the other steps need no model code
 
             # datatrove runs one worker per core; torch's own thread pool in each would oversubscribe them.
             torch.set_num_threads(1)

@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from fermion.chat.templates import ChatTemplate
+from fermion.checkpoint import load_model
 from fermion.config import Recipe
 from fermion.data.tokenizer import Tokenizer
 from fermion.infer.engine import Completion, Constraint, Engine, SamplingParams
@@ -186,9 +187,10 @@ def load(path: str | Path, *, device: str = "cpu", dtype: str = "fp32", chat: bo
          template: str | None = None, max_batch: int = 16) -> EvalModel:
     """A run, checkpoint or Hugging Face folder as an EvalModel. chat=None: chat prompting when the checkpoint comes
     from a post-training stage (SFT or DPO)."""
-    from fermion.infer.engine import inference_dtype, load_model, prepare_for_decode
+    from fermion.device import resolve_dtype
+    from fermion.infer.engine import prepare_for_decode
 
-    torch_dtype = inference_dtype(dtype, torch.device(device))
+    torch_dtype = resolve_dtype(dtype, torch.device(device))
     model, tokenizer, recipe = load_model(path, device=device, dtype=torch_dtype, warn=lambda *_: None)
     if chat is None:
         chat = is_post_trained(recipe)

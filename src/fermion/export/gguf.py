@@ -30,7 +30,8 @@ from fermion.atomic import replaced_file
 from fermion.chat.templates import STOP_STRINGS
 from fermion.config import ModelConfig
 from fermion.data.tokenizer import Tokenizer
-from fermion.export import ExportError, check_mapped
+from fermion.errors import ExportError
+from fermion.model.hf import check_mapped
 from fermion.model.transformer import Transformer
 
 # dtype name -> (type of the 2-D weight matrices, the file type recorded in the header).

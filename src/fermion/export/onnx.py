@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fermion.export import ExportError
+from fermion.errors import ExportError
 from fermion.model.attention import sliding_window_mask
 from fermion.model.moe import MoEFeedForward
 from fermion.model.transformer import Attention, Transformer

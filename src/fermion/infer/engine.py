@@ -19,11 +19,9 @@ longest live sequence, is the fast one.
 
 from __future__ import annotations
 
-import os
 import random
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Protocol
 
 import torch
@@ -425,37 +423,3 @@ def prepare_for_decode(model: Transformer) -> Transformer:
     if model.lm_head is None:  # tied: the embedding table stays as it is for lookups; the head gets its own copy
         model.lm_head = DecodeLinear(weight)
     return model
-
-
-def inference_dtype(dtype: str, device: torch.device) -> torch.dtype:
-    """auto: bf16 where the device computes it natively (as training's precision: auto), else fp32."""
-    from fermion.train.distributed import resolve_precision
-
-    names = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-    if dtype != "auto" and dtype not in names:
-        raise ValueError(f"dtype {dtype!r} is not one of auto, {', '.join(names)}")
-    return names[resolve_precision(dtype, device)] if dtype == "auto" else names[dtype]
-
-
-
-def load_model(path: str | os.PathLike, device: str = "cpu", dtype: torch.dtype | None = None,
-               warn=print) -> tuple[Transformer, Tokenizer, object]:
-    """A run directory, a checkpoint directory or a Hugging Face folder -> (model in eval mode, tokenizer, recipe)."""
-    from fermion.export.hf import imported_recipe, is_hf_folder
-    from fermion.train import checkpoint
-
-    if is_hf_folder(path):
-        model, tokenizer, recipe = imported_recipe(Path(path))
-    else:
-        ckpt = checkpoint.resolve(path, warn=warn)
-        recipe = checkpoint.load_recipe_of(ckpt)
-        with torch.device("meta"):
-            model = Transformer(recipe.model)
-        model.to_empty(device=device)
-        checkpoint.load_weights(ckpt, model)
-        tokenizer = Tokenizer.load(ckpt / "tokenizer.json")
-    model.reset_rope()
-    model = model.to(device=device, dtype=dtype) if dtype is not None else model.to(device)
-    if dtype is not None:
-        model.reset_rope()  # rotary tables stay fp32 whatever the weights are
-    return model.eval(), tokenizer, recipe

@@ -16,23 +16,6 @@ import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.nn.attention.flex_attention import BlockMask, create_block_mask, flex_attention
 
-ATTENTION_MODES = ("sdpa", "flex")  # see Transformer.set_attention
-
-
-def resolve_attention(setting: str, device: torch.device) -> str:
-    """train.attention -> the mode for Transformer.set_attention. auto: FlexAttention on CUDA (where it runs as
-    Triton kernels, forward and backward), SDPA elsewhere. FlexAttention has no backward on CPU (PyTorch <= 2.13
-    at least), so training with "flex" there is refused up front rather than at the first backward."""
-    device = torch.device(device)
-    if setting == "auto":
-        return "flex" if device.type == "cuda" else "sdpa"
-    if setting == "flex" and device.type == "cpu":
-        raise ValueError(f"train.attention=flex needs a GPU: FlexAttention has no backward on CPU in PyTorch "
-                         f"{torch.__version__}; use sdpa (or auto)")
-    if setting not in ATTENTION_MODES:
-        raise ValueError(f"attention {setting!r} is not one of auto, {', '.join(ATTENTION_MODES)}")
-    return setting
-
 
 def document_mask(segments: torch.Tensor, window: int | None = None) -> torch.Tensor:
     """Boolean [B, 1, T, T] for packed sequences: causal, within the same segment (document), within the window."""

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 import torch
 
 from fermion.config import ModelConfig
+from fermion.device import resolve_cross_entropy, resolve_precision
 from fermion.model.transformer import Transformer
 
 
@@ -323,12 +324,8 @@ def plan_memory(recipe, device: str | None = None, world_size: int = 1, micro_ba
         if device_type == "cuda":
             precision = "fp32" if name in NO_BF16 else "bf16"
         else:
-            from fermion.train.distributed import resolve_precision
-
             precision = resolve_precision("auto", torch.device("cpu"))
-    cross_entropy = getattr(train, "cross_entropy", "full")
-    if cross_entropy == "auto":
-        cross_entropy = "chunked" if device_type == "cuda" else "full"
+    cross_entropy = resolve_cross_entropy(getattr(train, "cross_entropy", "full"), torch.device(device_type))
     checkpointing = checkpointing or getattr(train, "activation_checkpointing", "none")
     micro_batch = micro_batch or train.micro_batch_size
     distributed = train.distributed

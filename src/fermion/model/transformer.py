@@ -23,7 +23,8 @@ from torch.nn.attention.flex_attention import BlockMask
 from torch.utils.checkpoint import checkpoint
 
 from fermion.config import ModelConfig
-from fermion.model.attention import ATTENTION_MODES, document_mask, flex, flex_block_mask, sdpa, sliding_window_mask
+from fermion.device import ATTENTION_MODES
+from fermion.model.attention import document_mask, flex, flex_block_mask, sdpa, sliding_window_mask
 from fermion.model.moe import MoEFeedForward
 
 # What each activation-checkpointing mode keeps alive between a block's forward and its backward (B x T tokens):
@@ -207,7 +208,7 @@ class Transformer(nn.Module):
         """How masked attention runs (packed documents, sliding windows shorter than the sequence): "sdpa" (a dense
         boolean mask, which keeps SDPA off its flash kernels) or "flex" (FlexAttention with a BlockMask built once
         per forward; on CPU forwards only). Plain causal attention and explicit masks passed to `hidden` always
-        use SDPA. Call before torch.compile; `resolve_attention` turns train.attention into a mode."""
+        use SDPA. Call before torch.compile; `device.resolve_attention` turns train.attention into a mode."""
         if mode not in ATTENTION_MODES:
             raise ValueError(f"attention {mode!r} is not one of {', '.join(ATTENTION_MODES)}")
         self.attention = mode

@@ -34,15 +34,15 @@ from rich.console import Console
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from fermion import device as distributed
 from fermion.atomic import replaced_file
 from fermion.chat.conversations import Pair, Skipped, to_pair
 from fermion.chat.templates import ChatTemplate, TemplateError
 from fermion.config import Recipe
 from fermion.data.sources import DataError
 from fermion.data.tokenizer import Tokenizer
-from fermion.train import distributed
-from fermion.train.distributed import DistInfo, all_reduce, resolve_precision
-from fermion.train.objectives import DPO, IGNORE_INDEX, resolve_cross_entropy, sequence_logps
+from fermion.device import DistInfo, all_reduce, resolve_cross_entropy, resolve_precision
+from fermion.train.objectives import DPO, IGNORE_INDEX, sequence_logps
 from fermion.train.posttrain import (
     Report,
     Stage,

@@ -23,15 +23,6 @@ IGNORE_INDEX = -100
 CHUNK_TOKENS = 4096  # tokens per cross-entropy chunk: [4096, vocab] fp32 logits are 0.5 GiB at a 32k vocabulary
 
 
-def resolve_cross_entropy(setting: str, device: torch.device) -> str:
-    """train.cross_entropy -> "full" or "chunked": auto is chunked on CUDA (where memory binds), full elsewhere."""
-    if setting == "auto":
-        return "chunked" if device.type == "cuda" else "full"
-    if setting not in ("full", "chunked"):
-        raise ValueError(f"cross_entropy {setting!r} is not one of auto, full, chunked")
-    return setting
-
-
 def _chunk_nll(model, hidden: torch.Tensor, targets: torch.Tensor, reduction: str) -> torch.Tensor:
     logits = model.logits(hidden)
     return F.cross_entropy(logits.float(), targets, ignore_index=IGNORE_INDEX, reduction=reduction)

@@ -29,9 +29,9 @@ from fermion.data.tokenizer import Tokenizer
 
 def load_source(source: str) -> tuple[Recipe, dict[str, torch.Tensor], Tokenizer]:
     """Weights to start from: a fermion run or checkpoint directory, or a Hugging Face folder."""
-    from fermion.export.hf import imported_recipe, is_hf_folder
+    from fermion import checkpoint
+    from fermion.model.hf import imported_recipe, is_hf_folder
     from fermion.model.transformer import Transformer
-    from fermion.train import checkpoint
 
     if is_hf_folder(source):
         model, tokenizer, source_recipe = imported_recipe(Path(source))

@@ -7,12 +7,12 @@ from pathlib import Path
 import torch
 from rich.console import Console
 
+from fermion import device as distributed
 from fermion.config import DataConfig, Recipe, RecipeError
 from fermion.data.shards import ShardSet, TokenLoader, check_tokenizer, load_index, val_batches, write_shards
 from fermion.data.sources import interleave_documents
 from fermion.data.tokenizer import Tokenizer
 from fermion.model.transformer import Transformer
-from fermion.train import distributed
 from fermion.train.objectives import Pretrain
 from fermion.train.trainer import Trainer, TrainResult
 

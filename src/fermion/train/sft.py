@@ -19,12 +19,12 @@ import numpy as np
 import torch
 from rich.console import Console
 
+from fermion import device as distributed
 from fermion.chat.conversations import Skipped, to_messages
 from fermion.chat.templates import ChatTemplate, TemplateError
 from fermion.config import Recipe
 from fermion.data.sources import DataError
 from fermion.data.tokenizer import Tokenizer
-from fermion.train import distributed
 from fermion.train.objectives import IGNORE_INDEX, SFT
 from fermion.train.posttrain import (
     Report,

@@ -16,15 +16,21 @@ from pathlib import Path
 import torch
 from rich.console import Console
 
+from fermion import checkpoint
 from fermion.chat.templates import ChatTemplate
 from fermion.config import Recipe
 from fermion.data.tokenizer import Tokenizer
-from fermion.model.attention import resolve_attention
+from fermion.device import (
+    DistInfo,
+    all_reduce,
+    can_compile,
+    resolve_attention,
+    resolve_cross_entropy,
+    resolve_precision,
+)
 from fermion.model.counting import count
-from fermion.train import checkpoint
-from fermion.train.distributed import DistInfo, all_reduce, can_compile, resolve_precision, wrap
+from fermion.train.distributed import wrap
 from fermion.train.logging import MetricsLogger, format_stats, make_progress, peak_flops
-from fermion.train.objectives import resolve_cross_entropy
 from fermion.train.prefetch import Prefetcher
 from fermion.train.schedule import learning_rate
 

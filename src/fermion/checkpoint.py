@@ -42,13 +42,12 @@ from safetensors.torch import load_file, save_file
 from fermion.atomic import replaced_dir
 from fermion.config import Recipe, recipe_from_dict
 from fermion.data.tokenizer import Tokenizer
-from fermion.train.distributed import DistInfo, all_reduce, barrier
+from fermion.device import DistInfo, all_reduce, barrier
+from fermion.errors import CheckpointError
+from fermion.model.hf import imported_recipe, is_hf_folder
+from fermion.model.transformer import Transformer
 
 STEP_PREFIX = "step_"
-
-
-class CheckpointError(RuntimeError):
-    """A checkpoint that cannot be used; the message names the directory and the problem."""
 
 
 def checkpoints_dir(run_dir: Path) -> Path:
@@ -418,3 +417,23 @@ def load_weights(ckpt: Path, model: torch.nn.Module) -> None:
         warnings.filterwarnings("ignore", message="torch.distributed is unavailable")
         dcp.load(bundle, checkpoint_id=str(ckpt / "dcp"))
     model.load_state_dict(bundle["model"])
+
+
+def load_model(path: str | os.PathLike, device: str = "cpu", dtype: torch.dtype | None = None,
+               warn=print) -> tuple[Transformer, Tokenizer, object]:
+    """A run directory, a checkpoint directory or a Hugging Face folder -> (model in eval mode, tokenizer, recipe)."""
+    if is_hf_folder(path):
+        model, tokenizer, recipe = imported_recipe(Path(path))
+    else:
+        ckpt = resolve(path, warn=warn)
+        recipe = load_recipe_of(ckpt)
+        with torch.device("meta"):
+            model = Transformer(recipe.model)
+        model.to_empty(device=device)
+        load_weights(ckpt, model)
+        tokenizer = Tokenizer.load(ckpt / "tokenizer.json")
+    model.reset_rope()
+    model = model.to(device=device, dtype=dtype) if dtype is not None else model.to(device)
+    if dtype is not None:
+        model.reset_rope()  # rotary tables stay fp32 whatever the weights are
+    return model.eval(), tokenizer, recipe
