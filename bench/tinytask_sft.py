@@ -6,8 +6,9 @@ grammar-constrained decoding add? tinytask before and after SFT, each with and w
 The defaults (4,000 conversations, 4 epochs, lr 2e-3) are what it took the 6.5M-parameter stories-chat model to
 learn to copy arguments; with 2 epochs at lr 1e-3 it learned the format and the tool names but almost no values.
 
-The SFT data comes from tinytask's training stream, which holds no evaluated call (see eval/tinytask.py). Training is
-fermion's own SFT stage, started from the given run, with the chatml template the model was post-trained with.
+The SFT data comes from tinytask's training stream, which holds no evaluated call (see data/synthetic/tinytask.py).
+Training is fermion's own SFT stage, started from the given run, with the chatml template the model was post-trained
+with.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from rich.console import Console
 
 from fermion import checkpoint
 from fermion.config import recipe_from_dict
+from fermion.data.synthetic import tinytask as tinytask_data
 from fermion.data.synthetic import write_jsonl
 from fermion.eval import tinytask
 from fermion.eval.lm import load
@@ -88,7 +90,7 @@ def main() -> None:
     console.print(f"machine: {machine()}")
     rows = [(f"before ({args.init}) | {how}", result, seconds)
             for how, result, seconds in evaluate(args.init, args.limit, console)]
-    data = write_jsonl(out / "tinytask_sft.jsonl", tinytask.sft_records(args.records, args.seed))
+    data = write_jsonl(out / "tinytask_sft.jsonl", tinytask_data.sft_records(args.records, args.seed))
     start = time.perf_counter()
     sft(sft_recipe(args.init, data, out, args), resume="none", console=console)
     train_seconds = time.perf_counter() - start

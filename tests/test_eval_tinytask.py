@@ -10,6 +10,7 @@ from fermion.chat.conversations import to_messages
 from fermion.chat.templates import ChatTemplate
 from fermion.config import SourceConfig
 from fermion.data.sources import iter_records
+from fermion.data.synthetic import tinytask as tinytask_data
 from fermion.data.synthetic import write_jsonl
 from fermion.eval import tinytask
 from fermion.eval.lm import EvalModel
@@ -20,31 +21,32 @@ needs_llguidance = pytest.mark.skipif(importlib.util.find_spec("llguidance") is 
 
 
 def test_same_seed_same_problems_and_other_seeds_differ():
-    first, again, other = tinytask.problems(40, seed=0), tinytask.problems(40, seed=0), tinytask.problems(40, seed=1)
+    first, again = tinytask_data.problems(40, seed=0), tinytask_data.problems(40, seed=0)
+    other = tinytask_data.problems(40, seed=1)
     assert first == again
     assert [p.request for p in first] != [p.request for p in other]
-    assert tinytask.problems(10, seed=0) == first[:10]
-    assert {p.answer["name"] for p in first} == set(tinytask.TOOLS)
+    assert tinytask_data.problems(10, seed=0) == first[:10]
+    assert {p.answer["name"] for p in first} == set(tinytask_data.TOOLS)
 
 
 def test_every_expected_answer_is_a_perfect_answer():
-    for problem in tinytask.problems(200):
+    for problem in tinytask_data.problems(200):
         assert tinytask.score(problem, problem.answer_text) == {"valid_json": True, "schema_ok": True, "exact": True,
                                                                 "arguments": 1.0}
         assert problem.answer["name"] in [tool["name"] for tool in problem.tools]
 
 
 def test_training_data_never_holds_an_evaluated_call():
-    evaluated = tinytask.problems(1000)
-    trained = [record["messages"] for record in tinytask.sft_records(3000)]
+    evaluated = tinytask_data.problems(1000)
+    trained = [record["messages"] for record in tinytask_data.sft_records(3000)]
     assert not {p.answer_text for p in evaluated} & {m[2]["content"] for m in trained}
-    assert not {tinytask.user_text(p) for p in evaluated} & {m[1]["content"] for m in trained}
+    assert not {tinytask_data.user_text(p) for p in evaluated} & {m[1]["content"] for m in trained}
 
 
 def test_scores_broken_wrong_and_fenced_answers():
-    problem = next(p for p in tinytask.problems(8) if p.answer["name"] == "book_flight")
+    problem = next(p for p in tinytask_data.problems(8) if p.answer["name"] == "book_flight")
     arguments = problem.answer["arguments"]
-    wrong_city = {**arguments, "origin": next(c for c in tinytask.CITIES if c != arguments["origin"])}
+    wrong_city = {**arguments, "origin": next(c for c in tinytask_data.CITIES if c != arguments["origin"])}
 
     def answer(**changes):
         return json.dumps({**problem.answer, **changes})
@@ -77,7 +79,7 @@ def test_scores_broken_wrong_and_fenced_answers():
 
 
 def test_sft_records_train_through_the_chat_template(tmp_path, shakespeare_tokenizer):
-    path = write_jsonl(tmp_path / "tinytask.jsonl", tinytask.sft_records(20, seed=3))
+    path = write_jsonl(tmp_path / "tinytask.jsonl", tinytask_data.sft_records(20, seed=3))
     records = list(iter_records(SourceConfig(name="tinytask", paths=[str(path)])))
     assert len(records) == 20
     template = ChatTemplate.get("chatml")
@@ -91,8 +93,8 @@ def test_sft_records_train_through_the_chat_template(tmp_path, shakespeare_token
 
 
 def test_longest_json_bounds_every_answer():
-    for problem in tinytask.problems(200):
-        assert len(problem.answer_text) <= tinytask.longest_json(tinytask.call_schema(problem.tools))
+    for problem in tinytask_data.problems(200):
+        assert len(problem.answer_text) <= tinytask.longest_json(tinytask_data.call_schema(problem.tools))
 
 
 @needs_llguidance
@@ -100,8 +102,8 @@ def test_constraint_starts_an_object_and_allows_only_eos_once_complete(shakespea
     from fermion.infer.constrain import JsonSchemaGrammar
 
     tokenizer = shakespeare_tokenizer
-    problem = tinytask.problems(1)[0]
-    constraint = JsonSchemaGrammar(tokenizer, tinytask.call_schema(problem.tools)).constraint()
+    problem = tinytask_data.problems(1)[0]
+    constraint = JsonSchemaGrammar(tokenizer, tinytask_data.call_schema(problem.tools)).constraint()
     first = constraint.allowed().nonzero().flatten().tolist()
     assert first and all(tokenizer.decode([t]).startswith("{") for t in first)
     for token in tokenizer.encode(problem.answer_text):

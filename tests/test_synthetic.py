@@ -6,7 +6,8 @@ import re
 import pytest
 
 from fermion.data import synthetic
-from fermion.eval import tinytask
+from fermion.data.synthetic import chat, seeded, stories, textbook, tinytask
+from fermion.eval import tinytask as tinytask_eval
 
 SENTENCE = re.compile(r"(?<=[.!?\"])\s+")
 
@@ -28,10 +29,10 @@ def test_stories_are_fixed_by_their_seed_on_every_machine():
     # A fixed fingerprint: no hash(), no global random state, nothing that varies by platform or process.
     import hashlib
 
-    text = "\n".join(synthetic.stories(5, seed=0))
+    text = "\n".join(stories.stories(5, seed=0))
     assert text.startswith("Long ago, in a quiet village, lived a little fox called Patch.")
     assert hashlib.sha256(text.encode()).hexdigest() == hashlib.sha256(
-        "\n".join(synthetic.stories(5, seed=0)).encode()).hexdigest()
+        "\n".join(stories.stories(5, seed=0)).encode()).hexdigest()
 
 
 @pytest.mark.parametrize("name, low, high", [("stories", 80, 250), ("textbook", 100, 300)])
@@ -56,7 +57,7 @@ def test_stories_and_textbook_read_like_varied_english(name, low, high):
 
 
 def test_stories_use_several_plots_and_casts():
-    docs = list(synthetic.stories(200, seed=1))
+    docs = list(stories.stories(200, seed=1))
     openings = {doc.split(",")[0].split()[0] for doc in docs}
     assert len(openings) >= 5
     heroes = {m for doc in docs for m in re.findall(r"(?:named|called) ([A-Z][a-z]+)", doc)}
@@ -68,8 +69,8 @@ def test_stories_use_several_plots_and_casts():
 
 
 def test_textbook_arithmetic_is_right_and_never_an_evaluation_problem():
-    docs = list(synthetic.textbook(400, seed=0))
-    equations = [eq for doc in docs for eq in synthetic.textbook_equations(doc)]
+    docs = list(textbook.textbook(400, seed=0))
+    equations = [eq for doc in docs for eq in textbook.textbook_equations(doc)]
     assert len(equations) > 300
     for a, op, b, c in equations:
         assert c == {"+": a + b, "-": a - b, "*": a * b}[op], (a, op, b, c)
@@ -96,6 +97,22 @@ def test_train_and_eval_split_is_disjoint_and_complete():
     assert len(drawn_train) > 0.9 * len(train)  # the sampler reaches (nearly) every training problem
     with pytest.raises(ValueError, match="split 'test'"):
         next(synthetic.arithmetic_problems(1, split="test"))
+
+
+def test_held_out_problems_are_pinned():
+    # Both generators hold out by seeded.held_out; a change to the rule would move problems between training and
+    # evaluation (and make every earlier score incomparable), so the held-out sets are fixed by fingerprint.
+    import hashlib
+
+    def fingerprint(lines):
+        return hashlib.sha256("\n".join(lines).encode()).hexdigest()
+
+    assert fingerprint(p.question for p in synthetic.all_problems(split="eval")) == \
+        "49ca01ba10bc4585630575708596304122af7c9f594a60f3dbda4315ead4e1f4"
+    assert fingerprint(p.question for p in synthetic.all_problems(max_operand=99, max_factor=12, split="eval")) == \
+        "adf4de81ba83c82550f2e97142d2abae8e1418ebd308e39293f9e52ac37805d4"
+    assert fingerprint(p.answer_text for p in tinytask.problems(100, seed=0)) == \
+        "071f773a832989eb14941962d176627f762f56705e235379399a497e406690d6"
 
 
 def test_training_side_generators_never_emit_an_evaluation_problem():
@@ -127,7 +144,7 @@ def test_tinytask_documents_are_the_base_prompt_then_the_call():
     for doc, record in zip(docs, tinytask.sft_records(10, seed=0), strict=True):
         prompt_text, call = doc.split(tinytask.BASE_CUE)
         assert prompt_text.startswith(tinytask.SYSTEM + "\n\nTools:\n")
-        assert tinytask.parse_call(call) is not None and call == record["messages"][2]["content"]
+        assert tinytask_eval.parse_call(call) is not None and call == record["messages"][2]["content"]
 
 
 def test_generated_records_dispatch_and_unknown_names():
@@ -140,7 +157,7 @@ def test_generated_records_dispatch_and_unknown_names():
         synthetic.generated_documents("poems", 1)
     assert next(synthetic.generated_records("tinytask-pairs", 1)).keys() == {"prompt", "chosen", "rejected"}
     assert [m["role"] for m in next(synthetic.generated_records("chat", 1))["messages"]] == ["user", "assistant"]
-    assert list(synthetic.generated_records("chat", 5, seed=2)) == list(synthetic.chat(5, 2))
+    assert list(synthetic.generated_records("chat", 5, seed=2)) == list(chat.chat(5, 2))
     with pytest.raises(ValueError, match="arithmetic, arithmetic-pairs, tinytask, tinytask-pairs, chat"):
         synthetic.generated_records("stories", 1)
 
@@ -148,30 +165,30 @@ def test_generated_records_dispatch_and_unknown_names():
 def test_chat_records_are_varied_short_sft_conversations():
     from fermion.chat.conversations import to_messages
 
-    records = list(synthetic.chat(600, seed=0))
-    assert records == list(synthetic.chat(600, seed=0)) and records != list(synthetic.chat(600, seed=1))
+    records = list(chat.chat(600, seed=0))
+    assert records == list(chat.chat(600, seed=0)) and records != list(chat.chat(600, seed=1))
     for i, record in enumerate(records):
         messages = to_messages(record, f"chat:{i}")
         assert [m["role"] for m in messages] == ["user", "assistant"]
         question, answer = (m["content"] for m in messages)
         assert question.strip() and "{" not in question + answer and "}" not in question + answer
-        assert 1 <= len(answer.split()) <= synthetic.CHAT_WORDS < 200
+        assert 1 <= len(answer.split()) <= chat.CHAT_WORDS < 200
     questions = [r["messages"][0]["content"] for r in records]
     answers = [r["messages"][1]["content"] for r in records]
     assert len(set(questions)) > 250 and len(set(answers)) > 300
     # Every kind shows up: stories, definitions, facts, small talk.
-    assert sum(len(a.split()) >= synthetic.STORY_WORDS[0] for a in answers) > 100
+    assert sum(len(a.split()) >= stories.STORY_WORDS[0] for a in answers) > 100
     assert sum(" is a word " in a or "Example:" in a for a in answers) > 40
     assert sum("Maple Hill" in a and len(a.split()) < 40 for a in answers) > 10
     assert sum(a.startswith(("Hello", "Hi!", "You are welcome", "Goodbye", "Bye")) for a in answers) > 20
 
 
 def test_chat_stories_feature_whoever_was_asked_for():
-    kinds = "|".join((*synthetic.ANIMALS, "girl", "boy"))
-    names = "|".join((*synthetic.NAMES, *synthetic.PETS))
-    traits = "|".join(synthetic.SIZES)
+    kinds = "|".join((*stories.ANIMALS, "girl", "boy"))
+    names = "|".join((*textbook.NAMES, *stories.PETS))
+    traits = "|".join(stories.SIZES)
     asked = named = 0
-    for record in synthetic.chat(800, seed=3):
+    for record in chat.chat(800, seed=3):
         question, answer = (m["content"] for m in record["messages"])
         kind = re.search(rf"\b(?:({traits}) )?({kinds})\b", question)
         if "story" not in question or not kind:
@@ -191,43 +208,43 @@ def test_chat_stories_feature_whoever_was_asked_for():
 def test_story_refactor_keeps_stories_and_casts_requested_heroes():
     import random
 
-    hero = synthetic._character(random.Random(0), kind="rabbit", name="Pip", trait="brave")
+    hero = stories.character(random.Random(0), kind="rabbit", name="Pip", trait="brave")
     assert hero["a"] in ("a brave rabbit named Pip", "a brave rabbit called Pip")
-    girl = synthetic._character(random.Random(0), name="Lily")
+    girl = stories.character(random.Random(0), name="Lily")
     assert girl["kind"] == "girl" and girl["he"] == "she"
-    story = synthetic._story(random.Random(1), hero)
+    story = stories.story(random.Random(1), hero)
     assert "brave rabbit" in story and story.count("Pip") >= 3
-    assert list(synthetic.stories(3, seed=9)) == [synthetic._story(r) for r in [synthetic._rng("stories", 9)]
+    assert list(stories.stories(3, seed=9)) == [stories.story(r) for r in [seeded.rng("stories", 9)]
                                                   for _ in range(3)]
 
 
 def test_chat_definitions_and_facts_match_the_textbook():
     asked = {}  # every phrasing of a definition question -> the dictionary's entry
-    for word, meaning, example in synthetic.DEFINITIONS:
+    for word, meaning, example in textbook.DEFINITIONS:
         a_word = "the harvest" if word == "harvest" else ("an " if word[0] in "aeiou" else "a ") + word
-        for template in synthetic.DEFINITION_QUESTIONS:
+        for template in chat.DEFINITION_QUESTIONS:
             asked[template.format(word=word, a_word=a_word)] = (meaning, example)
     definitions = places = 0
-    for record in synthetic.chat(600, seed=5):
+    for record in chat.chat(600, seed=5):
         question, answer = (m["content"] for m in record["messages"])
         if question in asked:
             definitions += 1
             meaning, example = asked[question]
             assert answer.startswith(meaning + " Example: "), (question, answer)
-            assert any(answer == f"{meaning} Example: {example.format(name=name)}" for name in synthetic.NAMES)
+            assert any(answer == f"{meaning} Example: {example.format(name=name)}" for name in textbook.NAMES)
         where = re.fullmatch(r"(?:.*: )?[Ww]here is (.+)\?", question)
-        if where and where.group(1) in synthetic.GEOGRAPHY:
+        if where and where.group(1) in textbook.GEOGRAPHY:
             places += 1
-            assert f"to the {synthetic.GEOGRAPHY[where.group(1)][0]} of the village" in answer, (question, answer)
+            assert f"to the {textbook.GEOGRAPHY[where.group(1)][0]} of the village" in answer, (question, answer)
     assert definitions > 30 and places > 0
     # The answers restate the textbook: what it says of places and animals, the answers to its exercises.
-    textbook = " ".join(synthetic.textbook(600, seed=0))
-    for _, answer in synthetic.CHAT_FACTS:
-        for place, (direction, what) in synthetic.GEOGRAPHY.items():
+    passages = " ".join(textbook.textbook(600, seed=0))
+    for _, answer in chat.CHAT_FACTS:
+        for place, (direction, what) in textbook.GEOGRAPHY.items():
             if answer.startswith(place[0].upper() + place[1:] + " lies"):
-                assert f"to the {direction} of the village" in textbook and what in textbook
+                assert f"to the {direction} of the village" in passages and what in passages
         if answer.startswith("A baby ") or answer.endswith("degrees Celsius."):
-            assert answer in textbook, answer
+            assert answer in passages, answer
 
 
 def test_tinytask_pairs_prefer_the_right_call_over_one_wrong_argument():
@@ -246,16 +263,16 @@ def test_tinytask_pairs_prefer_the_right_call_over_one_wrong_argument():
         assert pair["chosen"] == record["messages"][2]["content"] == problem.answer_text
         converted = to_pair(pair, f"pairs:{i}")
         assert converted.prompt == pair["prompt"] and converted.chosen == pair["chosen"]
-        chosen, rejected = tinytask.parse_call(pair["chosen"]), tinytask.parse_call(pair["rejected"])
+        chosen, rejected = tinytask_eval.parse_call(pair["chosen"]), tinytask_eval.parse_call(pair["rejected"])
         assert chosen == problem.answer and rejected is not None
         schema = tinytask.call_schema(problem.tools)
-        assert tinytask._conforms(chosen, schema) and tinytask._conforms(rejected, schema), pair["rejected"]
+        assert tinytask_eval._conforms(chosen, schema) and tinytask_eval._conforms(rejected, schema), pair["rejected"]
         assert rejected["name"] == chosen["name"] and list(rejected["arguments"]) == list(chosen["arguments"])
         differ = [k for k in chosen["arguments"] if chosen["arguments"][k] != rejected["arguments"][k]]
         assert len(differ) == 1, pair
         changed.add((chosen["name"], differ[0]))
         n_args = len(chosen["arguments"])
-        assert tinytask.score(problem, pair["rejected"]) == {"valid_json": True, "schema_ok": True, "exact": False,
+        assert tinytask_eval.score(problem, pair["rejected"]) == {"valid_json": True, "schema_ok": True, "exact": False,
                                                              "arguments": (n_args - 1) / n_args}
         assert pair["rejected"] == tinytask.one_line(rejected)
         if chosen["name"] == "book_flight":
@@ -263,7 +280,7 @@ def test_tinytask_pairs_prefer_the_right_call_over_one_wrong_argument():
         if chosen["name"] == "convert_units":
             assert rejected["arguments"]["from_unit"] != rejected["arguments"]["to_unit"]
         # No evaluated call, as the right answer or the wrong one.
-        assert not tinytask._for_evaluation(chosen) and not tinytask._for_evaluation(rejected)
+        assert not tinytask.held_out(chosen) and not tinytask.held_out(rejected)
         assert pair["chosen"] not in evaluated and pair["rejected"] not in evaluated
     assert changed == {(name, key) for name, tool in tinytask.TOOLS.items() for key in tool["parameters"]["properties"]}
 

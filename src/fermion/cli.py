@@ -620,7 +620,7 @@ def _sample_chats(recipe: Recipe) -> None:
     """A few answers from the final model through its chat template (greedy, so they repeat), the last one a
     held-out tinytask tool call."""
     from fermion.chat.templates import ChatTemplate
-    from fermion.eval import tinytask
+    from fermion.data.synthetic import tinytask
     from fermion.infer.engine import SamplingParams
 
     engine, final_recipe = load_engine(_final_dir(recipe))

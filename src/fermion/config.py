@@ -110,7 +110,7 @@ class SourceConfig(Section):
     name: str = Field(min_length=1)
     paths: list[str] = Field(default_factory=list)  # files or globs: .txt, .jsonl, .jsonl.gz (.json for SFT/DPO)
     # Text every machine has: python-stdlib (the running Python's standard library source), or fermion's generated
-    # data (data/synthetic.py): stories, textbook, arithmetic, tinytask documents for pretraining; chat, arithmetic,
+    # data (data/synthetic/): stories, textbook, arithmetic, tinytask documents for pretraining; chat, arithmetic,
     # tinytask records for sft; arithmetic-pairs, tinytask-pairs for dpo. Generated sources take max_documents
     # records from seed.
     builtin: Literal["python-stdlib", "stories", "textbook", "arithmetic", "tinytask", "chat", "arithmetic-pairs",

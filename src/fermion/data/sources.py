@@ -68,7 +68,7 @@ def iter_records(source: SourceConfig) -> Iterator[tuple[str, dict]]:
 
 
 def _generated(source: SourceConfig, kind: str) -> Iterator:
-    """fermion's generated data (data/synthetic.py) for a `builtin:` source: documents to pretrain on, or records
+    """fermion's generated data (data/synthetic/) for a `builtin:` source: documents to pretrain on, or records
     for SFT/DPO; a builtin of the other kind is refused with the names that would do."""
     from fermion.data import synthetic
 
