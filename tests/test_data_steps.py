@@ -21,15 +21,15 @@ from rich.console import Console
 from fermion.checkpoint import load_model
 from fermion.config import load_recipe
 from fermion.data.sources import DataError
-from fermion.data.steps import (
+from fermion.eval.lm import EvalModel
+from fermion.eval.perplexity import text_nll
+from fermion.prepare.steps import (
     CodeQualityFilter,
     DecontaminationFilter,
     LengthFilter,
     NormalizeText,
     PerplexityFilter,
 )
-from fermion.eval.lm import EvalModel
-from fermion.eval.perplexity import text_nll
 from fermion.train.pretrain import pretrain
 
 EVAL_DATA = SHARED_DATA / "eval"

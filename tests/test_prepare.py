@@ -24,9 +24,9 @@ from conftest import SHARED_DATA, TINY, fermion, tiny_model
 from datatrove.executor import RayPipelineExecutor, SlurmPipelineExecutor
 from rich.console import Console
 
+from fermion import prepare as preparation
 from fermion.checkpoint import save_weights
 from fermion.config import LengthRules, Recipe, RecipeError, load_recipe, recipe_from_dict
-from fermion.data import pipeline
 from fermion.data.shards import load_index
 from fermion.data.sources import DataError
 from fermion.data.tokenizer import Tokenizer
@@ -158,8 +158,8 @@ def prepared(recipe_path):
     """`fermion prepare` with every default step but perplexity (decontamination reads ../shared/data/eval)."""
     result = fermion("prepare", str(recipe_path))
     assert result.returncode == 0, result.stderr
-    plan = pipeline.make_plan(load_recipe(recipe_path))
-    report = json.loads((plan.root / pipeline.REPORT_NAME).read_text())
+    plan = preparation.make_plan(load_recipe(recipe_path))
+    report = json.loads((plan.root / preparation.REPORT_NAME).read_text())
     return result, report, plan
 
 
@@ -254,7 +254,7 @@ def test_a_rerun_skips_all_finished_work(prepared, recipe_path):
     assert stages and all(line.endswith("done before") for line in stages)
     assert {path: path.stat().st_mtime_ns for path in plan.root.glob("logs/*/logs/*.log")} == task_logs
     assert tokenizer.stat().st_mtime_ns == trained
-    assert json.loads((plan.root / pipeline.REPORT_NAME).read_text()) == report
+    assert json.loads((plan.root / preparation.REPORT_NAME).read_text()) == report
 
 
 def test_a_changed_recipe_prepares_anew_and_retrains_tokenizer_and_shards(prepared, recipe_path, tmp_path):
@@ -266,12 +266,12 @@ def test_a_changed_recipe_prepares_anew_and_retrains_tokenizer_and_shards(prepar
     trained, shards = (before.run_dir / "tokenizer.json").stat().st_mtime_ns, load_index(before.run_dir / "data")
     changed = fermion("prepare", str(recipe_path), "--set", moved, "--set", length_rule)
     assert changed.returncode == 0, changed.stderr
-    new_plan = pipeline.make_plan(after)
-    assert new_plan.root != pipeline.make_plan(before).root and "(0 done before)" in changed.stdout
-    assert (new_plan.root.parent / plan.root.name / pipeline.REPORT_NAME).is_file()  # the earlier one stays
+    new_plan = preparation.make_plan(after)
+    assert new_plan.root != preparation.make_plan(before).root and "(0 done before)" in changed.stdout
+    assert (new_plan.root.parent / plan.root.name / preparation.REPORT_NAME).is_file()  # the earlier one stays
     assert (after.run_dir / "tokenizer.json").stat().st_mtime_ns != trained
     assert load_index(after.run_dir / "data")["fingerprint"] != shards["fingerprint"]
-    report = json.loads((new_plan.root / pipeline.REPORT_NAME).read_text())
+    report = json.loads((new_plan.root / preparation.REPORT_NAME).read_text())
     assert report["tokenizer_hash"] == Tokenizer.load(after.run_dir / "tokenizer.json").hash
 
 
@@ -298,13 +298,13 @@ def test_a_failed_run_leaves_nothing_to_train_on_and_a_rerun_resumes(tmp_path):
     resumed = fermion("prepare", str(recipe_path))
     assert resumed.returncode == 0, resumed.stderr
     assert "clean-good: 1 task(s), done before" in resumed.stdout
-    report = json.loads((pipeline.make_plan(recipe).root / pipeline.REPORT_NAME).read_text())
+    report = json.loads((preparation.make_plan(recipe).root / preparation.REPORT_NAME).read_text())
     assert report["sources"]["mixed"]["problems"]["not valid JSON"] == {"count": 1, "first": [f"{broken}:2"]}
     assert report["totals"]["kept"]["documents"] == 9
     again_strict = fermion("prepare", str(recipe_path), "--strict")  # the finished run still has a bad line
     assert again_strict.returncode == 2 and f"{broken}:2: not valid JSON (--strict" in again_strict.stderr
     assert [source.paths for source in training_data(recipe).sources] == [
-        [str(pipeline.make_plan(recipe).kept_dir(name) / "*.jsonl.gz")] for name in ("good", "mixed")]
+        [str(preparation.make_plan(recipe).kept_dir(name) / "*.jsonl.gz")] for name in ("good", "mixed")]
 
 
 def recipe_with(tmp_path: Path, sources: list[dict], **prepare) -> Recipe:
@@ -321,9 +321,9 @@ def test_one_setting_switches_the_executor(tmp_path, executor, options, expected
     write_records(stories, narration(2))
     recipe = recipe_with(tmp_path, [{"name": "web", "paths": [str(stories)]}], executor=executor,
                          executor_options=options, exact_dedup=True)
-    plan = pipeline.make_plan(recipe)
-    pipeline.write_input_lists(plan)
-    stages = pipeline.build_stages(plan, strict=False)
+    plan = preparation.make_plan(recipe)
+    preparation.write_input_lists(plan)
+    stages = preparation.build_stages(plan, strict=False)
     assert [stage.name for stage in stages] == ["clean-web", "exact_dedup-signatures", "exact_dedup-duplicates",
                                                 "exact_dedup-filter"]
     assert all(type(stage.executor) is expected and stage.executor.cpus_per_task == 2 for stage in stages)
@@ -337,11 +337,11 @@ def test_with_slurm_the_run_after_the_jobs_finished_writes_the_report(tmp_path):
     stories = tmp_path / "stories.jsonl"
     write_records(stories, narration(2))
     sources = [{"name": "web", "paths": [str(stories)]}]
-    local = pipeline.run(recipe_with(tmp_path, sources, exact_dedup=True), Console(file=io.StringIO()))
+    local = preparation.run(recipe_with(tmp_path, sources, exact_dedup=True), Console(file=io.StringIO()))
     slurm = recipe_with(tmp_path, sources, exact_dedup=True, executor="slurm",
                         executor_options={"partition": "cpu", "time": "1:00:00"})
     output = io.StringIO()
-    report = pipeline.run(slurm, Console(file=output, width=200))
+    report = preparation.run(slurm, Console(file=output, width=200))
     assert (report["sources"], report["totals"]) == (local["sources"], local["totals"])
     assert "4 tasks (4 done before)" in output.getvalue()
 
@@ -351,10 +351,10 @@ def test_executor_options_the_executor_does_not_take_are_a_recipe_error(tmp_path
     write_records(stories, narration(1))
     recipe = recipe_with(tmp_path, [{"name": "web", "paths": [str(stories)]}], executor="slurm",
                          executor_options={"partition": "cpu"})
-    plan = pipeline.make_plan(recipe)
-    pipeline.write_input_lists(plan)
+    plan = preparation.make_plan(recipe)
+    preparation.write_input_lists(plan)
     with pytest.raises(RecipeError, match="data.prepare.executor_options: .*SlurmPipelineExecutor.*time"):
-        pipeline.build_stages(plan, strict=False)
+        preparation.build_stages(plan, strict=False)
 
 
 BAD_INPUTS = {
@@ -374,8 +374,8 @@ def test_bad_input_gets_one_clear_message(tmp_path, case):
     write(tmp_path)
     recipe = recipe_with(tmp_path, [{"name": "web", "paths": [str(tmp_path / "web.jsonl")]}])
     with pytest.raises(DataError, match=message):
-        pipeline.run(recipe, Console(file=io.StringIO()))
-    assert not list((tmp_path / "run").glob(f"prepared/*/{pipeline.REPORT_NAME}"))
+        preparation.run(recipe, Console(file=io.StringIO()))
+    assert not list((tmp_path / "run").glob(f"prepared/*/{preparation.REPORT_NAME}"))
 
 
 def test_text_that_is_not_utf8_names_the_file_and_line(tmp_path):
@@ -384,7 +384,7 @@ def test_text_that_is_not_utf8_names_the_file_and_line(tmp_path):
     bad_line = story.count("\n") + 2
     recipe = recipe_with(tmp_path, [{"name": "book", "paths": [str(path)]}])
     with pytest.raises(DataError, match=f"{re.escape(str(path))}:{bad_line}: not valid UTF-8 text"):
-        pipeline.run(recipe, Console(file=io.StringIO()))
+        preparation.run(recipe, Console(file=io.StringIO()))
 
 
 def test_decontamination_needs_its_benchmark_folder(tmp_path):
@@ -393,7 +393,7 @@ def test_decontamination_needs_its_benchmark_folder(tmp_path):
     recipe = recipe_with(tmp_path, [{"name": "web", "paths": [str(stories)]}],
                          decontaminate={"eval_dir": str(tmp_path / "nowhere")})
     with pytest.raises(RecipeError, match="evaluation data folder .*nowhere not found"):
-        pipeline.run(recipe, Console(file=io.StringIO()))
+        preparation.run(recipe, Console(file=io.StringIO()))
     assert os.listdir(tmp_path) == ["stories.jsonl"]  # refused before anything was written
 
 
@@ -405,9 +405,9 @@ def test_perplexity_scores_every_document_with_a_fermion_checkpoint(tmp_path, sh
     write_records(stories, narration(3))
     recipe = recipe_with(tmp_path, [{"name": "web", "paths": [str(stories)]}],
                          perplexity={"checkpoint": str(checkpoint), "high": 1e9})
-    report = pipeline.run(recipe, Console(file=io.StringIO()))
+    report = preparation.run(recipe, Console(file=io.StringIO()))
     assert [row["step"] for row in report["sources"]["web"]["steps"]][-1] == "perplexity"
-    scores = [record["metadata"]["perplexity"] for record in records(pipeline.make_plan(recipe).kept_dir("web"))]
+    scores = [record["metadata"]["perplexity"] for record in records(preparation.make_plan(recipe).kept_dir("web"))]
     assert len(scores) == 3 and all(1 < score < 1e9 for score in scores)
 
 

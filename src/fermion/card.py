@@ -329,12 +329,12 @@ def _filtering(run_dir: Path, recipe: Recipe) -> list[str]:
     if recipe.data.prepare is None:
         return ["No filtering: the recipe has no `data.prepare` section, so the sources were tokenized as read "
                 "(no per-source filtering counts exist)."]
-    from fermion.data import pipeline
+    from fermion.prepare import REPORT_NAME, plan_id
 
     base = Path(recipe.data.prepare.dir) if recipe.data.prepare.dir else run_dir / "prepared"
-    path = base / pipeline.plan_id(recipe) / pipeline.REPORT_NAME
+    path = base / plan_id(recipe) / REPORT_NAME
     if not path.is_file():
-        found = sorted(base.glob(f"*/{pipeline.REPORT_NAME}"))
+        found = sorted(base.glob(f"*/{REPORT_NAME}"))
         if len(found) != 1:
             return [f"Not recorded: no `fermion prepare` report at `{path}`."]
         path = found[0]

@@ -94,7 +94,7 @@ def prepare(
         return
     if loaded.data is None or loaded.data.prepare is None:
         fail("--inspect needs a recipe with a data.prepare section")
-    from fermion.data.pipeline import inspect as show_removed
+    from fermion.prepare import inspect as show_removed
 
     run_guarded(lambda: show_removed(loaded, inspect, console))
 

@@ -190,9 +190,9 @@ def plan(recipe: Recipe, console: Console) -> list[Step]:
             return f"{kept['documents']:,} of {report['totals']['read']['documents']:,} documents kept"
 
         def prepared() -> bool:
-            from fermion.data import pipeline
+            from fermion.prepare import REPORT_NAME, make_plan
 
-            return (pipeline.make_plan(recipe).root / pipeline.REPORT_NAME).is_file()
+            return (make_plan(recipe).root / REPORT_NAME).is_file()
 
         steps.append(Step("prepare", "prepare", {"data": _data(recipe.data), "seed": recipe.run.seed}, prepare,
                           prepared))

@@ -30,7 +30,7 @@ def training_data(recipe: Recipe) -> DataConfig:
     what `fermion prepare` kept of them."""
     if recipe.data.prepare is None:
         return recipe.data
-    from fermion.data.pipeline import prepared_data  # datatrove is only imported by recipes that use it
+    from fermion.prepare import prepared_data  # datatrove is only imported by recipes that use it
 
     return prepared_data(recipe)
 
@@ -84,17 +84,17 @@ def prepare(recipe: Recipe, strict: bool = False, console: Console | None = None
         train_tokenizer(recipe, console)
         prepare_shards(recipe)
         return None
-    from fermion.data import pipeline
+    from fermion import prepare as preparation
 
-    report = pipeline.run(recipe, console, strict)
+    report = preparation.run(recipe, console, strict)
     if report is None:
         return None
     # A tokenizer the report does not name was trained on other documents (an earlier recipe): train it anew.
     path = tokenizer_path(recipe)
     train_tokenizer(recipe, console, force=path.is_file() and Tokenizer.load(path).hash != report["tokenizer_hash"])
     prepare_shards(recipe)
-    pipeline.add_tokens(pipeline.make_plan(recipe), report, load_index(shard_dir(recipe)))
-    console.print(pipeline.report_table(report))
+    preparation.add_tokens(preparation.make_plan(recipe), report, load_index(shard_dir(recipe)))
+    console.print(preparation.report_table(report))
     return report
 
 
