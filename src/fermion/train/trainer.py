@@ -423,7 +423,7 @@ class Trainer:
                         self.say(f"step {self.step:>6,}/{self.cfg.steps:,}  {format_stats(record)}")
                 if self.nonfinite_streak:
                     self._handle_nonfinite(loss, grad_norm)
-                if self.step % self.cfg.eval_every == 0 or self.step == self.cfg.steps:
+                if due(self.step, self.cfg.eval_every, self.cfg.steps):
                     last_eval = self.evaluate()
                     if last_eval:  # no validation data, no validation
                         if logger is not None:
