@@ -21,6 +21,7 @@ from conftest import HANG, tiny_model
 from rich.console import Console
 from safetensors.torch import load_file
 
+from fermion import checkpoint
 from fermion.chat.conversations import Pair, to_pair
 from fermion.chat.templates import ChatTemplate
 from fermion.config import load_recipe, recipe_from_dict
@@ -346,6 +347,7 @@ def test_stage_trains_from_log_2_and_writes_its_run(uninterrupted):
     assert "preference accuracy" in output and "scoring 120 pairs" in output
     assert (run_dir / "dpo" / "reference_logps.safetensors").is_file()
     assert (run_dir / "dpo" / "tokenizer.json").is_file()
+    assert checkpoint.stage_of(run_dir / "dpo") == "dpo"
 
 
 def test_resume_from_a_checkpoint_ends_where_the_uninterrupted_run_does(uninterrupted, pretrained, math_file,

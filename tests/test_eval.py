@@ -299,3 +299,36 @@ def test_missing_local_files_fall_back_to_the_hub_with_a_clear_error(tmp_path, m
     (question,) = [multiple_choice.arc_record(r, w) for w, r in multiple_choice.from_hub(tmp_path, str(saved), None,
                                                                                          "train")]
     assert question.choices == ["because", "no"] and question.gold == 0
+
+
+def test_prompting_follows_the_stage_recorded_in_the_checkpoint_not_the_run_name(tmp_path):
+    """A pretrained run named `base-sft` is a base model: base prompts. Its continuation is continued pretraining.
+    A checkpoint from before the stage kind was recorded falls back to the run's name."""
+    import io
+
+    from rich.console import Console
+
+    from fermion import checkpoint
+    from fermion.config import load_recipe
+    from fermion.eval import lm as eval_lm
+    from fermion.train.pretrain import pretrain
+
+    quiet = Console(file=io.StringIO())
+    base, continued = tmp_path / "base-sft", tmp_path / "continued-dpo"
+    short = ["train.steps=2", "train.warmup_steps=1", "train.checkpoint_every=2", "train.eval_every=2",
+             "train.compile=false"]
+    pretrain(load_recipe(REPO / "configs" / "tiny.yaml", [f"run.dir={base}", "run.name=base-sft", *short]),
+             console=quiet)
+    assert checkpoint.stage_of(base) == "pretrain"
+    assert not eval_lm.load(base).chat
+    pretrain(load_recipe(REPO / "configs" / "tiny.yaml", [f"run.dir={continued}", "run.name=continued-dpo",
+                                                          f"train.init_from={base}", *short]), console=quiet)
+    assert checkpoint.stage_of(continued) == "continued" and not eval_lm.load(continued).chat
+
+    # Written before the trainer recorded the stage: the name decides, as it used to.
+    ckpt = checkpoint.resolve(base)
+    state = json.loads((ckpt / "trainer_state.json").read_text())
+    del state["stage"]
+    (ckpt / "trainer_state.json").write_text(json.dumps(state))
+    checkpoint._write_manifest(ckpt, state["step"])
+    assert checkpoint.stage_of(base) == "sft" and eval_lm.load(base).chat

@@ -15,6 +15,7 @@ import torch.nn.functional as F
 import yaml
 from conftest import HANG, fermion, tiny_model
 
+from fermion import checkpoint
 from fermion.chat.conversations import Skipped, to_messages
 from fermion.chat.templates import ChatTemplate
 from fermion.data.sources import DataError
@@ -182,6 +183,7 @@ def test_sft_stage_runs_reports_and_resumes_exactly(pretrained, tmp_path):
     assert report["val_conversations"] == -(-used // 10) and report["train_conversations"] + report[
         "val_conversations"] == used
     assert "val loss" in result.stdout and "(assistant tokens)" in result.stdout
+    assert checkpoint.stage_of(straight) == "sft" and checkpoint.stage_of(pretrained) == "pretrain"
 
     # Interrupted mid-run (SIGTERM: the trainer checkpoints and exits), then resumed: the same losses throughout.
     halted = tmp_path / "halted"

@@ -5,7 +5,7 @@
         optimizer.pt           AdamW state (torch.save; loaded with weights_only=True)
         rng_rank<r>.pt         every rank's RNG states
         trainer_state.json     step, tokens seen, data-loader position, non-finite streak, lr, wall time,
-                               hardware, resolved precision, compiled
+                               hardware, resolved precision, compiled, the stage kind (STAGES), objective state
         recipe.yaml            the resolved recipe
         tokenizer.json         the tokenizer the run uses
         manifest.json          sha256 of every file above (damage is detected before anything is loaded)
@@ -31,6 +31,7 @@ import shutil
 import threading
 import warnings
 from collections.abc import Callable
+from dataclasses import dataclass
 from itertools import chain
 from pathlib import Path
 
@@ -42,12 +43,16 @@ from safetensors.torch import load_file, save_file
 from fermion.atomic import replaced_dir
 from fermion.config import Recipe, recipe_from_dict
 from fermion.data.tokenizer import Tokenizer
-from fermion.device import DistInfo, all_reduce, barrier
+from fermion.device import DistInfo, barrier
 from fermion.errors import CheckpointError
 from fermion.model.hf import imported_recipe, is_hf_folder
 from fermion.model.transformer import Transformer
 
 STEP_PREFIX = "step_"
+# The kinds of training stage a checkpoint can come from, as trainer_state.json records them ("stage"): pretraining
+# from scratch, continued pretraining (from train.init_from or a previous stage), and the post-training stages.
+STAGES = ("pretrain", "continued", "sft", "dpo")
+POST_TRAINED = ("sft", "dpo")  # their models expect chat-formatted prompts
 
 
 def checkpoints_dir(run_dir: Path) -> Path:
@@ -176,12 +181,6 @@ class PendingSave:
                 shutil.rmtree(old, ignore_errors=True)
         barrier(self.info)
         return self.final
-
-
-def all_done(pending: PendingSave, info: DistInfo) -> bool:
-    """Whether every rank has written its files (one small all-reduce; every rank calls it)."""
-    busy = torch.tensor([0.0 if pending.done() else 1.0], device=info.device)
-    return not bool(all_reduce(busy, info, op="max").item())
 
 
 def _cpu_copy(value):
@@ -404,6 +403,29 @@ def load_recipe_of(ckpt: Path) -> Recipe:
                             check_paths=False)
 
 
+def stage_of(path: str | os.PathLike, warn=print) -> str:
+    """The kind of stage (one of STAGES) that wrote a run's newest checkpoint or the given checkpoint."""
+    ckpt = resolve(path, warn=warn)
+    return _recorded_stage(ckpt, load_recipe_of(ckpt))
+
+
+def _recorded_stage(ckpt: Path, recipe: Recipe) -> str:
+    state_file = ckpt / "trainer_state.json"  # weights-only checkpoints (save_weights) have none
+    stage = json.loads(state_file.read_text()).get("stage") if state_file.is_file() else None
+    return stage or stage_by_name(recipe)
+
+
+def stage_by_name(recipe: Recipe) -> str:
+    """The stage kind for what records none: checkpoints written before the trainer recorded it, weights-only ones and
+    Hugging Face folders. Post-training stages named their runs <run>-sft and <run>-dpo (posttrain.setup_stage), and
+    continued pretraining started from train.init_from; a run merely named so is misread, which is why the kind is
+    recorded now."""
+    for kind in POST_TRAINED:
+        if recipe.run.name.endswith(f"-{kind}"):
+            return kind
+    return "continued" if recipe.train.init_from else "pretrain"
+
+
 def load_weights(ckpt: Path, model: torch.nn.Module) -> None:
     """Load a checkpoint's weights into an unwrapped model, from safetensors or from DCP shards."""
     if (ckpt / "model.safetensors").is_file():
@@ -419,11 +441,19 @@ def load_weights(ckpt: Path, model: torch.nn.Module) -> None:
     model.load_state_dict(bundle["model"])
 
 
-def load_model(path: str | os.PathLike, device: str = "cpu", dtype: torch.dtype | None = None,
-               warn=print) -> tuple[Transformer, Tokenizer, object]:
-    """A run directory, a checkpoint directory or a Hugging Face folder -> (model in eval mode, tokenizer, recipe)."""
+@dataclass(frozen=True)
+class Loaded:
+    model: Transformer  # in eval mode
+    tokenizer: Tokenizer
+    recipe: Recipe
+    stage: str  # one of STAGES: what trained it
+
+
+def load(path: str | os.PathLike, device: str = "cpu", dtype: torch.dtype | None = None, warn=print) -> Loaded:
+    """A run directory (its newest good checkpoint), a checkpoint directory or a Hugging Face folder."""
     if is_hf_folder(path):
         model, tokenizer, recipe = imported_recipe(Path(path))
+        stage = stage_by_name(recipe)
     else:
         ckpt = resolve(path, warn=warn)
         recipe = load_recipe_of(ckpt)
@@ -432,8 +462,16 @@ def load_model(path: str | os.PathLike, device: str = "cpu", dtype: torch.dtype 
         model.to_empty(device=device)
         load_weights(ckpt, model)
         tokenizer = Tokenizer.load(ckpt / "tokenizer.json")
+        stage = _recorded_stage(ckpt, recipe)
     model.reset_rope()
     model = model.to(device=device, dtype=dtype) if dtype is not None else model.to(device)
     if dtype is not None:
         model.reset_rope()  # rotary tables stay fp32 whatever the weights are
-    return model.eval(), tokenizer, recipe
+    return Loaded(model.eval(), tokenizer, recipe, stage)
+
+
+def load_model(path: str | os.PathLike, device: str = "cpu", dtype: torch.dtype | None = None,
+               warn=print) -> tuple[Transformer, Tokenizer, Recipe]:
+    """load() as (model in eval mode, tokenizer, recipe), for callers that need no stage kind."""
+    loaded = load(path, device, dtype, warn)
+    return loaded.model, loaded.tokenizer, loaded.recipe

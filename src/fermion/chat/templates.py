@@ -189,6 +189,3 @@ class ChatTemplate:
         # count it: a token that merges template text with the reply's first characters is the reply's.
         mask = [any(first < end and last > start for start, end in spans) for first, last in encoding.offsets]
         return Encoded(encoding.ids, mask, text)
-
-    def stop_strings_for(self, tokenizer: Tokenizer) -> list[str]:
-        return [*self.stop_strings, tokenizer.eos_token]

@@ -16,8 +16,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from fermion import checkpoint
 from fermion.chat.templates import ChatTemplate
-from fermion.checkpoint import load_model
 from fermion.config import Recipe
 from fermion.data.tokenizer import Tokenizer
 from fermion.infer.engine import Completion, Constraint, Engine, SamplingParams
@@ -178,22 +178,18 @@ def _row_length(context, continuations) -> int:
     return len(context) + sum(len(cont) - 1 for _, cont in continuations)
 
 
-def is_post_trained(recipe: Recipe) -> bool:
-    """Whether a checkpoint's recipe is an SFT or DPO stage's (posttrain.setup_stage names them <run>-sft/-dpo)."""
-    return recipe.run.name.endswith(("-sft", "-dpo"))
-
-
 def load(path: str | Path, *, device: str = "cpu", dtype: str = "fp32", chat: bool | None = None,
          template: str | None = None, max_batch: int = 16) -> EvalModel:
     """A run, checkpoint or Hugging Face folder as an EvalModel. chat=None: chat prompting when the checkpoint comes
-    from a post-training stage (SFT or DPO)."""
+    from a post-training stage (SFT or DPO), as the checkpoint records (see checkpoint.stage_by_name for those
+    that record none)."""
     from fermion.device import resolve_dtype
     from fermion.infer.engine import prepare_for_decode
 
     torch_dtype = resolve_dtype(dtype, torch.device(device))
-    model, tokenizer, recipe = load_model(path, device=device, dtype=torch_dtype, warn=lambda *_: None)
+    loaded = checkpoint.load(path, device=device, dtype=torch_dtype, warn=lambda *_: None)
     if chat is None:
-        chat = is_post_trained(recipe)
-    spec = template or recipe.tokenizer.chat_template
-    return EvalModel(prepare_for_decode(model), tokenizer, template=ChatTemplate.get(spec), chat=chat,
-                     name=str(path), max_batch=max_batch, recipe=recipe)
+        chat = loaded.stage in checkpoint.POST_TRAINED
+    spec = template or loaded.recipe.tokenizer.chat_template
+    return EvalModel(prepare_for_decode(loaded.model), loaded.tokenizer, template=ChatTemplate.get(spec), chat=chat,
+                     name=str(path), max_batch=max_batch, recipe=loaded.recipe)

@@ -44,6 +44,7 @@ from fermion.data.tokenizer import Tokenizer
 from fermion.device import DistInfo, all_reduce, resolve_cross_entropy, resolve_precision
 from fermion.train.objectives import DPO, IGNORE_INDEX, sequence_logps
 from fermion.train.posttrain import (
+    PostTraining,
     Report,
     Stage,
     encode_all,
@@ -51,10 +52,10 @@ from fermion.train.posttrain import (
     setup_stage,
     split,
     steps_for,
-    write_stage_files,
 )
 from fermion.train.pretrain import build_model
-from fermion.train.trainer import Trainer, TrainResult
+from fermion.train.stage import Parts, run_stage
+from fermion.train.trainer import TrainResult
 
 GROUP_BATCHES = 16  # pairs are sorted by length within groups of this many global batches (less padding)
 PAD_MULTIPLE = 8  # batch widths are rounded up to this, so compiled graphs and GPU kernels see few shapes
@@ -328,41 +329,43 @@ def prepare(recipe: Recipe) -> tuple[Stage, list[TokenPair], list[TokenPair], Re
     return stage, train, val, report
 
 
+class DPOSetup(PostTraining):
+    def plan(self, info: DistInfo, console: Console) -> None:
+        train_cfg = self.recipe.train
+        self.global_batch = train_cfg.micro_batch_size * info.world_size
+        steps = steps_for(self.cfg.epochs, math.ceil(math.ceil(len(self.train) / self.global_batch) /
+                                                     train_cfg.grad_accum), train_cfg.steps)
+        # A small data set can make fewer steps than the configured warmup; the warmup then spans the run.
+        train_cfg = train_cfg.model_copy(update={"steps": steps, "warmup_steps": min(train_cfg.warmup_steps, steps)})
+        self.recipe = self.recipe.model_copy(update={"train": train_cfg})
+        # Validation scores the first eval_batches batches of held-out pairs (the split has shuffled them).
+        self.val = self.val[:train_cfg.eval_batches * train_cfg.micro_batch_size]
+        self.report.extra.update(steps=steps, val_pairs_scored=len(self.val))
+
+    def write_files(self, console: Console) -> None:
+        super().write_files(console)
+        cfg, train_cfg = self.cfg, self.recipe.train
+        console.print(f"dpo: {len(self.train):,} training pairs, {len(self.val):,} validation pairs scored · loss "
+                      f"{cfg.loss}, beta {cfg.beta} · reference {cfg.reference} · {train_cfg.steps:,} steps of "
+                      f"{self.global_batch * train_cfg.grad_accum} pairs")
+
+    def build(self, info: DistInfo, console: Console) -> Parts:
+        cfg, train_cfg, stage = self.cfg, self.recipe.train, self.stage
+        pad_id, seq_len = stage.tokenizer.pad_id, self.recipe.seq_len
+        model = build_model(self.recipe, info.device, stage.weights)
+        precision = resolve_precision(train_cfg.precision, info.device)
+        if cfg.reference == "precomputed":
+            train_ref, val_ref = cached_reference(stage, model, self.train, self.val, precision, info, console)
+            objective = DPO(cfg.beta, cfg.loss, sft_weight=cfg.sft_weight)
+        else:
+            train_ref = val_ref = None
+            objective = DPO(cfg.beta, cfg.loss, build_model(self.recipe, info.device, stage.weights).eval()
+                            .requires_grad_(False), sft_weight=cfg.sft_weight)
+        loader = PairLoader(self.train, train_cfg.micro_batch_size, self.seed, pad_id, seq_len, train_ref, info.rank,
+                            info.world_size)
+        return Parts(model, objective, loader, val_batches(self.val, train_cfg.micro_batch_size, pad_id, seq_len,
+                                                           val_ref))
+
+
 def dpo(recipe: Recipe, resume: str = "auto", console: Console | None = None) -> TrainResult:
-    console = console or Console()
-    stage, train, val, report = prepare(recipe)
-    cfg, train_cfg = recipe.dpo, stage.recipe.train
-    info = distributed.setup(train_cfg.device)
-    torch.manual_seed(recipe.run.seed + info.rank)
-    tokenizer, seq_len = stage.tokenizer, stage.recipe.seq_len
-    global_batch = train_cfg.micro_batch_size * info.world_size
-    steps = steps_for(cfg.epochs, math.ceil(math.ceil(len(train) / global_batch) / train_cfg.grad_accum),
-                      train_cfg.steps)
-    # A small data set can make fewer steps than the configured warmup; the warmup then spans the run.
-    train_cfg = train_cfg.model_copy(update={"steps": steps, "warmup_steps": min(train_cfg.warmup_steps, steps)})
-    stage.recipe = stage.recipe.model_copy(update={"train": train_cfg})
-    # Validation scores the first eval_batches batches of held-out pairs (the split has shuffled them).
-    val = val[:train_cfg.eval_batches * train_cfg.micro_batch_size]
-    report.extra.update(steps=steps, val_pairs_scored=len(val))
-    if info.is_main:
-        write_stage_files(stage, report, console)
-        console.print(f"dpo: {len(train):,} training pairs, {len(val):,} validation pairs scored · loss {cfg.loss}, "
-                      f"beta {cfg.beta} · reference {cfg.reference} · {steps:,} steps of "
-                      f"{global_batch * train_cfg.grad_accum} pairs")
-    distributed.barrier(info)
-    model = build_model(stage.recipe, info.device, stage.weights)
-    precision = resolve_precision(train_cfg.precision, info.device)
-    if cfg.reference == "precomputed":
-        train_ref, val_ref = cached_reference(stage, model, train, val, precision, info, console)
-        objective = DPO(cfg.beta, cfg.loss, sft_weight=cfg.sft_weight)
-    else:
-        train_ref = val_ref = None
-        objective = DPO(cfg.beta, cfg.loss, build_model(stage.recipe, info.device, stage.weights).eval()
-                        .requires_grad_(False), sft_weight=cfg.sft_weight)
-    loader = PairLoader(train, train_cfg.micro_batch_size, recipe.run.seed, tokenizer.pad_id, seq_len, train_ref,
-                        info.rank, info.world_size)
-    validation = val_batches(val, train_cfg.micro_batch_size, tokenizer.pad_id, seq_len, val_ref)
-    trainer = Trainer(stage.recipe, model, objective, loader, validation, info, stage.tokenizer_path, console)
-    result = trainer.fit(resume)
-    distributed.teardown(info)
-    return result
+    return run_stage(DPOSetup(recipe, prepare(recipe)), resume, console or Console())

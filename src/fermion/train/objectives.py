@@ -1,8 +1,7 @@
-"""Training objectives: how a batch becomes a loss. The trainer calls `loss` for every micro-batch, logs the
-metrics named in `logged`, and for validation adds up `eval_sums` over the batches and turns the total into
-named metrics with `summarise` (printed by `describe`). Pretraining, SFT and DPO each implement these.
+"""Training objectives: how a batch becomes a loss. `Objective` below is the interface the trainer uses, and the only
+one: pretraining, SFT and DPO implement it, and an RL objective would too.
 
-Each objective meets the vocabulary in one of two ways (`cross_entropy`):
+Each objective meets the vocabulary in one of two ways (its cross-entropy mode, see `Objective.set_cross_entropy`):
 - "full": the model's logits for the whole micro-batch, [tokens, vocab], then cross-entropy in fp32 on all of them.
 - "chunked": the model returns its final hidden states and the output projection and fp32 cross-entropy run
   `chunk_tokens` tokens at a time, each chunk under activation checkpointing: backward recomputes a chunk's logits
@@ -14,6 +13,7 @@ Each objective meets the vocabulary in one of two ways (`cross_entropy`):
 from __future__ import annotations
 
 import math
+from typing import Protocol
 
 import torch
 import torch.nn.functional as F
@@ -21,6 +21,42 @@ from torch.utils.checkpoint import checkpoint
 
 IGNORE_INDEX = -100
 CHUNK_TOKENS = 4096  # tokens per cross-entropy chunk: [4096, vocab] fp32 logits are 0.5 GiB at a 32k vocabulary
+
+
+class Objective(Protocol):
+    """What the trainer calls, in this order, and nothing else.
+
+    - `set_cross_entropy(mode)`: once, before anything below, with the run's resolved train.cross_entropy ("full"
+      or "chunked", never "auto"). An objective may also take the mode at construction; this call overrides it.
+    - `loss(model, batch) -> (loss, metrics)`: every micro-batch, under autocast, possibly through torch.compile.
+      `loss` is the scalar to backpropagate; `metrics` holds scalar tensors, returned undetached (detaching them
+      inside a compiled graph makes the loss lose its graph under torch 2.13); the trainer detaches what it keeps.
+    - `logged`: the names in `metrics` the trainer averages over micro-batches and processes and logs each step.
+    - `eval_sums(model, batch) -> tensor`: every validation batch, without gradients: a 1-D tensor of sums that
+      adds up over batches (and processes), turned into named metrics by `summarise(total) -> {name: value}`.
+      The metrics include "val_loss"; `describe(metrics)` is the one line printed for them.
+    - `name`: the progress bar's label.
+    - `state_dict() -> dict` / `load_state_dict(state)`: whatever the objective changes while training (an
+      adaptive KL coefficient, say), JSON-serialisable; saved in every checkpoint's trainer_state.json and given
+      back on resume before the first step. Stateless objectives return {} and ignore it.
+    """
+
+    name: str
+    logged: tuple[str, ...]
+
+    def set_cross_entropy(self, mode: str) -> None: ...
+
+    def loss(self, model, batch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]: ...
+
+    def eval_sums(self, model, batch) -> torch.Tensor: ...
+
+    def summarise(self, sums: torch.Tensor) -> dict[str, float]: ...
+
+    def describe(self, metrics: dict[str, float]) -> str: ...
+
+    def state_dict(self) -> dict: ...
+
+    def load_state_dict(self, state: dict) -> None: ...
 
 
 def _chunk_nll(model, hidden: torch.Tensor, targets: torch.Tensor, reduction: str) -> torch.Tensor:
@@ -48,14 +84,26 @@ def chunked_nll(model, hidden: torch.Tensor, targets: torch.Tensor, chunk_tokens
 
 
 class _Objective:
-    """How the vocabulary is met; see the module docstring."""
+    """What the objectives here share: how the vocabulary is met (see the module docstring), and no state."""
+
+    logged: tuple[str, ...] = ()
 
     def __init__(self, cross_entropy: str = "full", chunk_tokens: int = CHUNK_TOKENS):
-        if cross_entropy not in ("full", "chunked"):
-            raise ValueError(f"cross_entropy {cross_entropy!r} is not one of full, chunked (resolve auto first)")
         if chunk_tokens < 1:
             raise ValueError(f"chunk_tokens must be at least 1, got {chunk_tokens}")
-        self.cross_entropy, self.chunk_tokens = cross_entropy, chunk_tokens
+        self.chunk_tokens = chunk_tokens
+        self.set_cross_entropy(cross_entropy)
+
+    def set_cross_entropy(self, mode: str) -> None:
+        if mode not in ("full", "chunked"):
+            raise ValueError(f"cross_entropy {mode!r} is not one of full, chunked (resolve auto first)")
+        self.cross_entropy = mode
+
+    def state_dict(self) -> dict:
+        return {}
+
+    def load_state_dict(self, state: dict) -> None:
+        pass
 
     def token_nll(self, model, inputs: torch.Tensor, targets: torch.Tensor, *packing,
                   reduction: str) -> tuple[torch.Tensor, torch.Tensor]:
@@ -74,7 +122,6 @@ class Pretrain(_Objective):
     """Next-token cross-entropy, plus the MoE auxiliary losses the model returns."""
 
     name = "pretrain"
-    logged: tuple[str, ...] = ()
 
     def __init__(self, token_bytes: torch.Tensor, cross_entropy: str = "full", chunk_tokens: int = CHUNK_TOKENS):
         super().__init__(cross_entropy, chunk_tokens)

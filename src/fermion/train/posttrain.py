@@ -25,6 +25,7 @@ from fermion.chat.templates import ChatTemplate
 from fermion.config import Recipe, RecipeError, SourceConfig
 from fermion.data.sources import DataError, iter_records
 from fermion.data.tokenizer import Tokenizer
+from fermion.train.stage import StageSetup
 
 
 def load_source(source: str) -> tuple[Recipe, dict[str, torch.Tensor], Tokenizer]:
@@ -164,15 +165,32 @@ def encode_all(examples: Iterator[tuple[str, object]], encode: Callable[[object,
     return encoded
 
 
-def write_stage_files(stage: Stage, report: Report, console) -> None:
-    """On the main rank, before training: the stage's tokenizer, resolved recipe and data report (also printed)."""
-    directory = stage.recipe.run_dir
-    directory.mkdir(parents=True, exist_ok=True)
-    stage.tokenizer.save(stage.tokenizer_path)
-    (directory / "recipe.yaml").write_text(stage.recipe.to_yaml())
-    report.write(directory)
-    for line in report.lines():
-        console.print(line, markup=False, highlight=False)
+class PostTraining(StageSetup):
+    """What SFT and DPO share as stages: the Stage they start from, and the data report the main rank writes with
+    the stage's tokenizer and resolved recipe (also printed)."""
+
+    def __init__(self, recipe: Recipe, prepared: tuple[Stage, list, list, Report]):
+        """`prepared`: the stage, its train and validation examples and its report (the stage module's prepare)."""
+        self.stage, self.train, self.val, self.report = prepared
+        self.kind, self.tokenizer_path = self.stage.name, self.stage.tokenizer_path
+        self.cfg, self.seed = getattr(recipe, self.kind), recipe.run.seed  # the recipe's sft or dpo section
+
+    @property
+    def recipe(self) -> Recipe:
+        return self.stage.recipe
+
+    @recipe.setter
+    def recipe(self, recipe: Recipe) -> None:
+        self.stage.recipe = recipe
+
+    def write_files(self, console) -> None:
+        directory = self.recipe.run_dir
+        directory.mkdir(parents=True, exist_ok=True)
+        self.stage.tokenizer.save(self.stage.tokenizer_path)
+        (directory / "recipe.yaml").write_text(self.recipe.to_yaml())
+        self.report.write(directory)
+        for line in self.report.lines():
+            console.print(line, markup=False, highlight=False)
 
 
 def split(items: list, val_fraction: float, seed: int, key: Callable[[object], object] | None = None

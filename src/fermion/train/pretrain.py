@@ -7,14 +7,15 @@ from pathlib import Path
 import torch
 from rich.console import Console
 
-from fermion import device as distributed
 from fermion.config import DataConfig, Recipe, RecipeError
 from fermion.data.shards import ShardSet, TokenLoader, check_tokenizer, load_index, val_batches, write_shards
 from fermion.data.sources import interleave_documents
 from fermion.data.tokenizer import Tokenizer
+from fermion.device import DistInfo
 from fermion.model.transformer import Transformer
 from fermion.train.objectives import Pretrain
-from fermion.train.trainer import Trainer, TrainResult
+from fermion.train.stage import Parts, StageSetup, run_stage
+from fermion.train.trainer import TrainResult
 
 
 def tokenizer_path(recipe: Recipe) -> Path:
@@ -131,37 +132,42 @@ def start_from(recipe: Recipe) -> tuple[Recipe, dict | None, Tokenizer | None]:
     return recipe.model_copy(update=update), weights, tokenizer
 
 
-def pretrain(recipe: Recipe, resume: str = "auto", console: Console | None = None) -> TrainResult:
-    console = console or Console()
-    require_data(recipe)
-    recipe, weights, source_tokenizer = start_from(recipe)
-    info = distributed.setup(recipe.train.device)
-    # No teardown on errors: its barrier would wait for ranks that may never arrive; the process exits anyway.
-    torch.manual_seed(recipe.run.seed + info.rank)
-    if info.is_main:
+class Pretraining(StageSetup):
+    """Pretraining from scratch, or continued from train.init_from: the run's tokenizer and shards, a model."""
+
+    def __init__(self, recipe: Recipe):
+        require_data(recipe)
+        self.recipe, self.weights, self.source_tokenizer = start_from(recipe)
+        self.kind = "continued" if self.recipe.train.init_from else "pretrain"
+        self.tokenizer_path = tokenizer_path(self.recipe)
+
+    def write_files(self, console: Console) -> None:
+        recipe = self.recipe
         recipe.run_dir.mkdir(parents=True, exist_ok=True)
         (recipe.run_dir / "recipe.yaml").write_text(recipe.to_yaml())
-        if source_tokenizer is not None:
-            _adopt_tokenizer(recipe, source_tokenizer)
+        if self.source_tokenizer is not None:
+            _adopt_tokenizer(recipe, self.source_tokenizer)
         train_tokenizer(recipe, console)
         prepare_shards(recipe)
-    distributed.barrier(info)
-    tokenizer = Tokenizer.load(tokenizer_path(recipe))
-    if recipe.model.vocab_size < tokenizer.vocab_size:
-        raise RecipeError(f"model.vocab_size ({recipe.model.vocab_size}) is smaller than the tokenizer's "
-                          f"{tokenizer.vocab_size} tokens; set model.vocab_size to at least that")
-    train_shards = ShardSet(shard_dir(recipe), "train")
-    check_tokenizer(train_shards.index, tokenizer, shard_dir(recipe))
-    loader = TokenLoader(train_shards, recipe.seq_len, recipe.train.micro_batch_size, recipe.run.seed,
-                         info.rank, info.world_size)
-    if info.is_main:
-        for note in loader.upsampling_notes(recipe.train.steps * recipe.train.grad_accum):
-            console.print(note)
-    validation = val_batches(ShardSet(shard_dir(recipe), "val"), recipe.seq_len, recipe.train.micro_batch_size,
-                             recipe.train.eval_batches)
-    objective = Pretrain(torch.from_numpy(tokenizer.token_bytes()))
-    trainer = Trainer(recipe, build_model(recipe, info.device, weights), objective, loader, validation, info,
-                      tokenizer_path(recipe), console)
-    result = trainer.fit(resume)
-    distributed.teardown(info)
-    return result
+
+    def build(self, info: DistInfo, console: Console) -> Parts:
+        recipe = self.recipe
+        tokenizer = Tokenizer.load(self.tokenizer_path)
+        if recipe.model.vocab_size < tokenizer.vocab_size:
+            raise RecipeError(f"model.vocab_size ({recipe.model.vocab_size}) is smaller than the tokenizer's "
+                              f"{tokenizer.vocab_size} tokens; set model.vocab_size to at least that")
+        train_shards = ShardSet(shard_dir(recipe), "train")
+        check_tokenizer(train_shards.index, tokenizer, shard_dir(recipe))
+        loader = TokenLoader(train_shards, recipe.seq_len, recipe.train.micro_batch_size, recipe.run.seed,
+                             info.rank, info.world_size)
+        if info.is_main:
+            for note in loader.upsampling_notes(recipe.train.steps * recipe.train.grad_accum):
+                console.print(note)
+        validation = val_batches(ShardSet(shard_dir(recipe), "val"), recipe.seq_len, recipe.train.micro_batch_size,
+                                 recipe.train.eval_batches)
+        objective = Pretrain(torch.from_numpy(tokenizer.token_bytes()))
+        return Parts(build_model(recipe, info.device, self.weights), objective, loader, validation)
+
+
+def pretrain(recipe: Recipe, resume: str = "auto", console: Console | None = None) -> TrainResult:
+    return run_stage(Pretraining(recipe), resume, console or Console())

@@ -19,24 +19,17 @@ import numpy as np
 import torch
 from rich.console import Console
 
-from fermion import device as distributed
 from fermion.chat.conversations import Skipped, to_messages
 from fermion.chat.templates import ChatTemplate, TemplateError
 from fermion.config import Recipe
 from fermion.data.sources import DataError
 from fermion.data.tokenizer import Tokenizer
+from fermion.device import DistInfo
 from fermion.train.objectives import IGNORE_INDEX, SFT
-from fermion.train.posttrain import (
-    Report,
-    encode_all,
-    read_examples,
-    setup_stage,
-    split,
-    steps_for,
-    write_stage_files,
-)
+from fermion.train.posttrain import PostTraining, Report, encode_all, read_examples, setup_stage, split, steps_for
 from fermion.train.pretrain import build_model
-from fermion.train.trainer import Trainer, TrainResult
+from fermion.train.stage import Parts, run_stage
+from fermion.train.trainer import TrainResult
 
 GROUP_BATCHES = 64  # padding mode sorts by length within groups of this many batches
 
@@ -196,26 +189,22 @@ def prepare(recipe: Recipe):
     return stage, train, val, report
 
 
+class SFTSetup(PostTraining):
+    def plan(self, info: DistInfo, console: Console) -> None:
+        train_cfg = self.recipe.train
+        self.loader = SFTLoader(self.train, self.recipe.seq_len, train_cfg.micro_batch_size, self.seed,
+                                self.stage.tokenizer.pad_id, self.cfg.packing, info.rank, info.world_size)
+        steps = steps_for(self.cfg.epochs, self.loader.batches_per_epoch // train_cfg.grad_accum or 1, train_cfg.steps)
+        self.recipe = self.recipe.model_copy(update={"train": train_cfg.model_copy(update={"steps": steps})})
+        self.report.extra.update(steps=steps, rows_per_epoch=len(self.loader._items), packing=self.cfg.packing)
+
+    def build(self, info: DistInfo, console: Console) -> Parts:
+        train_cfg, tokenizer = self.recipe.train, self.stage.tokenizer
+        validation = val_batches(self.val, self.recipe.seq_len, train_cfg.micro_batch_size, tokenizer.pad_id,
+                                 self.cfg.packing, train_cfg.eval_batches)
+        return Parts(build_model(self.recipe, info.device, self.stage.weights),
+                     SFT(torch.from_numpy(tokenizer.token_bytes())), self.loader, validation)
+
+
 def sft(recipe: Recipe, resume: str = "auto", console: Console | None = None) -> TrainResult:
-    console = console or Console()
-    stage, train, val, report = prepare(recipe)
-    info = distributed.setup(stage.recipe.train.device)
-    torch.manual_seed(recipe.run.seed + info.rank)
-    cfg, train_cfg = recipe.sft, stage.recipe.train
-    tokenizer = stage.tokenizer
-    loader = SFTLoader(train, stage.recipe.seq_len, train_cfg.micro_batch_size, recipe.run.seed, tokenizer.pad_id,
-                       cfg.packing, info.rank, info.world_size)
-    steps = steps_for(cfg.epochs, loader.batches_per_epoch // train_cfg.grad_accum or 1, train_cfg.steps)
-    stage.recipe = stage.recipe.model_copy(update={"train": train_cfg.model_copy(update={"steps": steps})})
-    report.extra.update(steps=steps, rows_per_epoch=len(loader._items), packing=cfg.packing)
-    if info.is_main:
-        write_stage_files(stage, report, console)
-    distributed.barrier(info)
-    validation = val_batches(val, stage.recipe.seq_len, train_cfg.micro_batch_size, tokenizer.pad_id, cfg.packing,
-                             train_cfg.eval_batches)
-    objective = SFT(torch.from_numpy(tokenizer.token_bytes()))
-    model = build_model(stage.recipe, info.device, stage.weights)
-    trainer = Trainer(stage.recipe, model, objective, loader, validation, info, stage.tokenizer_path, console)
-    result = trainer.fit(resume)
-    distributed.teardown(info)
-    return result
+    return run_stage(SFTSetup(recipe, prepare(recipe)), resume, console or Console())

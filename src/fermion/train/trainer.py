@@ -1,6 +1,7 @@
-"""The one training loop. It takes a model, an objective, a loader and a recipe, and owns the rest: optimizer,
-schedule, gradient accumulation, clipping, mixed precision, distributed wrapping, validation, metrics, checkpoints,
-exact resume, and stopping cleanly on SIGTERM/SIGINT or on repeated non-finite losses."""
+"""The one training loop. It takes a model, an objective (objectives.Objective, the only interface it uses), a loader
+and a recipe, and owns the rest: optimizer, schedule, gradient accumulation, clipping, mixed precision, distributed
+wrapping, validation, metrics, checkpoints (its Checkpointer), exact resume, and stopping cleanly on SIGTERM/SIGINT
+or on repeated non-finite losses. What else runs between steps (benchmarks) comes in as callbacks."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ import os
 import platform
 import signal
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -17,9 +19,7 @@ import torch
 from rich.console import Console
 
 from fermion import checkpoint
-from fermion.chat.templates import ChatTemplate
 from fermion.config import Recipe
-from fermion.data.tokenizer import Tokenizer
 from fermion.device import (
     DistInfo,
     all_reduce,
@@ -31,6 +31,7 @@ from fermion.device import (
 from fermion.model.counting import count
 from fermion.train.distributed import wrap
 from fermion.train.logging import MetricsLogger, format_stats, make_progress, peak_flops
+from fermion.train.objectives import Objective
 from fermion.train.prefetch import Prefetcher
 from fermion.train.schedule import learning_rate
 
@@ -49,10 +50,6 @@ class TrainResult:
     @property
     def val_loss(self) -> float | None:
         return self.metrics.get("val_loss")
-
-    @property
-    def val_bpb(self) -> float | None:
-        return self.metrics.get("val_bpb")
 
 
 def to_device(batch, device: torch.device):
@@ -90,14 +87,93 @@ def build_optimizer(model: torch.nn.Module, recipe: Recipe, device: torch.device
     return torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.betas, eps=cfg.eps, fused=fused)
 
 
+# ------------------------------------------------------------------------------------------------- callbacks
+# What the loop calls after every step, built once before training (OLMo-core's callbacks are the model). The loop
+# runs its objective's validation, then every callback's `on_step_end` in order, the trainer's own Checkpointer last,
+# so a checkpoint holds the step that the metrics and benchmarks before it describe; when the loop completes, every
+# `on_end`. A callback reads what it needs from the trainer (step, recipe, model, logger) and never changes
+# training's state: that keeps exact resume exact.
+
+
+class Callback:
+    """Hooks of the training loop (see above); each does nothing unless overridden."""
+
+    def on_step_end(self, trainer: Trainer) -> None:
+        """After step `trainer.step` (already counted) is logged and validated, on every process."""
+
+    def on_end(self, trainer: Trainer) -> None:
+        """After the last step, on every process (not when the run stops early on a signal or an error)."""
+
+
+def due(step: int, every: int, last: int) -> bool:
+    """Whether a periodic action runs at `step`: every `every` steps and at the last one."""
+    return step % every == 0 or step == last
+
+
+class Checkpointer(Callback):
+    """Writes the trainer's state every train.checkpoint_every steps and at the last one (waiting for that one), and
+    whenever the trainer asks (a stop signal, repeated non-finite losses). With train.async_checkpoint the files are
+    written in the background and the directory appears under its name only once they are complete (see
+    checkpoint.PendingSave); at most one save is pending, and every rank finishes it before the next."""
+
+    def __init__(self, recipe: Recipe, tokenizer_path: Path):
+        self.recipe, self.cfg, self.run_dir, self.tokenizer_path = recipe, recipe.train, recipe.run_dir, tokenizer_path
+        self.last: Path | None = None  # the newest checkpoint this process has saved (its final name)
+        self._pending: checkpoint.PendingSave | None = None  # an asynchronous save still being written
+        self._group = None  # DCP's async writer talks over its own process group, not training's
+
+    def save(self, trainer: Trainer, wait: bool = False) -> Path:
+        """Checkpoint the trainer's current step and return its directory; `wait` finishes an asynchronous save
+        before returning. An earlier pending save is always finished first."""
+        self.finish_pending()
+        asynchronous = self.cfg.async_checkpoint
+        if asynchronous and trainer.sharded and self._group is None:
+            import torch.distributed as dist
+
+            self._group = dist.new_group(backend="gloo")  # every rank is here: saves are collective
+        pending = checkpoint.start_save(self.run_dir, trainer.step, trainer.model if trainer.sharded else
+                                        trainer.raw_model, trainer.optimizer, trainer.trainer_state(), trainer.info,
+                                        trainer.sharded, self.recipe, self.tokenizer_path, self.cfg.keep_checkpoints,
+                                        asynchronous=asynchronous, process_group=self._group)
+        self.last = pending.final
+        if not asynchronous or wait:
+            return pending.finish()
+        self._pending = pending
+        return pending.final
+
+    def writing(self) -> bool:
+        """Whether this rank is still writing its share of a pending save."""
+        return self._pending is not None and not self._pending.done()
+
+    def pending(self) -> bool:
+        return self._pending is not None
+
+    def finish_pending(self) -> Path | None:
+        """Wait for an asynchronous save (every rank calls this), then put it in place; its directory or None."""
+        pending, self._pending = self._pending, None
+        return pending.finish() if pending is not None else None
+
+    def on_step_end(self, trainer: Trainer) -> None:
+        if due(trainer.step, self.cfg.checkpoint_every, self.cfg.steps):
+            self.save(trainer, wait=trainer.step == self.cfg.steps)
+
+    def on_end(self, trainer: Trainer) -> None:
+        self.finish_pending()
+
+
 class Trainer:
-    def __init__(self, recipe: Recipe, model: torch.nn.Module, objective, loader, val_batches: list, info: DistInfo,
-                 tokenizer_path: Path, console: Console | None = None):
-        self.recipe, self.cfg, self.info = recipe, recipe.train, info
+    """`stage` is the kind of stage being trained (checkpoint.STAGES), recorded in every checkpoint; `callbacks` run
+    after every step in order, before the trainer's own checkpointer (see callbacks.py)."""
+
+    def __init__(self, recipe: Recipe, model: torch.nn.Module, objective: Objective, loader, val_batches: list,
+                 info: DistInfo, tokenizer_path: Path, console: Console | None = None, *, stage: str = "pretrain",
+                 callbacks: Sequence[Callback] = ()):
+        if stage not in checkpoint.STAGES:
+            raise ValueError(f"stage {stage!r} is not one of {', '.join(checkpoint.STAGES)}")
+        self.recipe, self.cfg, self.info, self.stage = recipe, recipe.train, info, stage
         self.objective, self.val_batches = objective, val_batches
         # Batches reach the device ahead of use (pinned, non-blocking, on CUDA); its state is what was consumed.
         self.loader = Prefetcher(loader, info.device)
-        self.tokenizer_path = tokenizer_path
         self.console = console or Console()
         self.run_dir = recipe.run_dir
         self.sharded = info.distributed and self.cfg.distributed == "fsdp"
@@ -109,10 +185,10 @@ class Trainer:
         # Memory settings go in before compiling and wrapping, so both see them.
         model.set_activation_checkpointing(self.cfg.activation_checkpointing)
         model.set_attention(resolve_attention(self.cfg.attention, info.device))
-        objective.cross_entropy = resolve_cross_entropy(self.cfg.cross_entropy, info.device)
+        objective.set_cross_entropy(resolve_cross_entropy(self.cfg.cross_entropy, info.device))
         self.compiled = self.cfg.compile and can_compile(info.device)
         if self.cfg.compile and not self.compiled:
-            self._warn("train.compile needs a C++ compiler on CPU and none was found; training in eager mode")
+            self.warn("train.compile needs a C++ compiler on CPU and none was found; training in eager mode")
         self.loss_fn = self._compiled_loss() if self.compiled else objective.loss
         self.model = wrap(model, self.cfg.distributed, info, self.precision)
         self.optimizer = build_optimizer(self.model, recipe, info.device)
@@ -123,8 +199,9 @@ class Trainer:
         self.peak_flops = self.cfg.peak_flops or peak_flops(gpu_name)
         self.step, self.tokens_seen, self.nonfinite_streak, self.elapsed = 0, 0, 0, 0.0
         self._stop_signal: str | None = None
-        self._pending: checkpoint.PendingSave | None = None  # an asynchronous save still being written
-        self._checkpoint_group = None  # DCP's async writer talks over its own process group, not training's
+        self.checkpointer = Checkpointer(recipe, tokenizer_path)
+        self.callbacks = [*callbacks, self.checkpointer]
+        self.logger: MetricsLogger | None = None  # on the main process while fit runs
 
     def _compiled_loss(self):
         if self.sharded:
@@ -146,31 +223,7 @@ class Trainer:
                 "nonfinite_streak": self.nonfinite_streak, "lr": learning_rate(self.cfg, max(self.step - 1, 0)),
                 "global_batch": self.global_batch(), "micro_batch_size": self.cfg.micro_batch_size,
                 "grad_accum": self.cfg.grad_accum, "hardware": self.hardware, "precision": self.precision,
-                "compiled": self.compiled}
-
-    def save(self, wait: bool = False) -> Path:
-        """Checkpoint the current step and return its directory. With train.async_checkpoint the files are written
-        in the background and the directory appears under that name only once they are complete (see
-        finish_pending); `wait` finishes it before returning. An earlier pending save is always finished first."""
-        self.finish_pending()
-        asynchronous = self.cfg.async_checkpoint
-        if asynchronous and self.sharded and self._checkpoint_group is None:
-            import torch.distributed as dist
-
-            self._checkpoint_group = dist.new_group(backend="gloo")  # every rank is here: saves are collective
-        pending = checkpoint.start_save(self.run_dir, self.step, self.model if self.sharded else self.raw_model,
-                                        self.optimizer, self.trainer_state(), self.info, self.sharded, self.recipe,
-                                        self.tokenizer_path, self.cfg.keep_checkpoints, asynchronous=asynchronous,
-                                        process_group=self._checkpoint_group)
-        if not asynchronous or wait:
-            return pending.finish()
-        self._pending = pending
-        return pending.final
-
-    def finish_pending(self) -> Path | None:
-        """Wait for an asynchronous save (every rank calls this), then put it in place; its directory or None."""
-        pending, self._pending = self._pending, None
-        return pending.finish() if pending is not None else None
+                "compiled": self.compiled, "stage": self.stage, "objective": self.objective.state_dict()}
 
     def restore(self, ckpt: Path) -> None:
         saved = checkpoint.load_recipe_of(ckpt)
@@ -181,11 +234,12 @@ class Trainer:
         state = checkpoint.load_training(ckpt, self.model if self.sharded else self.raw_model, self.optimizer,
                                          self.info, self.sharded)
         if state["world_size"] != self.info.world_size or (state["format"] == "dcp") != self.sharded:
-            self._say(f"resharding {ckpt.name}: written by {state['world_size']} process(es) as {state['format']}, "
+            self.say(f"resharding {ckpt.name}: written by {state['world_size']} process(es) as {state['format']}, "
                       f"resumed on {self.info.world_size} as {'dcp' if self.sharded else 'safetensors'}")
         self.step, self.tokens_seen = state["step"], state["tokens_seen"]
         self.nonfinite_streak, self.elapsed = state["nonfinite_streak"], state["elapsed_s"]
         self.loader.load_state_dict(state["loader"])
+        self.objective.load_state_dict(state.get("objective", {}))  # absent from checkpoints written before it
 
     def _check_global_batch(self, ckpt: Path) -> None:
         """The loader's position counts samples of one global sequence, so any world size can continue it, but
@@ -217,10 +271,10 @@ class Trainer:
                                     f"or set run.dir to start a new run")
             return None
         if resume == "auto":
-            return checkpoint.newest_good(self.run_dir, warn=self._warn)
-        return checkpoint.resolve(resume, warn=self._warn)
+            return checkpoint.newest_good(self.run_dir, warn=self.warn)
+        return checkpoint.resolve(resume, warn=self.warn)
 
-    def _warn(self, message: str) -> None:
+    def warn(self, message: str) -> None:
         if self.info.is_main:
             self.console.print(f"[yellow]warning:[/] {message}")
 
@@ -243,11 +297,10 @@ class Trainer:
     def _stop_requested(self) -> bool:
         """Whether any rank got a stop signal. The same all-reduce asks whether every rank has written its share
         of a pending asynchronous save, which is then put in place without waiting for the next one."""
-        pending = self._pending
-        flags = [1.0 if self._stop_signal else 0.0, 0.0 if pending is None or pending.done() else 1.0]
+        flags = [1.0 if self._stop_signal else 0.0, 1.0 if self.checkpointer.writing() else 0.0]
         flags = all_reduce(torch.tensor(flags, device=self.info.device), self.info, op="max").tolist()
-        if pending is not None and flags[1] == 0.0:
-            self.finish_pending()
+        if self.checkpointer.pending() and flags[1] == 0.0:
+            self.checkpointer.finish_pending()
         return bool(flags[0])
 
     # ------------------------------------------------------------------------------------------------ steps
@@ -276,7 +329,7 @@ class Trainer:
                 loss, metrics = self.loss_fn(self.model, batch)
             (loss / self.cfg.grad_accum).backward()
             total += loss.detach()
-            for name in getattr(self.objective, "logged", ()):
+            for name in self.objective.logged:
                 sums[name] = sums.get(name, 0) + metrics[name].detach().float()
         mean_loss = all_reduce(total / self.cfg.grad_accum, self.info) / self.info.world_size
         extra = {}
@@ -319,42 +372,42 @@ class Trainer:
                 f"{' · compiled' if self.compiled else ''} · {self.run_dir}")
 
     def fit(self, resume: str = "auto") -> TrainResult:
-        self._say(self.plan())
+        self.say(self.plan())
         ckpt = self._resume_from(resume)
         if ckpt is not None:
             self.restore(ckpt)
-            self._say(f"resuming from [bold]{ckpt}[/] (step {self.step:,}, {self.tokens_seen:,} tokens seen)")
+            self.say(f"resuming from [bold]{ckpt}[/] (step {self.step:,}, {self.tokens_seen:,} tokens seen)")
         if self.step >= self.cfg.steps:
-            self._say(f"already trained to step {self.step:,} of {self.cfg.steps:,}; nothing to do")
+            self.say(f"already trained to step {self.step:,} of {self.cfg.steps:,}; nothing to do")
             return TrainResult("complete", self.step, ckpt, self.evaluate())
-        logger = None
         if self.info.is_main:
-            logger = MetricsLogger(self.run_dir, self.step, self.cfg.tensorboard, self.cfg.wandb,
-                                   self.recipe.model_dump(mode="json"), self.console)
+            self.logger = MetricsLogger(self.run_dir, self.step, self.cfg.tensorboard, self.cfg.wandb,
+                                        self.recipe.model_dump(mode="json"), self.console)
         try:
             with self._stop_on_signals():
-                return self._loop(logger)
+                return self._loop()
         except BaseException:
             # One process can still complete a save that was being written; with several, the others may be gone,
             # and the half-written checkpoint stays hidden under its temporary name.
-            if self._pending is not None and not self.info.distributed:
-                self.finish_pending()
+            if self.checkpointer.pending() and not self.info.distributed:
+                self.checkpointer.finish_pending()
             raise
         finally:
-            if logger is not None:
-                logger.close()
+            if self.logger is not None:
+                self.logger.close()
+                self.logger = None
 
-    def _loop(self, logger: MetricsLogger | None) -> TrainResult:
+    def _loop(self) -> TrainResult:
         last_eval: dict[str, float] = {}
-        path = None
+        logger = self.logger
         progress = make_progress(self.console, self.cfg.progress and self.info.is_main)
         with progress:
             task = progress.add_task(self.objective.name, total=self.cfg.steps, completed=self.step, stats="")
             while self.step < self.cfg.steps:
                 if self._stop_requested():
-                    path = self.save(wait=True)
-                    self._say(f"received {self._stop_signal or 'a stop request'}: saved {path}; resume with "
-                              f"--resume auto")
+                    path = self.checkpointer.save(self, wait=True)
+                    self.say(f"received {self._stop_signal or 'a stop request'}: saved {path}; resume with "
+                             f"--resume auto")
                     return TrainResult("preempted", self.step, path, last_eval)
                 started = time.perf_counter()
                 loss, grad_norm, metrics = self.train_step()
@@ -367,52 +420,20 @@ class Trainer:
                     logger.log(record)
                     progress.update(task, completed=self.step, stats=format_stats(record))
                     if self.step % self.cfg.log_every == 0 and progress.disable:
-                        self._say(f"step {self.step:>6,}/{self.cfg.steps:,}  {format_stats(record)}")
+                        self.say(f"step {self.step:>6,}/{self.cfg.steps:,}  {format_stats(record)}")
                 if self.nonfinite_streak:
                     self._handle_nonfinite(loss, grad_norm)
-                if self.step % self.cfg.eval_every == 0 or self.step == self.cfg.steps:
+                if due(self.step, self.cfg.eval_every, self.cfg.steps):
                     last_eval = self.evaluate()
                     if last_eval:  # no validation data, no validation
                         if logger is not None:
                             logger.log({"step": self.step, **last_eval})
-                        self._say(f"step {self.step:,}: {self.objective.describe(last_eval)}")
-                every = self.recipe.eval.every
-                if every and (self.step % every == 0 or self.step == self.cfg.steps):
-                    self._benchmark(logger)
-                if self.step % self.cfg.checkpoint_every == 0 or self.step == self.cfg.steps:
-                    path = self.save(wait=self.step == self.cfg.steps)
-        self.finish_pending()
-        return TrainResult("complete", self.step, path, last_eval)
-
-    def _benchmark(self, logger: MetricsLogger | None) -> None:
-        """The recipe's eval tasks on the model being trained, on the main process; the scores go to the metrics
-        log and <run>/eval/step_N. Other processes wait for it at the next step's gradient sync."""
-        if not self.info.is_main:
-            return
-        if self.sharded:
-            self._warn("eval.every is skipped under FSDP (the weights are sharded); evaluate the checkpoints with "
-                       "`fermion eval`")
-            return
-        from fermion.eval import lm as eval_lm
-        from fermion.eval import runner
-        from fermion.eval.results import TaskOptions, write
-
-        cfg = self.recipe.eval
-        model = eval_lm.EvalModel(self.raw_model, Tokenizer.load(self.tokenizer_path),
-                                  template=ChatTemplate.get(self.recipe.tokenizer.chat_template),
-                                  chat=eval_lm.is_post_trained(self.recipe), recipe=self.recipe)
-        options = TaskOptions(data_dir=cfg.resolved_data_dir(), limit=cfg.limit, shots=cfg.shots,
-                              seed=self.recipe.run.seed)
-        try:
-            results = runner.run(model, runner.task_names(cfg.tasks), options)
-        finally:
-            self.raw_model.train()
-        scores = {f"eval/{r.task}/{m.name}": m.value for r in results for m in r.metrics}
-        if logger is not None:
-            logger.log({"step": self.step, **scores})
-        write(results, self.run_dir / "eval" / f"step_{self.step:08d}", model=f"{self.run_dir} step {self.step}")
-        self._say(f"step {self.step:,}: " + " · ".join(f"{r.task} {r.metrics[0].name} {r.metrics[0].value:.4f}"
-                                                        for r in results))
+                        self.say(f"step {self.step:,}: {self.objective.describe(last_eval)}")
+                for callback in self.callbacks:
+                    callback.on_step_end(self)
+        for callback in self.callbacks:
+            callback.on_end(self)
+        return TrainResult("complete", self.step, self.checkpointer.last, last_eval)
 
     def _step_record(self, loss: float, grad_norm: float, seconds: float) -> dict:
         tokens_per_s = self.tokens_per_step / seconds
@@ -424,16 +445,16 @@ class Trainer:
                 "elapsed_s": self.elapsed}
 
     def _handle_nonfinite(self, loss: float, grad_norm: float) -> None:
-        self._say(f"[yellow]step {self.step:,}: non-finite loss {loss} / gradient norm {grad_norm}; "
+        self.say(f"[yellow]step {self.step:,}: non-finite loss {loss} / gradient norm {grad_norm}; "
                   f"update skipped ({self.nonfinite_streak} in a row)[/]")
         if self.nonfinite_streak >= self.cfg.max_nonfinite:
-            path = self.save(wait=True)
+            path = self.checkpointer.save(self, wait=True)
             raise TrainingError(
                 f"the loss was not finite for {self.nonfinite_streak} steps in a row (up to step {self.step:,}); "
                 f"stopped. The last good weights are saved in {path}. Lower train.lr, raise train.warmup_steps "
                 f"or check the data."
             )
 
-    def _say(self, message: str) -> None:
+    def say(self, message: str) -> None:
         if self.info.is_main:
             self.console.print(message)
