@@ -403,7 +403,7 @@ def eval_cmd(
     from fermion.eval import lm as eval_lm
     from fermion.eval import runner
     from fermion.eval.results import TaskOptions, write
-    from fermion.export import export_root
+    from fermion.layout import EVAL, output_root
 
     try:
         model = run_guarded(lambda: eval_lm.load(run, device=device, dtype=dtype, chat=chat))
@@ -437,7 +437,7 @@ def eval_cmd(
             table.add_row(result.task, m.name, f"{m.value:.4f}", f"{m.stderr:.4f}" if m.stderr is not None else "–",
                           str(result.shots), str(result.n))
     console.print(table)
-    path = write(results, out or export_root(run, "eval"), model=str(run),
+    path = write(results, out or output_root(run, EVAL), model=str(run),
                  extra={"chat": model.chat, "limit": options.limit, "seed": seed, "dtype": dtype})
     console.print(f"results: {path} and {path.with_suffix('.md')}")
 
@@ -563,6 +563,7 @@ def demo(
     sample chats."""
     import time
 
+    from fermion.layout import card_file
     from fermion.run import run as run_all
 
     started = time.perf_counter()
@@ -581,7 +582,7 @@ def demo(
         raise typer.Exit(0)
     _sample_chats(loaded)
     console.print(f"[bold]demo finished in {time.perf_counter() - started:.0f} s[/] · chat with it: fermion chat "
-                  f"{_final_dir(loaded)} · model card: {_final_dir(loaded) / 'export' / 'hf' / 'README.md'}")
+                  f"{_final_dir(loaded)} · model card: {card_file(_final_dir(loaded))}")
 
 
 def _final_dir(recipe: Recipe) -> Path:

@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 from rich.console import Console
 
-from fermion import checkpoint
+from fermion import checkpoint, layout
 from fermion.chat.templates import ChatTemplate
 from fermion.config import Recipe
 from fermion.data.tokenizer import Tokenizer
@@ -217,8 +217,8 @@ class Trainer:
                                     f"or set run.dir to start a new run")
             return None
         if resume == "auto":
-            return checkpoint.newest_good(self.run_dir, warn=self._warn)
-        return checkpoint.resolve(resume, warn=self._warn)
+            return checkpoint.find(self.run_dir, warn=self._warn, required=False)
+        return checkpoint.find(resume, warn=self._warn)
 
     def _warn(self, message: str) -> None:
         if self.info.is_main:
@@ -410,7 +410,7 @@ class Trainer:
         scores = {f"eval/{r.task}/{m.name}": m.value for r in results for m in r.metrics}
         if logger is not None:
             logger.log({"step": self.step, **scores})
-        write(results, self.run_dir / "eval" / f"step_{self.step:08d}", model=f"{self.run_dir} step {self.step}")
+        write(results, layout.eval_step_dir(self.run_dir, self.step), model=f"{self.run_dir} step {self.step}")
         self._say(f"step {self.step:,}: " + " · ".join(f"{r.task} {r.metrics[0].name} {r.metrics[0].value:.4f}"
                                                         for r in results))
 
