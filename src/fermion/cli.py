@@ -552,8 +552,9 @@ DEMO_CHATS = ["Hello!", "Tell me a story about a brave rabbit named Pip.", "What
 
 @app.command()
 def demo(
-    data: Annotated[Path | None, typer.Option(help="Pretrain on your own corpora instead: a folder of .txt, .jsonl "
-                                                   "or .jsonl.gz files (one source per file or subfolder).")]
+    data: Annotated[Path | None, typer.Option(help="Pretrain on your own corpora instead: a folder of .txt, .jsonl, "
+                                                   ".jsonl.gz or .jsonl.zst files (one source per file or "
+                                                   "subfolder).")]
     = None,
     set_: SetOption = None,
     from_: Annotated[str | None, typer.Option("--from", help="Run this step and every later one again.")] = None,
@@ -593,26 +594,26 @@ def _final_dir(recipe: Recipe) -> Path:
 
 def _with_user_data(recipe: Recipe, folder: Path) -> Recipe:
     """The demo recipe with its pretraining sources replaced by the corpora in `folder`."""
-    from fermion.config import DataConfig, SourceConfig
-    from fermion.data.sources import DataError
+    from fermion.config import DataConfig, SourceConfig, matching_files
+    from fermion.data.sources import DOCUMENT_SUFFIXES, DataError
 
+    kinds = ", ".join(DOCUMENT_SUFFIXES)
     if not folder.is_dir():
-        raise DataError(f"--data {folder}: not a folder; give a folder of .txt, .jsonl or .jsonl.gz files")
-    suffixes = (".txt", ".jsonl", ".jsonl.gz")
+        raise DataError(f"--data {folder}: not a folder; give a folder of {kinds} files")
     sources = []
     for entry in sorted(folder.iterdir()):
-        if entry.is_file() and entry.name.endswith(suffixes):
+        if entry.is_file() and entry.name.endswith(DOCUMENT_SUFFIXES):
             paths = [str(entry)]
         elif entry.is_dir():
-            paths = [str(entry / "**" / f"*{suffix}") for suffix in suffixes
-                     if any(entry.rglob(f"*{suffix}"))]
+            paths = [pattern for suffix in DOCUMENT_SUFFIXES
+                     if matching_files(pattern := str(entry / "**" / f"*{suffix}"))]
         else:
             continue
         if paths:
             name = entry.name.split(".")[0] or entry.name
             sources.append(SourceConfig(name=name, paths=paths, kind="code" if name == "code" else "web"))
     if not sources:
-        raise DataError(f"--data {folder}: no .txt, .jsonl or .jsonl.gz files in it")
+        raise DataError(f"--data {folder}: no {kinds} files in it")
     data = DataConfig(**{**recipe.data.model_dump(), "sources": [s.model_dump() for s in sources]})
     return recipe.model_copy(update={"data": data})
 

@@ -110,7 +110,7 @@ class TokenizerConfig(Section):
 
 class SourceConfig(Section):
     name: str = Field(min_length=1)
-    paths: list[str] = Field(default_factory=list)  # files or globs: .txt, .jsonl, .jsonl.gz (.json for SFT/DPO)
+    paths: list[str] = Field(default_factory=list)  # files or globs; which suffixes: fermion.data.sources
     # Text every machine has: python-stdlib (the running Python's standard library source), or fermion's generated
     # data (data/synthetic/): stories, textbook, arithmetic, tinytask documents for pretraining; chat, arithmetic,
     # tinytask records for sft; arithmetic-pairs, tinytask-pairs for dpo. Generated sources take max_documents

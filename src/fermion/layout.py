@@ -45,6 +45,8 @@ CARD = "README.md"
 SHARD_INDEX = "index.json"
 PREPARE_REPORT = "prepare_report.json"
 SUPERSEDED = "superseded"
+# What `fermion card` writes into an export folder (README.md and loss_<stage>.png); re-exporting keeps them.
+CARD_FILES = (CARD, "loss_*.png")
 POST_TRAINING = ("sft", "dpo")
 # What a training stage writes into its directory (moved aside together when the stage starts again).
 TRAINING_OUTPUTS = (CHECKPOINTS, METRICS, TENSORBOARD, EVAL, EXPORT, REPORT)

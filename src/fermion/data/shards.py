@@ -29,6 +29,7 @@ import numpy as np
 import tokenizers
 import torch
 
+from fermion.atomic import replaced_dir
 from fermion.config import DataConfig, SourceConfig
 from fermion.data.sources import DataError, iter_documents
 from fermion.data.tokenizer import Tokenizer
@@ -71,16 +72,10 @@ def write_shards(
     if existing is not None:
         return existing
     _check_source_names(data.sources)
-    temporary = out_dir.with_name(f".{out_dir.name}.tmp-{os.getpid()}")
-    temporary.mkdir(parents=True)
-    try:
+    with replaced_dir(out_dir, SHARD_INDEX, DataError, "a shard directory") as temporary:
         writers = _tokenize_sources(temporary, data, tokenizer, seed, progress)
         index = _build_index(writers, data, tokenizer, fingerprint)
         (temporary / SHARD_INDEX).write_text(json.dumps(index, indent=1))
-        _swap_into_place(temporary, out_dir)
-    except BaseException:
-        shutil.rmtree(temporary, ignore_errors=True)
-        raise
     return index
 
 
@@ -144,14 +139,6 @@ def _is_other_live_process(pid: int) -> bool:
     except PermissionError:
         return True
     return True
-
-
-def _swap_into_place(temporary: Path, out_dir: Path) -> None:
-    retired = out_dir.with_name(f".{out_dir.name}.old-{os.getpid()}")
-    if out_dir.exists():
-        os.rename(out_dir, retired)
-    os.rename(temporary, out_dir)
-    shutil.rmtree(retired, ignore_errors=True)
 
 
 def _tokenize_sources(

@@ -3,9 +3,6 @@
 from fermion import layout
 from fermion.errors import ExportError
 
-# What `fermion card` writes into an export folder (README.md and loss_<stage>.png); re-exporting keeps them.
-CARD_FILES = ("README.md", "loss_*.png")
-
 FORMATS = ("hf", "gguf", "onnx")
 
 
