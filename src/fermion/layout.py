@@ -9,6 +9,7 @@
       checkpoints/step_NNNNNNNN/    checkpoints_dir, checkpoint_dir; checkpoints/latest: latest_file
       metrics.jsonl, tensorboard/   metrics_file, tensorboard_dir
       report.json                   report_file (SFT/DPO: what the stage read)
+      reference_logps.safetensors   reference_cache (DPO)
       eval/results.json, .md        eval_dir, eval_results; eval/step_NNNNNNNN/: eval_step_dir
       stages/<name>/                continued_stage_dir: laid out like the run itself
       sft/, dpo/                    post_training_dir: likewise
@@ -38,6 +39,7 @@ STEP_PREFIX = "step_"
 METRICS = "metrics.jsonl"
 TENSORBOARD = "tensorboard"
 REPORT = "report.json"
+REFERENCE_CACHE = "reference_logps.safetensors"
 EVAL = "eval"
 EVAL_RESULTS = "results.json"
 EXPORT = "export"
@@ -115,6 +117,11 @@ def tensorboard_dir(directory: Path) -> Path:
 
 def report_file(directory: Path) -> Path:
     return Path(directory) / REPORT
+
+
+def reference_cache(directory: Path) -> Path:
+    """A DPO stage's reference log-probabilities of its pairs, scored once by the starting model."""
+    return Path(directory) / REFERENCE_CACHE
 
 
 def eval_dir(directory: Path) -> Path:
