@@ -24,10 +24,10 @@ import torch
 from rich.console import Console
 from safetensors import safe_open
 
-from fermion import checkpoint
+from fermion import checkpoint, layout
 from fermion.config import load_recipe, recipe_from_dict
 from fermion.data.synthetic import arithmetic_examples, arithmetic_preferences, write_jsonl
-from fermion.train.dpo import REFERENCE_CACHE, dpo, prepare, val_batches
+from fermion.train.dpo import dpo, prepare, val_batches
 from fermion.train.objectives import DPO
 from fermion.train.pretrain import build_model, pretrain
 from fermion.train.sft import sft
@@ -82,10 +82,10 @@ def accuracies(raw: dict, console: Console) -> dict:
     likelihood ranking of the same pairs."""
     recipe = recipe_from_dict(raw)
     stage, train, val, _ = prepare(recipe)
-    with safe_open(str(stage.recipe.run_dir / REFERENCE_CACHE), framework="np") as cache:
+    with safe_open(str(layout.reference_cache(stage.recipe.run_dir)), framework="np") as cache:
         ref = {"train": cache.get_tensor("train"), "val": cache.get_tensor("val")}
     model = build_model(stage.recipe, torch.device("cpu"))
-    checkpoint.load_weights(checkpoint.resolve(stage.recipe.run_dir), model)
+    checkpoint.load_weights(checkpoint.find(stage.recipe.run_dir), model)
     model.eval()
     objective = DPO(recipe.dpo.beta, recipe.dpo.loss)
     out = {}

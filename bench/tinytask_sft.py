@@ -48,7 +48,7 @@ def evaluate(path: str | Path, limit: int, console: Console) -> list[tuple[str, 
 
 def sft_recipe(init: str, data: Path, out: Path, args: argparse.Namespace):
     """The starting run's recipe with an SFT section over `data`, its stage directory at out/sft."""
-    raw = checkpoint.load_recipe_of(checkpoint.resolve(init)).model_dump(mode="json")
+    raw = checkpoint.load_recipe_of(checkpoint.find(init)).model_dump(mode="json")
     raw.update(data=None, dpo=None, run={"name": "tinytask", "dir": str(out), "seed": args.seed})
     raw["sft"] = {"sources": [{"name": "tinytask", "paths": [str(data)]}], "dir": str(out / "sft"),
                   "val_fraction": 0.02, "epochs": args.epochs,

@@ -10,7 +10,7 @@ from conftest import REPO, SHARED_DATA, fermion
 from rich.console import Console
 
 from fermion.card import StageRecord, build_card, training_section
-from fermion.checkpoint import newest_good, trainer_state_of
+from fermion.checkpoint import find, trainer_state_of
 from fermion.config import load_recipe, recipe_from_dict
 from fermion.errors import ExportError
 from fermion.eval import lm as eval_lm
@@ -64,7 +64,7 @@ def test_card_renders_every_section_from_the_records(run_copy):
     counts = count(recipe.model, recipe.seq_len)
     assert f"| total parameters | {counts.total_params:,} |" in text
     assert f"| active parameters per token | {counts.active_params:,} |" in text
-    state = trainer_state_of(newest_good(run_copy))
+    state = trainer_state_of(find(run_copy))
     assert f"| steps | {state['step']:,} |" in text
     assert f"| tokens seen | {state['tokens_seen']:,} |" in text
     assert f"| wall-clock (training steps) | {state['elapsed_s']:,.1f} s" in text
@@ -212,7 +212,7 @@ def test_card_covers_continued_sft_and_dpo_stages_and_their_evaluations(tmp_path
     assert "(pretrain → alice → sft → dpo)" in text
     training = text.split("\n## Training\n")[1].split("\n## ")[0]
     assert cells(training, "") == list(dirs)  # the training table's columns, in training order
-    states = {name: trainer_state_of(newest_good(d)) for name, d in dirs.items()}
+    states = {name: trainer_state_of(find(d)) for name, d in dirs.items()}
     assert cells(training, "steps") == [f"{s['step']:,}" for s in states.values()] == ["6", "4", "4", "3"]
     assert cells(training, "tokens seen") == [f"{s['tokens_seen']:,}" for s in states.values()]
     assert cells(training, "wall-clock (training steps)")[0].startswith(f"{states['pretrain']['elapsed_s']:,.1f} s")
@@ -254,10 +254,10 @@ def test_card_covers_continued_sft_and_dpo_stages_and_their_evaluations(tmp_path
 def test_training_rows_of_a_checkpoint_without_hardware_records_say_so(tiny_run):
     """Checkpoints written before the trainer recorded hardware, precision and compilation."""
     recipe = load_recipe(tiny_run / "recipe.yaml", check_paths=False)
-    state = trainer_state_of(newest_good(tiny_run))
+    state = trainer_state_of(find(tiny_run))
     old = {k: v for k, v in state.items() if k not in ("hardware", "precision", "compiled")}
     text = "\n".join(training_section([StageRecord("pretrain", "pretrain", tiny_run, recipe, recipe.data,
-                                                    newest_good(tiny_run), old)]))
+                                                    find(tiny_run), old)]))
     assert "| hardware | not recorded (the checkpoint predates hardware records) |" in text
     assert "| precision | not recorded (train.precision: fp32) |" in text
     assert "| compiled | not recorded (train.compile: false) |" in text

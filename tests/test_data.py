@@ -388,3 +388,27 @@ def test_val_batches_are_fixed_and_cover_every_source(shard_dir):
     total = sum(shards.num_windows(name, SEQ_LEN) for name in shards.sources)
     everything = val_batches(shards, SEQ_LEN, 4, 10_000)
     assert sum(len(x) for x, _ in everything) == total
+
+
+def test_a_jsonl_zst_source_trains_the_tokenizer_and_pretrains(tmp_path):
+    """A .jsonl.zst source, which `fermion prepare` reads, is read the same way by `fermion tokenizer train` and
+    `fermion pretrain` (the functions those commands call): same documents as the uncompressed file, shards, steps."""
+    import zstandard
+    from rich.console import Console
+
+    from fermion.config import load_recipe
+    from fermion.train.pretrain import pretrain, train_tokenizer
+
+    compressed = tmp_path / "c4.jsonl.zst"
+    compressed.write_bytes(zstandard.ZstdCompressor().compress(Path(C4).read_bytes()))
+    plain, zst = (list(iter_documents(SourceConfig(name="c4", paths=[p]))) for p in (C4, str(compressed)))
+    assert zst == plain and len(zst) == 300
+
+    tiny = Path(__file__).resolve().parents[1] / "configs" / "tiny.yaml"
+    recipe = load_recipe(tiny, [f"run.dir={tmp_path / 'run'}", f"data.sources.0.paths=[{compressed}]",
+                                "data.sources.0.max_documents=null", "train.steps=3", "train.warmup_steps=1"])
+    quiet = Console(quiet=True)
+    assert Tokenizer.load(train_tokenizer(recipe, quiet)).vocab_size == recipe.tokenizer.vocab_size
+    assert pretrain(recipe, console=quiet).step == 3
+    index = load_index(tmp_path / "run" / "data")
+    assert sum(index["sources"]["stories"][split]["documents"] for split in ("train", "val")) == 300

@@ -326,7 +326,7 @@ def test_prompting_follows_the_stage_recorded_in_the_checkpoint_not_the_run_name
     assert checkpoint.stage_of(continued) == "continued" and not eval_lm.load(continued).chat
 
     # Written before the trainer recorded the stage: the name decides, as it used to.
-    ckpt = checkpoint.resolve(base)
+    ckpt = checkpoint.find(base)
     state = json.loads((ckpt / "trainer_state.json").read_text())
     del state["stage"]
     (ckpt / "trainer_state.json").write_text(json.dumps(state))

@@ -171,7 +171,7 @@ def test_a_pending_async_save_is_invisible_and_holds_the_state_it_started_with(o
     """Files are written from a copy taken when the save starts; the directory and `latest` appear only when
     finish() runs after the files are complete; a save abandoned mid-write (a crash) never appears and the
     next save clears it away."""
-    from fermion import checkpoint
+    from fermion import checkpoint, layout
     from fermion.config import load_recipe
     from fermion.device import DistInfo
     from fermion.model.transformer import Transformer
@@ -202,11 +202,11 @@ def test_a_pending_async_save_is_invisible_and_holds_the_state_it_started_with(o
             param.add_(1.0)
     assert not pending.done()
     assert checkpoint.list_checkpoints(recipe.run_dir) == []
-    assert not (checkpoint.checkpoints_dir(recipe.run_dir) / "latest").exists()
+    assert not layout.latest_file(recipe.run_dir).exists()
     release.set()
     path = pending.finish()
     assert checkpoint.verify(path) is None
-    assert (checkpoint.checkpoints_dir(recipe.run_dir) / "latest").read_text().strip() == path.name
+    assert layout.latest_file(recipe.run_dir).read_text().strip() == path.name
     assert_same(load_file(path / "model.safetensors"), before)
 
     release.clear()
@@ -215,7 +215,7 @@ def test_a_pending_async_save_is_invisible_and_holds_the_state_it_started_with(o
     release.set()
     abandoned.job.wait()
     assert checkpoint.list_checkpoints(recipe.run_dir) == [path]
-    assert checkpoint.newest_good(recipe.run_dir) == path
+    assert checkpoint.find(recipe.run_dir) == path
     third = start(3).finish()
     assert [p.name for p in checkpoint.list_checkpoints(recipe.run_dir)] == [path.name, third.name]
-    assert not list(checkpoint.checkpoints_dir(recipe.run_dir).glob(".*.tmp"))
+    assert not list(layout.checkpoints_dir(recipe.run_dir).glob(".*.tmp"))

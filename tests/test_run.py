@@ -13,8 +13,9 @@ import torch
 import yaml
 from conftest import HANG, REPO, SHARED_DATA, fermion
 
-from fermion.checkpoint import list_checkpoints, newest_good, step_of, trainer_state_of
+from fermion.checkpoint import find, list_checkpoints, trainer_state_of
 from fermion.config import load_recipe
+from fermion.layout import step_of
 from fermion.model.counting import count
 
 STORIES = SHARED_DATA / "pretrain" / "tinystories" / "tinystories_train_sample_2MiB.txt"
@@ -58,13 +59,13 @@ def test_killed_during_pretraining_it_resumes_without_redoing_prepare(tmp_path):
     process = subprocess.Popen(command, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     deadline = time.monotonic() + HANG
     while time.monotonic() < deadline and process.poll() is None:
-        if newest_good(run_dir, warn=lambda *_: None) is not None:
+        if find(run_dir, warn=lambda *_: None, required=False) is not None:
             break
         time.sleep(0.02)
     assert process.poll() is None, "the run ended before a checkpoint could be caught: " + process.stdout.read()
     process.send_signal(signal.SIGKILL)  # a crash: no chance to save
     process.wait()
-    killed_at = step_of(newest_good(run_dir))
+    killed_at = step_of(find(run_dir))
     assert 0 < killed_at < 400
     records = ledger(run_dir)
     assert records["prepare"]["status"] == "done" and records["tokenizer"]["status"] == "done"
@@ -80,7 +81,7 @@ def test_killed_during_pretraining_it_resumes_without_redoing_prepare(tmp_path):
     assert "prepare: up to date, skipped" in out and "tokenizer: up to date, skipped" in out
     assert "resuming from" in out and f"(step {killed_at:,}," in out
     assert {p: p.stat().st_mtime_ns for p in before} == before  # prepare, tokenizer and shards untouched
-    assert trainer_state_of(newest_good(run_dir))["step"] == 400
+    assert trainer_state_of(find(run_dir))["step"] == 400
     assert all(record["status"] == "done" for record in ledger(run_dir).values())
     assert (run_dir / "eval" / "results.json").is_file() and (run_dir / "export" / "hf" / "README.md").is_file()
 
@@ -222,7 +223,7 @@ def test_demo_card_has_every_section_and_the_runs_numbers(demo_run):
     counts = count(recipe.model, recipe.seq_len)
     assert f"| total parameters | {counts.total_params:,} |" in text
     for directory in (run_dir, run_dir / "sft", run_dir / "dpo"):
-        state = trainer_state_of(newest_good(directory))
+        state = trainer_state_of(find(directory))
         assert f"{state['step']:,}" in text and f"{state['tokens_seen']:,}" in text
     index = json.loads((run_dir / "data" / "index.json").read_text())
     for name, entry in index["sources"].items():

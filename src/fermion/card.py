@@ -23,11 +23,11 @@ from pathlib import Path
 
 import yaml
 
+from fermion import layout
 from fermion.atomic import replaced_file
 from fermion.config import Recipe, RecipeError, load_recipe
 from fermion.errors import ExportError
 
-POST_TRAINING = ("sft", "dpo")
 SAMPLE_PROMPTS = ["Once upon a time", "The capital of France is", "def add(a, b):\n"]
 SAMPLE_CHAT_PROMPTS = ["Tell me a short story about a cat.", "What is 2 + 3?", "Name three colours."]
 SAMPLE_SEED = 0
@@ -65,40 +65,35 @@ def _load_recipe(path: Path) -> Recipe:
 def _stage(name: str, kind: str, directory: Path, data) -> StageRecord | None:
     from fermion import checkpoint
 
-    if not checkpoint.checkpoints_dir(directory).is_dir():
-        return None
-    ckpt = checkpoint.newest_good(directory, warn=lambda *_: None)
+    ckpt = checkpoint.find(directory, warn=lambda *_: None, required=False)
     if ckpt is None:
         return None
-    recipe_path = directory / "recipe.yaml"
-    recipe = _load_recipe(recipe_path if recipe_path.is_file() else ckpt / "recipe.yaml")
+    recipe_path = layout.recipe_file(directory)
+    recipe = _load_recipe(recipe_path if recipe_path.is_file() else layout.recipe_file(ckpt))
     state = checkpoint.trainer_state_of(ckpt)
-    state.setdefault("step", checkpoint.step_of(ckpt))
+    state.setdefault("step", layout.step_of(ckpt))
     metrics = []
-    metrics_path = directory / "metrics.jsonl"
+    metrics_path = layout.metrics_file(directory)
     if metrics_path.is_file():
         for line in metrics_path.read_text().splitlines():
             if line.strip():
                 record = json.loads(line)
                 if record.get("step", 0) <= state["step"]:
                     metrics.append(record)
-    report_path = directory / "report.json"
+    report_path = layout.report_file(directory)
     report = json.loads(report_path.read_text()) if report_path.is_file() else None
     return StageRecord(name, kind, directory, recipe, data, ckpt, state, metrics, report)
 
 
 def _planned_stages(run_dir: Path, recipe: Recipe) -> list[tuple[str, str, Path, object]]:
     """(name, kind, directory, data section) of every stage the recipe describes, in training order. Default
-    directories are taken under `run_dir` (where the run is now), as Recipe.stage_dir and posttrain.stage_dir lay
-    them out under run.dir."""
+    directories are taken under `run_dir` (where the run is now), not under the recipe's run.dir."""
     planned = [("pretrain", "pretrain", run_dir, recipe.data)]
     for stage in recipe.stages:
-        directory = Path(stage.dir) if stage.dir else run_dir / "stages" / stage.name
-        planned.append((stage.name, "pretrain", directory, stage.data))
-    for name in POST_TRAINING:
+        planned.append((stage.name, "pretrain", layout.continued_stage_dir(run_dir, stage), stage.data))
+    for name in layout.POST_TRAINING:
         section = getattr(recipe, name)
-        directory = Path(section.dir) if section is not None and section.dir else run_dir / name
-        planned.append((name, name, directory, section))
+        planned.append((name, name, layout.post_training_dir(run_dir, name, section), section))
     return planned
 
 
@@ -107,9 +102,9 @@ def gather(run_dir: Path) -> tuple[Recipe, list[StageRecord]]:
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
         raise ExportError(f"{run_dir} is not a run directory (no such folder)")
-    if not (run_dir / "recipe.yaml").is_file():
-        raise ExportError(f"{run_dir} is not a run directory: it has no recipe.yaml")
-    recipe = _load_recipe(run_dir / "recipe.yaml")
+    if not layout.recipe_file(run_dir).is_file():
+        raise ExportError(f"{run_dir} is not a run directory: it has no {layout.RECIPE}")
+    recipe = _load_recipe(layout.recipe_file(run_dir))
     stages = [stage for planned in _planned_stages(run_dir, recipe) if (stage := _stage(*planned)) is not None]
     if not stages:
         raise ExportError(f"{run_dir} has no complete checkpoint yet: train it first (fermion pretrain RECIPE)")
@@ -161,7 +156,7 @@ def front_matter(recipe: Recipe, stages: list[StageRecord], license: str, langua
     tags = ["fermion", "llama-style" if not model.moe else "moe", "causal-lm"]
     if model.moe:
         tags.append("mixture-of-experts")
-    tags += [s.kind for s in stages if s.kind in POST_TRAINING]
+    tags += [s.kind for s in stages if s.kind in layout.POST_TRAINING]
     meta = {"license": license, "language": [language], "datasets": datasets, "tags": tags,
             "pipeline_tag": "text-generation", "library_name": "transformers"}
     return "---\n" + yaml.safe_dump(meta, sort_keys=False, allow_unicode=True) + "---\n"
@@ -287,8 +282,7 @@ def _pretraining_data(stage: StageRecord) -> list[str]:
     lines = [f"### {title}", ""]
     if stage.data is None:
         return [*lines, "Not recorded: the recipe has no data section for this stage.", ""]
-    shard_dir = Path(stage.data.shard_dir) if stage.data.shard_dir else stage.dir / "data"
-    index_path = shard_dir / "index.json"
+    index_path = layout.shard_dir(stage.dir, stage.data) / layout.SHARD_INDEX
     index = json.loads(index_path.read_text()) if index_path.is_file() else None
     rows = []
     for source in stage.data.sources:
@@ -315,7 +309,7 @@ def _post_training_data(stage: StageRecord) -> list[str]:
         lines += [f"Sources: {', '.join(f'{s.name} ({_source_label(s)})' for s in stage.data.sources)}.", ""]
     report = stage.report
     if report is None:
-        return [*lines, f"No `{stage.dir / 'report.json'}`: record counts are not recorded.", ""]
+        return [*lines, f"No `{layout.report_file(stage.dir)}`: record counts are not recorded.", ""]
     rows = [["records read", _n(report["records_read"])], ["records used", _n(report["records_used"])]]
     rows += [[f"skipped: {reason}", _n(n)] for reason, n in report.get("skipped", {}).items()]
     for key in ("truncated", "train_conversations", "val_conversations", "train_pairs", "val_pairs",
@@ -329,12 +323,12 @@ def _filtering(run_dir: Path, recipe: Recipe) -> list[str]:
     if recipe.data.prepare is None:
         return ["No filtering: the recipe has no `data.prepare` section, so the sources were tokenized as read "
                 "(no per-source filtering counts exist)."]
-    from fermion.prepare import REPORT_NAME, plan_id
+    from fermion.prepare import plan_id
 
-    base = Path(recipe.data.prepare.dir) if recipe.data.prepare.dir else run_dir / "prepared"
-    path = base / plan_id(recipe) / REPORT_NAME
+    base = layout.prepared_dir(run_dir, recipe.data)
+    path = base / plan_id(recipe) / layout.PREPARE_REPORT
     if not path.is_file():
-        found = sorted(base.glob(f"*/{REPORT_NAME}"))
+        found = sorted(base.glob(f"*/{layout.PREPARE_REPORT}"))
         if len(found) != 1:
             return [f"Not recorded: no `fermion prepare` report at `{path}`."]
         path = found[0]
@@ -353,7 +347,7 @@ def _filtering(run_dir: Path, recipe: Recipe) -> list[str]:
 
 
 def _results(stage: StageRecord) -> tuple[Path, dict | None]:
-    path = stage.dir / "eval" / "results.json"
+    path = layout.eval_results(stage.dir)
     return path, (json.loads(path.read_text()) if path.is_file() else None)
 
 
@@ -405,7 +399,7 @@ def _during_training(stages: list[StageRecord]) -> list[str]:
     metric (each task's first) per task."""
     lines = []
     for stage in stages:
-        paths = sorted((stage.dir / "eval").glob("step_*/results.json"))
+        paths = sorted(layout.eval_dir(stage.dir).glob(f"{layout.STEP_PREFIX}*/{layout.EVAL_RESULTS}"))
         if not paths:
             continue
         columns: dict[str, None] = {}
@@ -414,10 +408,11 @@ def _during_training(stages: list[StageRecord]) -> list[str]:
             scores = {f"{r['task']} {r['metrics'][0]['name']}": _with_error(r["metrics"][0])
                       for r in json.loads(path.read_text())["results"] if r["metrics"]}
             columns.update(dict.fromkeys(scores))
-            by_step.append((int(path.parent.name.removeprefix("step_")), scores))
+            by_step.append((layout.step_of(path.parent), scores))
         rows = [[_n(step), *[scores.get(c, "not evaluated") for c in columns]] for step, scores in by_step]
+        pattern = f"{layout.eval_dir(stage.dir)}/{layout.STEP_PREFIX}*/{layout.EVAL_RESULTS}"
         lines += [f"### Evaluation during training: {stage.name}", "", *_table(["step", *columns], rows), "",
-                  f"From `{stage.dir / 'eval'}/step_*/results.json` (written every eval.every steps).", ""]
+                  f"From `{pattern}` (written every eval.every steps).", ""]
     return lines
 
 
@@ -517,9 +512,8 @@ def loss_plots(stages: list[StageRecord]) -> dict[str, bytes]:
 
 
 def usage_section(run_arg: str, final: StageRecord) -> list[str]:
-    export = final.dir / "export"
-    hf = export / "hf"
-    ggufs = sorted((export / "gguf").glob("*.gguf"))
+    hf, gguf_dir = layout.export_dir(final.dir, "hf"), layout.export_dir(final.dir, "gguf")
+    ggufs = sorted(gguf_dir.glob("*.gguf"))
     name = final.recipe.run.name
     chat_target = run_arg
     lines = ["## Usage", "", "### transformers", ""]
@@ -537,11 +531,11 @@ def usage_section(run_arg: str, final: StageRecord) -> list[str]:
     lines += ["output = model.generate(**inputs, max_new_tokens=64, do_sample=True, temperature=0.7)",
               "print(tokenizer.decode(output[0], skip_special_tokens=True))", "```", "",
               "### llama.cpp and Ollama", ""]
-    gguf = ggufs[0] if ggufs else export / "gguf" / f"{name}-f16.gguf"
+    gguf = ggufs[0] if ggufs else gguf_dir / f"{name}-f16.gguf"
     if not ggufs:
         lines += [f"Export first: `fermion export {run_arg} --format gguf` (writes `{gguf}` and a Modelfile).", ""]
     lines += ["```sh", f'llama-cli -m {gguf} -p "Once upon a time" -n 64', "",
-              f"ollama create {name} -f {export / 'gguf' / 'Modelfile'}", f"ollama run {name}", "```", "",
+              f"ollama create {name} -f {gguf_dir / 'Modelfile'}", f"ollama run {name}", "```", "",
               "### fermion", "", "```sh", f"fermion chat {chat_target}",
               f'fermion generate {chat_target} "Once upon a time"', f"fermion serve {chat_target}", "```", ""]
     return lines
@@ -608,11 +602,11 @@ def build_card(run_dir: str | Path, out_dir: str | Path | None = None, *, licens
     except (OSError, json.JSONDecodeError, KeyError) as err:
         raise ExportError(f"cannot write a model card for {run_dir}: its records are unreadable ({err})") from None
     # Beside the final model's Hugging Face export (`fermion export` writes <final stage>/export/hf).
-    out = Path(out_dir) if out_dir is not None else final_dir / "export" / "hf"
+    out = Path(out_dir) if out_dir is not None else layout.card_file(final_dir).parent
     out.mkdir(parents=True, exist_ok=True)
     for name, data in plots.items():
         with replaced_file(out / name) as tmp:
             tmp.write_bytes(data)
-    with replaced_file(out / "README.md") as tmp:
+    with replaced_file(out / layout.CARD) as tmp:
         tmp.write_text(text, encoding="utf-8")
-    return out / "README.md"
+    return out / layout.CARD

@@ -40,7 +40,8 @@ import torch
 import yaml
 from safetensors.torch import load_file, save_file
 
-from fermion.atomic import replaced_dir
+from fermion import layout
+from fermion.atomic import replaced_dir, replaced_file
 from fermion.config import Recipe, recipe_from_dict
 from fermion.data.tokenizer import Tokenizer
 from fermion.device import DistInfo, barrier
@@ -48,28 +49,19 @@ from fermion.errors import CheckpointError
 from fermion.model.hf import imported_recipe, is_hf_folder
 from fermion.model.transformer import Transformer
 
-STEP_PREFIX = "step_"
 # The kinds of training stage a checkpoint can come from, as trainer_state.json records them ("stage"): pretraining
 # from scratch, continued pretraining (from train.init_from or a previous stage), and the post-training stages.
 STAGES = ("pretrain", "continued", "sft", "dpo")
 POST_TRAINED = ("sft", "dpo")  # their models expect chat-formatted prompts
 
 
-def checkpoints_dir(run_dir: Path) -> Path:
-    return Path(run_dir) / "checkpoints"
-
-
-def step_of(ckpt: Path) -> int:
-    return int(ckpt.name.removeprefix(STEP_PREFIX))
-
-
 def list_checkpoints(run_dir: Path) -> list[Path]:
-    """Complete checkpoint directories, oldest first."""
-    root = checkpoints_dir(run_dir)
+    """Complete checkpoint directories, oldest first (unverified: `find` checks them)."""
+    root = layout.checkpoints_dir(run_dir)
     if not root.is_dir():
         return []
-    found = [p for p in root.iterdir() if p.is_dir() and p.name.startswith(STEP_PREFIX) and p.name[5:].isdigit()]
-    return sorted(found, key=step_of)
+    found = [p for p in root.iterdir() if p.is_dir() and layout.step_of(p) is not None]
+    return sorted(found, key=layout.step_of)
 
 
 def _sha256(path: Path) -> str:
@@ -173,10 +165,10 @@ class PendingSave:
             raise CheckpointError(f"writing checkpoint {self.final} failed: {err}") from err
         barrier(self.info)
         if self.info.is_main:
-            root = checkpoints_dir(self.run_dir)
             shutil.rmtree(self.final, ignore_errors=True)
             os.replace(self.tmp, self.final)
-            _write_latest(root, self.final.name)
+            with replaced_file(layout.latest_file(self.run_dir)) as tmp:
+                tmp.write_text(self.final.name + "\n")
             for old in list_checkpoints(self.run_dir)[:-self.keep]:
                 shutil.rmtree(old, ignore_errors=True)
         barrier(self.info)
@@ -217,12 +209,12 @@ def start_save(
     with `asynchronous`, in the background (DCP async_save on `process_group`, which must not be the group
     training uses, when sharded; a thread writing safetensors from a CPU copy otherwise). Small files are written
     at once. Call finish() on the result, on every rank, before the next save and before the process exits."""
-    root = checkpoints_dir(run_dir)
-    final = root / f"{STEP_PREFIX}{step:08d}"
+    root = layout.checkpoints_dir(run_dir)
+    final = layout.checkpoint_dir(run_dir, step)
     tmp = root / f".{final.name}.tmp"
     if info.is_main:
         root.mkdir(parents=True, exist_ok=True)
-        for stale in root.glob(f".{STEP_PREFIX}*.tmp"):  # left by a run that died while writing
+        for stale in root.glob(f".{layout.STEP_PREFIX}*.tmp"):  # left by a run that died while writing
             shutil.rmtree(stale, ignore_errors=True)
         tmp.mkdir(parents=True)
     barrier(info)
@@ -231,8 +223,8 @@ def start_save(
         state = {**trainer_state, "step": step, "world_size": info.world_size,
                  "format": "dcp" if sharded else "safetensors"}
         (tmp / "trainer_state.json").write_text(json.dumps(state, indent=2))
-        (tmp / "recipe.yaml").write_text(recipe.to_yaml())
-        Tokenizer.load(tokenizer_path).save(tmp / "tokenizer.json")  # with its tokenizer_config.json, if any
+        layout.recipe_file(tmp).write_text(recipe.to_yaml())
+        Tokenizer.load(tokenizer_path).save(layout.tokenizer_file(tmp))  # with its tokenizer_config.json, if any
     barrier(info)  # every rank's small files exist before rank 0 may hash them
     write: Callable[[], None] = lambda: None  # noqa: E731
     if sharded:
@@ -273,29 +265,13 @@ def save_weights(model: torch.nn.Module, recipe: Recipe, tokenizer: Tokenizer, o
     with replaced_dir(out, "manifest.json", CheckpointError, "a checkpoint") as tmp:
         state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
         save_file(state, tmp / "model.safetensors")
-        (tmp / "recipe.yaml").write_text(recipe.to_yaml())
-        tokenizer.save(tmp / "tokenizer.json")
+        layout.recipe_file(tmp).write_text(recipe.to_yaml())
+        tokenizer.save(layout.tokenizer_file(tmp))
         _write_manifest(tmp, 0)
     return out
 
 
-def _write_latest(root: Path, name: str) -> None:
-    tmp = root / "latest.tmp"
-    tmp.write_text(name + "\n")
-    os.replace(tmp, root / "latest")
-
-
 # ------------------------------------------------------------------------------------------------------ loading
-
-
-def newest_good(run_dir: Path, warn=print) -> Path | None:
-    """The newest checkpoint whose files match their checksums; damaged ones are named and skipped."""
-    for ckpt in reversed(list_checkpoints(run_dir)):
-        problem = verify(ckpt)
-        if problem is None:
-            return ckpt
-        warn(f"checkpoint {ckpt} is damaged ({problem}); trying the previous one")
-    return None
 
 
 def trainer_state_of(ckpt: Path) -> dict:
@@ -382,30 +358,40 @@ def _restore_rng(ckpt: Path, rank: int) -> None:
     np.random.seed(seed)
 
 
-def resolve(path: str | os.PathLike, warn=print) -> Path:
-    """A run directory (its newest good checkpoint) or a checkpoint directory, verified."""
+def find(path: str | os.PathLike, warn=print, required: bool = True) -> Path | None:
+    """The checkpoint `path` names, verified: a checkpoint directory itself, or a run (or stage) directory's newest
+    checkpoint whose files match their checksums (damaged ones are named to `warn` and skipped).
+
+    Where there is none, CheckpointError says why; with required=False, None instead (a damaged checkpoint
+    directory still raises).
+    """
     path = Path(path)
     if (path / "manifest.json").is_file():
         problem = verify(path)
         if problem:
             raise CheckpointError(f"checkpoint {path} is damaged: {problem}")
         return path
-    if checkpoints_dir(path).is_dir():
-        found = newest_good(path, warn)
-        if found is None:
-            raise CheckpointError(f"{path} has no complete, undamaged checkpoint")
-        return found
+    for ckpt in reversed(list_checkpoints(path)):
+        problem = verify(ckpt)
+        if problem is None:
+            return ckpt
+        warn(f"checkpoint {ckpt} is damaged ({problem}); trying the previous one")
+    if not required:
+        return None
+    if layout.checkpoints_dir(path).is_dir():
+        raise CheckpointError(f"{path} has no complete, undamaged checkpoint")
     raise CheckpointError(f"{path} is neither a run directory nor a checkpoint directory")
 
 
 def load_recipe_of(ckpt: Path) -> Recipe:
-    return recipe_from_dict(yaml.safe_load((ckpt / "recipe.yaml").read_text()), source=str(ckpt / "recipe.yaml"),
+    path = layout.recipe_file(ckpt)
+    return recipe_from_dict(yaml.safe_load(path.read_text()), source=str(path),
                             check_paths=False)
 
 
 def stage_of(path: str | os.PathLike, warn=print) -> str:
     """The kind of stage (one of STAGES) that wrote a run's newest checkpoint or the given checkpoint."""
-    ckpt = resolve(path, warn=warn)
+    ckpt = find(path, warn=warn)
     return _recorded_stage(ckpt, load_recipe_of(ckpt))
 
 
@@ -455,13 +441,13 @@ def load(path: str | os.PathLike, device: str = "cpu", dtype: torch.dtype | None
         model, tokenizer, recipe = imported_recipe(Path(path))
         stage = stage_by_name(recipe)
     else:
-        ckpt = resolve(path, warn=warn)
+        ckpt = find(path, warn=warn)
         recipe = load_recipe_of(ckpt)
         with torch.device("meta"):
             model = Transformer(recipe.model)
         model.to_empty(device=device)
         load_weights(ckpt, model)
-        tokenizer = Tokenizer.load(ckpt / "tokenizer.json")
+        tokenizer = Tokenizer.load(layout.tokenizer_file(ckpt))
         stage = _recorded_stage(ckpt, recipe)
     model.reset_rope()
     model = model.to(device=device, dtype=dtype) if dtype is not None else model.to(device)

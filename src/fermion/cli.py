@@ -403,7 +403,7 @@ def eval_cmd(
     from fermion.eval import lm as eval_lm
     from fermion.eval import runner
     from fermion.eval.results import TaskOptions, write
-    from fermion.export import export_root
+    from fermion.layout import EVAL, output_root
 
     try:
         model = run_guarded(lambda: eval_lm.load(run, device=device, dtype=dtype, chat=chat))
@@ -437,7 +437,7 @@ def eval_cmd(
             table.add_row(result.task, m.name, f"{m.value:.4f}", f"{m.stderr:.4f}" if m.stderr is not None else "–",
                           str(result.shots), str(result.n))
     console.print(table)
-    path = write(results, out or export_root(run, "eval"), model=str(run),
+    path = write(results, out or output_root(run, EVAL), model=str(run),
                  extra={"chat": model.chat, "limit": options.limit, "seed": seed, "dtype": dtype})
     console.print(f"results: {path} and {path.with_suffix('.md')}")
 
@@ -552,8 +552,9 @@ DEMO_CHATS = ["Hello!", "Tell me a story about a brave rabbit named Pip.", "What
 
 @app.command()
 def demo(
-    data: Annotated[Path | None, typer.Option(help="Pretrain on your own corpora instead: a folder of .txt, .jsonl "
-                                                   "or .jsonl.gz files (one source per file or subfolder).")]
+    data: Annotated[Path | None, typer.Option(help="Pretrain on your own corpora instead: a folder of .txt, .jsonl, "
+                                                   ".jsonl.gz or .jsonl.zst files (one source per file or "
+                                                   "subfolder).")]
     = None,
     set_: SetOption = None,
     from_: Annotated[str | None, typer.Option("--from", help="Run this step and every later one again.")] = None,
@@ -563,6 +564,7 @@ def demo(
     sample chats."""
     import time
 
+    from fermion.layout import card_file
     from fermion.run import run as run_all
 
     started = time.perf_counter()
@@ -581,7 +583,7 @@ def demo(
         raise typer.Exit(0)
     _sample_chats(loaded)
     console.print(f"[bold]demo finished in {time.perf_counter() - started:.0f} s[/] · chat with it: fermion chat "
-                  f"{_final_dir(loaded)} · model card: {_final_dir(loaded) / 'export' / 'hf' / 'README.md'}")
+                  f"{_final_dir(loaded)} · model card: {card_file(_final_dir(loaded))}")
 
 
 def _final_dir(recipe: Recipe) -> Path:
@@ -592,26 +594,26 @@ def _final_dir(recipe: Recipe) -> Path:
 
 def _with_user_data(recipe: Recipe, folder: Path) -> Recipe:
     """The demo recipe with its pretraining sources replaced by the corpora in `folder`."""
-    from fermion.config import DataConfig, SourceConfig
-    from fermion.data.sources import DataError
+    from fermion.config import DataConfig, SourceConfig, matching_files
+    from fermion.data.sources import DOCUMENT_SUFFIXES, DataError
 
+    kinds = ", ".join(DOCUMENT_SUFFIXES)
     if not folder.is_dir():
-        raise DataError(f"--data {folder}: not a folder; give a folder of .txt, .jsonl or .jsonl.gz files")
-    suffixes = (".txt", ".jsonl", ".jsonl.gz")
+        raise DataError(f"--data {folder}: not a folder; give a folder of {kinds} files")
     sources = []
     for entry in sorted(folder.iterdir()):
-        if entry.is_file() and entry.name.endswith(suffixes):
+        if entry.is_file() and entry.name.endswith(DOCUMENT_SUFFIXES):
             paths = [str(entry)]
         elif entry.is_dir():
-            paths = [str(entry / "**" / f"*{suffix}") for suffix in suffixes
-                     if any(entry.rglob(f"*{suffix}"))]
+            paths = [pattern for suffix in DOCUMENT_SUFFIXES
+                     if matching_files(pattern := str(entry / "**" / f"*{suffix}"))]
         else:
             continue
         if paths:
             name = entry.name.split(".")[0] or entry.name
             sources.append(SourceConfig(name=name, paths=paths, kind="code" if name == "code" else "web"))
     if not sources:
-        raise DataError(f"--data {folder}: no .txt, .jsonl or .jsonl.gz files in it")
+        raise DataError(f"--data {folder}: no {kinds} files in it")
     data = DataConfig(**{**recipe.data.model_dump(), "sources": [s.model_dump() for s in sources]})
     return recipe.model_copy(update={"data": data})
 

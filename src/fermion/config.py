@@ -16,6 +16,8 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from fermion import layout
+
 
 class RecipeError(ValueError):
     """A recipe that cannot be used; the message is meant to be shown to the user as is."""
@@ -108,7 +110,7 @@ class TokenizerConfig(Section):
 
 class SourceConfig(Section):
     name: str = Field(min_length=1)
-    paths: list[str] = Field(default_factory=list)  # files or globs: .txt, .jsonl, .jsonl.gz (.json for SFT/DPO)
+    paths: list[str] = Field(default_factory=list)  # files or globs; which suffixes: fermion.data.sources
     # Text every machine has: python-stdlib (the running Python's standard library source), or fermion's generated
     # data (data/synthetic/): stories, textbook, arithmetic, tinytask documents for pretraining; chat, arithmetic,
     # tinytask records for sft; arithmetic-pairs, tinytask-pairs for dpo. Generated sources take max_documents
@@ -409,7 +411,7 @@ class Recipe(Section):
 
     @property
     def run_dir(self) -> Path:
-        return Path(self.run.dir or os.path.join("runs", self.run.name))
+        return layout.run_dir(self.run)
 
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
@@ -417,11 +419,10 @@ class Recipe(Section):
     @property
     def tokenizer_file(self) -> Path:
         """The tokenizer every stage of the run uses: tokenizer.path, else <run dir>/tokenizer.json."""
-        return Path(self.tokenizer.path) if self.tokenizer.path else self.run_dir / "tokenizer.json"
+        return layout.tokenizer_file(self.run_dir, self.tokenizer.path)
 
     def stage_dir(self, index: int) -> Path:
-        stage = self.stages[index]
-        return Path(stage.dir) if stage.dir else self.run_dir / "stages" / stage.name
+        return layout.continued_stage_dir(self.run_dir, self.stages[index])
 
     def stage_recipe(self, index: int) -> Recipe:
         """Continued stage `index` as a pretraining recipe of its own: its data and train settings, in its own
@@ -434,6 +435,10 @@ class Recipe(Section):
                                                "dir": str(self.stage_dir(index))}),
             "tokenizer": self.tokenizer.model_copy(update={"path": str(self.tokenizer_file)}),
             "data": stage.data, "train": train, "stages": [], "sft": None, "dpo": None})
+
+    def post_training_dir(self, name: str) -> Path:
+        """The directory of the sft or dpo stage."""
+        return layout.post_training_dir(self.run_dir, name, getattr(self, name))
 
     @property
     def pretrained_dir(self) -> Path:

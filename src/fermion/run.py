@@ -34,15 +34,13 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
+from fermion import layout
 from fermion.atomic import replaced_file
 from fermion.config import Recipe, RecipeError, SourceConfig, matching_files
 
-LEDGER = "run.json"
 # Training settings that change how a run is watched or saved, not the weights it makes.
 WATCHING = {"progress", "log_every", "tensorboard", "wandb", "keep_checkpoints", "checkpoint_every",
             "async_checkpoint", "eval_every", "eval_batches", "device"}
-# What a training stage writes into its directory (moved aside together when the stage starts again).
-TRAINING_OUTPUTS = ("checkpoints", "metrics.jsonl", "tensorboard", "eval", "export", "report.json")
 
 
 class Preempted(Exception):
@@ -113,7 +111,7 @@ class Ledger:
     """<run>/run.json: one record per step, rewritten whole after every change."""
 
     def __init__(self, run_dir: Path):
-        self.path = run_dir / LEDGER
+        self.path = layout.ledger_file(run_dir)
         self.steps: dict[str, dict] = {}
         if self.path.is_file():
             try:
@@ -142,10 +140,10 @@ def _supersede(directory: Path, names: tuple[str, ...]) -> Path | None:
     if not present:
         return None
     stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%S")
-    target, n = directory / "superseded" / stamp, 1
+    target, n = layout.superseded_dir(directory, stamp), 1
     while target.exists():
         n += 1
-        target = directory / "superseded" / f"{stamp}-{n}"
+        target = layout.superseded_dir(directory, f"{stamp}-{n}")
     target.mkdir(parents=True)
     for path in present:
         shutil.move(str(path), str(target / path.name))
@@ -157,17 +155,16 @@ def _supersede(directory: Path, names: tuple[str, ...]) -> Path | None:
 
 def trained_stages(recipe: Recipe) -> list[tuple[str, Path]]:
     """(name, directory) of every model the recipe trains, in order."""
-    from fermion.train.posttrain import stage_dir
-
     stages = [("pretrain", recipe.run_dir)]
     stages += [(stage.name, recipe.stage_dir(i)) for i, stage in enumerate(recipe.stages)]
-    stages += [(name, stage_dir(recipe, name)) for name in ("sft", "dpo") if getattr(recipe, name) is not None]
+    stages += [(name, recipe.post_training_dir(name)) for name in layout.POST_TRAINING
+               if getattr(recipe, name) is not None]
     return stages
 
 
 def plan(recipe: Recipe, console: Console) -> list[Step]:
     """The recipe's steps in order, with their inputs; fingerprints chain each step to the ones before it."""
-    from fermion.checkpoint import newest_good
+    from fermion.checkpoint import find
 
     run_dir = recipe.run_dir
     steps: list[Step] = []
@@ -176,7 +173,7 @@ def plan(recipe: Recipe, console: Console) -> list[Step]:
                           "existing model, run fermion sft and fermion dpo with sft.train.init_from set")
 
     def trained(directory: Path) -> Callable[[], bool]:
-        return lambda: newest_good(directory, warn=lambda *_: None) is not None
+        return lambda: find(directory, warn=lambda *_: None, required=False) is not None
 
     if recipe.data.prepare is not None:
         def prepare(restart: bool, forced: bool) -> str:
@@ -190,9 +187,9 @@ def plan(recipe: Recipe, console: Console) -> list[Step]:
             return f"{kept['documents']:,} of {report['totals']['read']['documents']:,} documents kept"
 
         def prepared() -> bool:
-            from fermion.prepare import REPORT_NAME, make_plan
+            from fermion.prepare import make_plan
 
-            return (make_plan(recipe).root / REPORT_NAME).is_file()
+            return (make_plan(recipe).root / layout.PREPARE_REPORT).is_file()
 
         steps.append(Step("prepare", "prepare", {"data": _data(recipe.data), "seed": recipe.run.seed}, prepare,
                           prepared))
@@ -215,7 +212,7 @@ def plan(recipe: Recipe, console: Console) -> list[Step]:
     def train_step(name: str, stage_recipe: Recipe, runner, directory: Path, inputs: dict) -> Step:
         def action(restart: bool, forced: bool) -> str:
             if restart:
-                moved = _supersede(directory, TRAINING_OUTPUTS)
+                moved = _supersede(directory, layout.TRAINING_OUTPUTS)
                 if moved is not None:
                     console.print(f"{name}: its inputs changed; the earlier attempt's files moved to {moved}")
             result = runner(stage_recipe, resume="auto", console=console)
@@ -237,7 +234,7 @@ def plan(recipe: Recipe, console: Console) -> list[Step]:
         stage_recipe = recipe.stage_recipe(i)
         steps.append(train_step(stage.name, stage_recipe, pretrain, recipe.stage_dir(i),
                                 {"train": _train(stage_recipe.train), "data": _data(stage.data)}))
-    for name, runner in (("sft", sft), ("dpo", dpo)):
+    for name, runner in zip(layout.POST_TRAINING, (sft, dpo), strict=True):
         section = getattr(recipe, name)
         if section is not None:
             directory = dict(trained_stages(recipe))[name]
@@ -256,7 +253,7 @@ def plan(recipe: Recipe, console: Console) -> list[Step]:
             # A stage's own results stand while it and the eval settings are what they were (--from eval redoes
             # them all): a changed DPO stage re-evaluates DPO only.
             key = _digest({"eval": _section(recipe.eval, {"every"}), "stage": fingerprints[name]})
-            previous = _read_results(directory / "eval" / "results.json")
+            previous = _read_results(layout.eval_results(directory))
             if not forced and previous is not None and previous.get("fingerprint") == key:
                 tables[name] = previous
                 reused.append(name)
@@ -268,7 +265,7 @@ def plan(recipe: Recipe, console: Console) -> list[Step]:
         return f"{len(models)} model(s) on {', '.join(recipe.eval.tasks)}{note}"
 
     def evaluated() -> bool:
-        return all((directory / "eval" / "results.json").is_file() for _, directory in models)
+        return all(layout.eval_results(directory).is_file() for _, directory in models)
 
     steps.append(Step("eval", "eval", {"eval": _section(recipe.eval, {"every"})}, evaluate, evaluated))
 
@@ -279,7 +276,7 @@ def plan(recipe: Recipe, console: Console) -> list[Step]:
         return " · ".join(str(p) for p in paths)
 
     def exported() -> bool:
-        return all(any((final_dir / "export" / fmt).glob("*")) for fmt in recipe.export.formats)
+        return all(any(layout.export_dir(final_dir, fmt).glob("*")) for fmt in recipe.export.formats)
 
     steps.append(Step("export", "export", {"export": _section(recipe.export), "final": final_name,
                                            "template": recipe.tokenizer.chat_template}, export, exported))
@@ -289,7 +286,7 @@ def plan(recipe: Recipe, console: Console) -> list[Step]:
 
         return str(build_card(run_dir))
 
-    steps.append(Step("card", "card", {}, card, lambda: (final_dir / "export" / "hf" / "README.md").is_file()))
+    steps.append(Step("card", "card", {}, card, lambda: layout.card_file(final_dir).is_file()))
 
     upstream = ""
     for step in steps:
@@ -326,7 +323,7 @@ def evaluate_stage(recipe: Recipe, name: str, directory: Path, console: Console,
 
     results = runner.run(model, runner.task_names(recipe.eval.tasks), options, on_result=report)
     extra = {"chat": model.chat, "limit": options.limit, "stage": name, "fingerprint": fingerprint}
-    write(results, directory / "eval", model=str(directory), extra=extra)
+    write(results, layout.eval_dir(directory), model=str(directory), extra=extra)
     return to_json(results, str(directory), extra)
 
 

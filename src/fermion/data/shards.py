@@ -29,12 +29,13 @@ import numpy as np
 import tokenizers
 import torch
 
+from fermion.atomic import replaced_dir
 from fermion.config import DataConfig, SourceConfig
 from fermion.data.sources import DataError, iter_documents
 from fermion.data.tokenizer import Tokenizer
+from fermion.layout import SHARD_INDEX
 
 FORMAT = "fermion-shards/1"
-INDEX_NAME = "index.json"
 SPLITS = ("train", "val")
 BATCH_CHARS = 1 << 20  # text per worker task: enough to amortise inter-process traffic, small enough to stream
 BLOCK = 65536  # samples per block of source draws; any sample's source is reproducible from its block alone
@@ -71,16 +72,10 @@ def write_shards(
     if existing is not None:
         return existing
     _check_source_names(data.sources)
-    temporary = out_dir.with_name(f".{out_dir.name}.tmp-{os.getpid()}")
-    temporary.mkdir(parents=True)
-    try:
+    with replaced_dir(out_dir, SHARD_INDEX, DataError, "a shard directory") as temporary:
         writers = _tokenize_sources(temporary, data, tokenizer, seed, progress)
         index = _build_index(writers, data, tokenizer, fingerprint)
-        (temporary / INDEX_NAME).write_text(json.dumps(index, indent=1))
-        _swap_into_place(temporary, out_dir)
-    except BaseException:
-        shutil.rmtree(temporary, ignore_errors=True)
-        raise
+        (temporary / SHARD_INDEX).write_text(json.dumps(index, indent=1))
     return index
 
 
@@ -97,10 +92,10 @@ def data_fingerprint(data: DataConfig, tokenizer: Tokenizer, seed: int) -> str:
 
 
 def _reusable_index(out_dir: Path, fingerprint: str) -> dict | None:
-    if not (out_dir / INDEX_NAME).is_file():
+    if not (out_dir / SHARD_INDEX).is_file():
         if out_dir.is_dir() and any(out_dir.iterdir()):  # never replace a directory we did not make
             raise DataError(
-                f"{out_dir}: exists and is not a shard directory (no {INDEX_NAME}); "
+                f"{out_dir}: exists and is not a shard directory (no {SHARD_INDEX}); "
                 "choose a new or empty data.shard_dir"
             )
         return None
@@ -144,14 +139,6 @@ def _is_other_live_process(pid: int) -> bool:
     except PermissionError:
         return True
     return True
-
-
-def _swap_into_place(temporary: Path, out_dir: Path) -> None:
-    retired = out_dir.with_name(f".{out_dir.name}.old-{os.getpid()}")
-    if out_dir.exists():
-        os.rename(out_dir, retired)
-    os.rename(temporary, out_dir)
-    shutil.rmtree(retired, ignore_errors=True)
 
 
 def _tokenize_sources(
@@ -353,7 +340,7 @@ def _document_batches(sources: Iterable[SourceConfig]) -> Iterator[tuple[str, in
 
 
 def load_index(shard_dir: str | os.PathLike) -> dict:
-    path = Path(shard_dir) / INDEX_NAME
+    path = Path(shard_dir) / SHARD_INDEX
     try:
         index = json.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:

@@ -8,16 +8,22 @@ what would be right.
 from __future__ import annotations
 
 import gzip
+import io
 import itertools
 import json
 import os
 import sysconfig
 from collections.abc import Iterable, Iterator
 from pathlib import Path
+from typing import BinaryIO
 
 from fermion.config import SourceConfig, matching_files, no_match_message
 
-SUPPORTED_SUFFIXES = (".txt", ".jsonl", ".jsonl.gz")
+# The files a source may name, by how their names end; the one list every reader checks (config validation only
+# checks that a path or glob matches files: matching_files). A last suffix .gz or .zst is decompressed (open_bytes).
+DOCUMENT_SUFFIXES = (".txt", ".jsonl", ".jsonl.gz", ".jsonl.zst")  # documents to pretrain on and train tokenizers
+RECORD_SUFFIXES = (".jsonl", ".jsonl.gz", ".jsonl.zst", ".json")  # SFT/DPO records
+PREPARE_SUFFIXES = (*DOCUMENT_SUFFIXES, ".parquet")  # `fermion prepare` reads parquet too (its output is .jsonl.gz)
 # Folders of the standard library that are not representative Python (tests, vendored tools) or not stdlib at all.
 EXCLUDED_STDLIB_DIRS = frozenset(
     {"site-packages", "dist-packages", "test", "tests", "idlelib", "lib2to3", "__pycache__"}
@@ -49,9 +55,6 @@ def interleave_documents(sources: Iterable[SourceConfig]) -> Iterator[str]:
                 streams.remove(stream)
             else:
                 yield document
-
-
-RECORD_SUFFIXES = (".jsonl", ".jsonl.gz", ".json")
 
 
 def iter_records(source: SourceConfig) -> Iterator[tuple[str, dict]]:
@@ -138,7 +141,7 @@ def _dataset_records(source: SourceConfig) -> Iterator[tuple[str, dict]]:
         yield f"{source.dataset}[{source.split}]#{index}", dict(row)
 
 
-def expand_paths(source: SourceConfig, suffixes: tuple[str, ...] = SUPPORTED_SUFFIXES) -> list[str]:
+def expand_paths(source: SourceConfig, suffixes: tuple[str, ...] = DOCUMENT_SUFFIXES) -> list[str]:
     """The files the source's paths and globs name, sorted and without duplicates."""
     files: set[str] = set()
     for pattern in source.paths:
@@ -207,11 +210,21 @@ def _record_text(record: object, field: str, where: str) -> str:
     return text
 
 
+def open_bytes(path: str) -> BinaryIO:
+    """A file opened for reading lines of bytes, decompressed when its name ends in .gz or .zst."""
+    if path.endswith(".gz"):
+        return gzip.open(path, "rb")
+    if path.endswith(".zst"):
+        import zstandard
+
+        return io.BufferedReader(zstandard.open(path, "rb"))  # zstandard's own reader cannot iterate lines
+    return open(path, "rb")
+
+
 def _numbered_lines(path: str) -> Iterator[tuple[int, str]]:
-    """(line number, text) pairs of a UTF-8 file, gzip-compressed when its name ends in .gz."""
-    opener = gzip.open if path.endswith(".gz") else open
+    """(line number, text) pairs of a UTF-8 file, decompressed by open_bytes."""
     try:
-        with opener(path, "rb") as raw:
+        with open_bytes(path) as raw:
             for number, line in enumerate(raw, start=1):
                 try:
                     yield number, line.decode("utf-8")

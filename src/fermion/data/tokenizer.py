@@ -18,6 +18,7 @@ import numpy as np
 import tokenizers
 from tokenizers import decoders, models, pre_tokenizers, trainers
 
+from fermion.atomic import replaced_file
 from fermion.config import TokenizerConfig
 from fermion.data.sources import DataError
 
@@ -80,14 +81,12 @@ class Tokenizer:
         """Write atomically, so a crash never leaves a truncated tokenizer.json behind."""
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
-        temporary = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-        self.inner.save(str(temporary))
-        os.replace(temporary, path)
-        config_path = path.with_name(CONFIG_NAME)
+        with replaced_file(path) as temporary:
+            self.inner.save(str(temporary))
         if (self.bos_token, self.eos_token, self.pad_token) != (BOS, EOS, PAD):
             config = {"bos_token": self.bos_token, "eos_token": self.eos_token, "pad_token": self.pad_token}
-            temporary.write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
-            os.replace(temporary, config_path)
+            with replaced_file(path.with_name(CONFIG_NAME)) as temporary:
+                temporary.write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
 
     def encode(self, text: str) -> list[int]:
         return self.inner.encode(text, add_special_tokens=False).ids

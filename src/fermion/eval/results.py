@@ -16,6 +16,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from fermion.atomic import replaced_file
+from fermion.layout import EVAL_RESULTS
 
 
 @dataclass
@@ -71,11 +72,12 @@ def write(results: list[TaskResult], out_dir: str | os.PathLike, model: str, ext
     """results.json and results.md in out_dir, each written whole or not at all."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    with replaced_file(out / "results.json") as tmp:
+    path = out / EVAL_RESULTS
+    with replaced_file(path) as tmp:
         tmp.write_text(json.dumps(to_json(results, model, extra), indent=2) + "\n")
-    with replaced_file(out / "results.md") as tmp:
+    with replaced_file(path.with_suffix(".md")) as tmp:
         tmp.write_text(to_markdown(results, model))
-    return out / "results.json"
+    return path
 
 
 @dataclass

@@ -1,9 +1,7 @@
 """Exports of a fermion checkpoint to the formats other tools load: Hugging Face folders, GGUF and ONNX."""
 
+from fermion import layout
 from fermion.errors import ExportError
-
-# What `fermion card` writes into an export folder (README.md and loss_<stage>.png); re-exporting keeps them.
-CARD_FILES = ("README.md", "loss_*.png")
 
 FORMATS = ("hf", "gguf", "onnx")
 
@@ -26,7 +24,7 @@ def export(run, formats: list[str], out=None, dtype: str | None = None, template
     chat_template = ChatTemplate.get(template or recipe.tokenizer.chat_template)
     paths = []
     for fmt in formats:
-        folder = Path(out) if out is not None else export_root(Path(run), "export") / fmt
+        folder = Path(out) if out is not None else layout.output_root(Path(run), layout.EXPORT) / fmt
         if fmt == "hf":
             from fermion.export.hf import export_hf
 
@@ -42,16 +40,3 @@ def export(run, formats: list[str], out=None, dtype: str | None = None, template
             paths.append(export_onnx(model, folder, dtype=dtype or "fp32"))
     return paths
 
-
-def export_root(run, kind: str):
-    """<run>/<kind> for a run directory or one of its checkpoints; beside the folder otherwise."""
-    from pathlib import Path
-
-    from fermion.checkpoint import checkpoints_dir
-
-    run = Path(run)
-    if checkpoints_dir(run).is_dir():
-        return run / kind
-    if run.parent.name == "checkpoints":
-        return run.parent.parent / kind
-    return run.parent / f"{run.name}-{kind}"

@@ -15,7 +15,7 @@ from fermion.atomic import replaced_dir
 from fermion.chat.templates import ChatTemplate
 from fermion.data.tokenizer import CONFIG_NAME, Tokenizer
 from fermion.errors import ExportError
-from fermion.export import CARD_FILES
+from fermion.layout import CARD_FILES
 from fermion.model.hf import WEIGHTS_INDEX, hf_config, to_hf_state_dict
 from fermion.model.transformer import Transformer
 

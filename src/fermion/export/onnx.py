@@ -18,8 +18,6 @@ from __future__ import annotations
 import contextlib
 import copy
 import logging
-import os
-import tempfile
 import types
 import warnings
 from collections.abc import Iterator
@@ -29,7 +27,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from fermion.atomic import replaced_dir
 from fermion.errors import ExportError
+from fermion.layout import CARD_FILES
 from fermion.model.attention import sliding_window_mask
 from fermion.model.moe import MoEFeedForward
 from fermion.model.transformer import Attention, Transformer
@@ -144,19 +144,8 @@ def quiet_exporter() -> Iterator[None]:
 
 
 def _save_atomically(program: torch.onnx.ONNXProgram, out_dir: Path, *, external_data: bool) -> Path:
-    # Written in a temporary folder beside the target and renamed into place, the data file before model.onnx, so a
-    # crash mid-write leaves the previous export intact. Only one between the two renames of an external-data export
-    # could pair an old model.onnx with new weights.
-    out_dir.mkdir(parents=True, exist_ok=True)
-    target, data = out_dir / "model.onnx", out_dir / "model.onnx.data"
-    with tempfile.TemporaryDirectory(dir=out_dir, prefix=".model.onnx.") as tmp:
-        staged = Path(tmp) / target.name
-        program.save(staged, external_data=external_data)
-        staged_data = staged.with_name(data.name)
-        wrote_data = staged_data.exists()
-        if wrote_data:
-            os.replace(staged_data, data)
-        os.replace(staged, target)
-        if not wrote_data and data.exists():
-            data.unlink()  # left by an earlier external-data export; the new model.onnx does not read it
-    return target
+    # The whole folder is replaced, so model.onnx and its data file (which model.onnx names, hence written under
+    # their own names) change together, and a stale data file of an earlier external-data export goes with it.
+    with replaced_dir(out_dir, "model.onnx", ExportError, "an ONNX export", keep=CARD_FILES) as tmp:
+        program.save(tmp / "model.onnx", external_data=external_data)
+    return out_dir / "model.onnx"

@@ -57,6 +57,7 @@ from datatrove.pipeline.filters import (
 from datatrove.pipeline.readers import JsonlReader
 from datatrove.pipeline.writers import JsonlWriter
 
+from fermion import layout
 from fermion.atomic import replaced_file
 from fermion.config import DataConfig, PrepareConfig, Recipe, RecipeError, SourceConfig
 from fermion.data.shards import SOURCE_NAME
@@ -74,7 +75,7 @@ from fermion.prepare.steps import (
 )
 
 FORMAT = "fermion-prepare/1"
-REPORT_NAME = "prepare_report.json"
+REPORT_NAME = layout.PREPARE_REPORT  # the plan's finished report, where docs/run.md puts it
 OUTPUT_NAME = "${source}/${rank}.jsonl.gz"  # datatrove fills in the document's metadata and the task's rank
 PROSE_STEPS = ("gopher_repetition", "gopher_quality", "c4", "fineweb")
 CLEAN_STEPS = ("normalize", "length", *PROSE_STEPS, "code")  # the steps of the per-source clean pass
@@ -106,9 +107,7 @@ class Plan:
 
 
 def make_plan(recipe: Recipe) -> Plan:
-    settings = recipe.data.prepare
-    base = Path(settings.dir) if settings.dir else recipe.run_dir / "prepared"
-    return Plan(recipe, base / plan_id(recipe))
+    return Plan(recipe, layout.prepared_dir(recipe.run_dir, recipe.data) / plan_id(recipe))
 
 
 def plan_id(recipe: Recipe) -> str:

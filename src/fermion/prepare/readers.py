@@ -16,16 +16,15 @@ from datatrove.pipeline.readers import HuggingFaceDatasetReader
 from datatrove.pipeline.readers.base import BaseDiskReader, BaseReader
 
 from fermion.config import SourceConfig
-from fermion.data.sources import DataError, expand_paths, iter_documents
+from fermion.data.sources import PREPARE_SUFFIXES, DataError, expand_paths, iter_documents
 
-FILE_SUFFIXES = (".txt", ".jsonl", ".jsonl.gz", ".jsonl.zst", ".parquet")
 PROBLEM, PROBLEM_AT = "problem:", "problem_at:"  # stat names of the readers' bad-record counts and locations
 FIRST_PROBLEMS = 5  # locations of each kind of bad record a task keeps for the report
 
 
 def source_files(source: SourceConfig) -> list[str]:
     """The files a source reads, as absolute paths in a fixed order."""
-    return [os.path.abspath(path) for path in expand_paths(source, FILE_SUFFIXES)]
+    return [os.path.abspath(path) for path in expand_paths(source, PREPARE_SUFFIXES)]
 
 
 class _RecordChecks:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from fermion import layout
 from fermion.chat.templates import ChatTemplate
 from fermion.config import Recipe
 from fermion.data.tokenizer import Tokenizer
@@ -46,6 +47,6 @@ class Benchmarks(Callback):
         if trainer.logger is not None:
             trainer.logger.log({"step": trainer.step, **scores})
         run_dir = self.recipe.run_dir
-        write(results, run_dir / "eval" / f"step_{trainer.step:08d}", model=f"{run_dir} step {trainer.step}")
+        write(results, layout.eval_step_dir(run_dir, trainer.step), model=f"{run_dir} step {trainer.step}")
         trainer.say(f"step {trainer.step:,}: " + " · ".join(
             f"{r.task} {r.metrics[0].name} {r.metrics[0].value:.4f}" for r in results))

@@ -35,6 +35,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from fermion import device as distributed
+from fermion import layout
 from fermion.atomic import replaced_file
 from fermion.chat.conversations import Pair, Skipped, to_pair
 from fermion.chat.templates import ChatTemplate, TemplateError
@@ -59,7 +60,6 @@ from fermion.train.trainer import TrainResult
 
 GROUP_BATCHES = 16  # pairs are sorted by length within groups of this many global batches (less padding)
 PAD_MULTIPLE = 8  # batch widths are rounded up to this, so compiled graphs and GPU kernels see few shapes
-REFERENCE_CACHE = "reference_logps.safetensors"
 
 
 @dataclass(frozen=True)
@@ -255,7 +255,7 @@ def weights_digest(weights: dict[str, torch.Tensor]) -> str:
 def cached_reference(stage: Stage, model: torch.nn.Module, train: list[TokenPair], val: list[TokenPair],
                      precision: str, info: DistInfo, console: Console) -> tuple[np.ndarray, np.ndarray]:
     """The reference log-probabilities of the train and val pairs, from the stage's cache when its key matches."""
-    cache = stage.recipe.run_dir / REFERENCE_CACHE
+    cache = layout.reference_cache(stage.recipe.run_dir)
     key = hashlib.sha256(json.dumps({
         "train": fingerprint(train), "val": fingerprint(val), "weights": weights_digest(stage.weights),
         "model": stage.recipe.model.model_dump(mode="json"), "precision": precision}).encode()).hexdigest()

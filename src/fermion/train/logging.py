@@ -10,6 +10,8 @@ from pathlib import Path
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
+from fermion import layout
+
 # Dense bf16 tensor-core peaks (FLOP/s) per device, from the vendors' data sheets; used for MFU.
 PEAK_FLOPS = {
     "H200": 989e12,
@@ -36,7 +38,7 @@ def peak_flops(device_name: str | None) -> float | None:
 class MetricsLogger:
     def __init__(self, run_dir: Path, resume_step: int, tensorboard: bool, wandb: bool, recipe_dict: dict,
                  console: Console):
-        self.path = Path(run_dir) / "metrics.jsonl"
+        self.path = layout.metrics_file(run_dir)
         self._truncate_after(resume_step)
         self.console = console
         self.tb = self._tensorboard(run_dir) if tensorboard else None
@@ -53,7 +55,7 @@ class MetricsLogger:
     def _tensorboard(run_dir: Path):
         from torch.utils.tensorboard import SummaryWriter
 
-        return SummaryWriter(log_dir=str(Path(run_dir) / "tensorboard"))
+        return SummaryWriter(log_dir=str(layout.tensorboard_dir(run_dir)))
 
     def _wandb(self, recipe_dict: dict, run_dir: Path):
         try:

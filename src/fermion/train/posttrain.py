@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
+from fermion import layout
 from fermion.atomic import replaced_file
 from fermion.chat.conversations import Skipped
 from fermion.chat.templates import ChatTemplate
@@ -37,7 +38,7 @@ def load_source(source: str) -> tuple[Recipe, dict[str, torch.Tensor], Tokenizer
     if is_hf_folder(source):
         model, tokenizer, source_recipe = imported_recipe(Path(source))
         return source_recipe, model.state_dict(), tokenizer
-    ckpt = checkpoint.resolve(source)
+    ckpt = checkpoint.find(source)
     source_recipe = checkpoint.load_recipe_of(ckpt)
     if (ckpt / "model.safetensors").is_file():
         weights = load_file(ckpt / "model.safetensors")
@@ -47,7 +48,7 @@ def load_source(source: str) -> tuple[Recipe, dict[str, torch.Tensor], Tokenizer
         model.to_empty(device="cpu")
         checkpoint.load_weights(ckpt, model)
         weights = model.state_dict()
-    return source_recipe, weights, Tokenizer.load(ckpt / "tokenizer.json")
+    return source_recipe, weights, Tokenizer.load(layout.tokenizer_file(ckpt))
 
 
 def check_same_model(recipe: Recipe, source_recipe: Recipe, source: str, field_name: str) -> None:
@@ -70,15 +71,10 @@ class Stage:
     init_from: str
 
 
-def stage_dir(recipe: Recipe, name: str) -> Path:
-    section = getattr(recipe, name)
-    return Path(section.dir) if section is not None and section.dir else recipe.run_dir / name
-
-
 def default_init(recipe: Recipe, name: str) -> str:
     """SFT starts from the run's pretraining (its last continued stage), DPO from its SFT, unless
     train.init_from says otherwise."""
-    return str(recipe.pretrained_dir if name == "sft" else stage_dir(recipe, "sft"))
+    return str(recipe.pretrained_dir if name == "sft" else recipe.post_training_dir("sft"))
 
 
 def setup_stage(recipe: Recipe, name: str) -> Stage:
@@ -90,7 +86,7 @@ def setup_stage(recipe: Recipe, name: str) -> Stage:
     check_same_model(recipe, source_recipe, init_from, f"{name}.train.init_from")
     template_spec = (recipe.tokenizer.chat_template if "chat_template" in recipe.tokenizer.model_fields_set
                      else source_recipe.tokenizer.chat_template)
-    directory = stage_dir(recipe, name)
+    directory = recipe.post_training_dir(name)
     stage_recipe = recipe.model_copy(update={
         "model": source_recipe.model,
         "train": section.train.model_copy(update={"init_from": init_from}),  # recorded: where the stage started
@@ -100,8 +96,8 @@ def setup_stage(recipe: Recipe, name: str) -> Stage:
     if stage_recipe.train.seq_len and stage_recipe.train.seq_len > stage_recipe.model.context_length:
         raise RecipeError(f"{name}.train.seq_len ({stage_recipe.train.seq_len}) exceeds the model's context length "
                           f"({stage_recipe.model.context_length})")
-    return Stage(name, stage_recipe, weights, tokenizer, directory / "tokenizer.json", ChatTemplate.get(template_spec),
-                 init_from)
+    return Stage(name, stage_recipe, weights, tokenizer, layout.tokenizer_file(directory),
+                 ChatTemplate.get(template_spec), init_from)
 
 
 @dataclass
@@ -131,7 +127,7 @@ class Report:
         directory.mkdir(parents=True, exist_ok=True)
         data = {"stage": self.stage, "records_read": self.read, "records_used": self.used,
                 "truncated": self.truncated, "skipped": dict(self.skipped), "first_skipped": self.first, **self.extra}
-        with replaced_file(directory / "report.json") as tmp:
+        with replaced_file(layout.report_file(directory)) as tmp:
             tmp.write_text(json.dumps(data, indent=2) + "\n")
 
 
@@ -187,7 +183,7 @@ class PostTraining(StageSetup):
         directory = self.recipe.run_dir
         directory.mkdir(parents=True, exist_ok=True)
         self.stage.tokenizer.save(self.stage.tokenizer_path)
-        (directory / "recipe.yaml").write_text(self.recipe.to_yaml())
+        layout.recipe_file(directory).write_text(self.recipe.to_yaml())
         self.report.write(directory)
         for line in self.report.lines():
             console.print(line, markup=False, highlight=False)

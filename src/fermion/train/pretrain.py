@@ -7,6 +7,7 @@ from pathlib import Path
 import torch
 from rich.console import Console
 
+from fermion import layout
 from fermion.config import DataConfig, Recipe, RecipeError
 from fermion.data.shards import ShardSet, TokenLoader, check_tokenizer, load_index, val_batches, write_shards
 from fermion.data.sources import interleave_documents
@@ -16,14 +17,6 @@ from fermion.model.transformer import Transformer
 from fermion.train.objectives import Pretrain
 from fermion.train.stage import Parts, StageSetup, run_stage
 from fermion.train.trainer import TrainResult
-
-
-def tokenizer_path(recipe: Recipe) -> Path:
-    return recipe.tokenizer_file
-
-
-def shard_dir(recipe: Recipe) -> Path:
-    return Path(recipe.data.shard_dir) if recipe.data.shard_dir else recipe.run_dir / "data"
 
 
 def training_data(recipe: Recipe) -> DataConfig:
@@ -43,7 +36,7 @@ def require_data(recipe: Recipe) -> None:
 
 def train_tokenizer(recipe: Recipe, console: Console, force: bool = False) -> Path:
     """Train the recipe's BPE tokenizer into the run directory, unless the recipe names one or it exists."""
-    path = tokenizer_path(recipe)
+    path = recipe.tokenizer_file
     if recipe.tokenizer.path or (path.is_file() and not force):
         return path
     require_data(recipe)
@@ -58,7 +51,7 @@ def train_tokenizer(recipe: Recipe, console: Console, force: bool = False) -> Pa
 
 def _adopt_tokenizer(recipe: Recipe, tokenizer: Tokenizer) -> None:
     """The init_from source's tokenizer becomes the run's; a different one named by the recipe is refused."""
-    path = tokenizer_path(recipe)
+    path = recipe.tokenizer_file
     if path.is_file() and Tokenizer.load(path).hash != tokenizer.hash:
         raise RecipeError(f"{path} differs from the tokenizer of train.init_from ({recipe.train.init_from}); "
                           "a model must keep the tokenizer it was trained with")
@@ -69,10 +62,10 @@ def _adopt_tokenizer(recipe: Recipe, tokenizer: Tokenizer) -> None:
 def prepare_shards(recipe: Recipe) -> None:
     """Tokenize the sources into the run's shards (skipped when they are up to date). Shards the recipe points to
     with data.shard_dir and that already exist are only read: another run may own them."""
-    out = shard_dir(recipe)
-    if recipe.data.shard_dir and (out / "index.json").is_file():
+    out = layout.shard_dir(recipe.run_dir, recipe.data)
+    if recipe.data.shard_dir and (out / layout.SHARD_INDEX).is_file():
         return
-    write_shards(training_data(recipe), Tokenizer.load(tokenizer_path(recipe)), out, recipe.run.seed)
+    write_shards(training_data(recipe), Tokenizer.load(recipe.tokenizer_file), out, recipe.run.seed)
 
 
 def prepare(recipe: Recipe, strict: bool = False, console: Console | None = None) -> dict | None:
@@ -91,10 +84,11 @@ def prepare(recipe: Recipe, strict: bool = False, console: Console | None = None
     if report is None:
         return None
     # A tokenizer the report does not name was trained on other documents (an earlier recipe): train it anew.
-    path = tokenizer_path(recipe)
+    path = recipe.tokenizer_file
     train_tokenizer(recipe, console, force=path.is_file() and Tokenizer.load(path).hash != report["tokenizer_hash"])
     prepare_shards(recipe)
-    preparation.add_tokens(preparation.make_plan(recipe), report, load_index(shard_dir(recipe)))
+    shards = load_index(layout.shard_dir(recipe.run_dir, recipe.data))
+    preparation.add_tokens(preparation.make_plan(recipe), report, shards)
     console.print(preparation.report_table(report))
     return report
 
@@ -139,12 +133,12 @@ class Pretraining(StageSetup):
         require_data(recipe)
         self.recipe, self.weights, self.source_tokenizer = start_from(recipe)
         self.kind = "continued" if self.recipe.train.init_from else "pretrain"
-        self.tokenizer_path = tokenizer_path(self.recipe)
+        self.tokenizer_path = self.recipe.tokenizer_file
 
     def write_files(self, console: Console) -> None:
         recipe = self.recipe
         recipe.run_dir.mkdir(parents=True, exist_ok=True)
-        (recipe.run_dir / "recipe.yaml").write_text(recipe.to_yaml())
+        layout.recipe_file(recipe.run_dir).write_text(recipe.to_yaml())
         if self.source_tokenizer is not None:
             _adopt_tokenizer(recipe, self.source_tokenizer)
         train_tokenizer(recipe, console)
@@ -156,14 +150,15 @@ class Pretraining(StageSetup):
         if recipe.model.vocab_size < tokenizer.vocab_size:
             raise RecipeError(f"model.vocab_size ({recipe.model.vocab_size}) is smaller than the tokenizer's "
                               f"{tokenizer.vocab_size} tokens; set model.vocab_size to at least that")
-        train_shards = ShardSet(shard_dir(recipe), "train")
-        check_tokenizer(train_shards.index, tokenizer, shard_dir(recipe))
+        shards = layout.shard_dir(recipe.run_dir, recipe.data)
+        train_shards = ShardSet(shards, "train")
+        check_tokenizer(train_shards.index, tokenizer, shards)
         loader = TokenLoader(train_shards, recipe.seq_len, recipe.train.micro_batch_size, recipe.run.seed,
                              info.rank, info.world_size)
         if info.is_main:
             for note in loader.upsampling_notes(recipe.train.steps * recipe.train.grad_accum):
                 console.print(note)
-        validation = val_batches(ShardSet(shard_dir(recipe), "val"), recipe.seq_len, recipe.train.micro_batch_size,
+        validation = val_batches(ShardSet(shards, "val"), recipe.seq_len, recipe.train.micro_batch_size,
                                  recipe.train.eval_batches)
         objective = Pretrain(torch.from_numpy(tokenizer.token_bytes()))
         return Parts(build_model(recipe, info.device, self.weights), objective, loader, validation)

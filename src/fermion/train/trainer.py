@@ -271,8 +271,8 @@ class Trainer:
                                     f"or set run.dir to start a new run")
             return None
         if resume == "auto":
-            return checkpoint.newest_good(self.run_dir, warn=self.warn)
-        return checkpoint.resolve(resume, warn=self.warn)
+            return checkpoint.find(self.run_dir, warn=self.warn, required=False)
+        return checkpoint.find(resume, warn=self.warn)
 
     def warn(self, message: str) -> None:
         if self.info.is_main:

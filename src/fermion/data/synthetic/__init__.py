@@ -39,6 +39,7 @@ import os
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
+from fermion.atomic import replaced_file
 from fermion.data.synthetic import chat, stories, textbook, tinytask
 from fermion.data.synthetic.arithmetic import (
     MAX_FACTOR,
@@ -106,12 +107,10 @@ def write_jsonl(path: str | os.PathLike, records: Iterable[dict]) -> Path:
     """Write the records one a line (gzip when the name ends in .gz), under a temporary name renamed when done."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     opener = gzip.open if path.name.endswith(".gz") else open
-    with opener(tmp, "wt", encoding="utf-8") as f:
+    with replaced_file(path) as tmp, opener(tmp, "wt", encoding="utf-8") as f:
         for record in records:
             f.write(json.dumps(record, ensure_ascii=False) + "\n")
-    os.replace(tmp, path)
     return path
 
 
