@@ -80,18 +80,21 @@ def exportable(model: Transformer) -> Iterator[nn.Module]:
     """The model as one logits-only module, switched to its traceable formulations until the block exits."""
     # The dense experts cost n_experts / top_k times the feed-forward FLOPs: the price of a static graph without a
     # grouped-matmul operator in ONNX, and acceptable for the model sizes this exporter targets.
-    experts = [module for module in model.modules() if isinstance(module, MoEFeedForward)]
+    settings = [(model, "mask_window_always", True)] + [
+        (module, "expert_impl", "dense") for module in model.modules() if isinstance(module, MoEFeedForward)]
+    saved = [(obj, name, vars(obj).get(name)) for obj, name, _ in settings]  # None: the class's own setting
     was_training = model.training
-    model.mask_window_always = True
-    for module in experts:
-        module.expert_impl = "dense"
+    for obj, name, value in settings:
+        setattr(obj, name, value)
     try:
         yield _LogitsOnly(model).eval()  # eval only quiets the exporter's warning: the model has no dropout
     finally:
         model.train(was_training)
-        del model.mask_window_always  # uncovers the classes' own settings again
-        for module in experts:
-            del module.expert_impl
+        for obj, name, value in saved:
+            if value is None:
+                delattr(obj, name)
+            else:
+                setattr(obj, name, value)
 
 
 @contextlib.contextmanager
