@@ -74,7 +74,7 @@ def test_graph_has_dynamic_batch_and_sequence(exported):
 def test_export_leaves_the_model_as_it_was(exported):
     model, _ = exported
     assert not model.training
-    assert all("forward" not in vars(module) for module in model.modules())
+    assert not any({"forward", "expert_impl", "mask_window_always"} & vars(module).keys() for module in model.modules())
 
 
 def test_fp16_export_stays_close_to_fp32(tmp_path):

@@ -6,14 +6,15 @@ import copy
 
 import pytest
 import torch
+from torch import nn
 
 from fermion.config import ModelConfig, MoEConfig
 from fermion.infer.quantize import (
     KERNEL_MAX_ROWS,
     Int4Linear,
     Int8Linear,
-    QuantMoEFeedForward,
     quantize,
+    quantize_experts,
     quantize_int4,
     quantize_int8,
     quantized_bytes,
@@ -180,12 +181,13 @@ MOE = MoEConfig(n_experts=4, top_k=2)
 
 def test_int8_moe_runs_each_token_through_its_experts():
     float_moe = build(moe=MOE).blocks[0].ffn
-    quantized = QuantMoEFeedForward(float_moe, lambda w, name: Int8Linear(w), "ffn")
+    quantized = quantize_experts(copy.deepcopy(float_moe), lambda w, name: Int8Linear(w), "ffn")
     # The float module with its experts replaced by the dequantised int8 weights ([in, out] stacks) is the reference.
-    reference = copy.deepcopy(float_moe)
+    reference = float_moe
     with torch.no_grad():
         for e in range(MOE.n_experts):
-            for stack, layer in ((reference.w_gate_up, quantized.gate_up[e]), (reference.w_down, quantized.down[e])):
+            for name in ("w_gate_up", "w_down"):
+                stack, layer = getattr(reference, name), getattr(quantized, name)[e]
                 stack[e] = (layer.qweight.float() * layer.scales.float()[:, None]).t()
         x = torch.randn(2, 7, TINY["d_model"], generator=torch.Generator().manual_seed(4))
         got, got_aux = quantized(x)
@@ -204,10 +206,12 @@ def test_quantized_moe_model_stays_close_to_float(mode, bound):
         got, got_aux = model(tokens())
     assert relative_error(got, expected) < bound
     assert torch.allclose(got_aux, expected_aux, rtol=1e-3)
-    assert not any(isinstance(m, MoEFeedForward) for m in model.modules())
+    assert not any(isinstance(p, nn.Parameter) for m in model.modules() if isinstance(m, MoEFeedForward)
+                   for p in (m.w_gate_up, m.w_down))  # every expert matmul quantized
     layers = model.quant_report["layers"]
     assert layers["blocks.0.ffn.router"] == "float"
-    assert layers["blocks.1.ffn.gate_up.3"] == layers["blocks.1.ffn.down.0"] == mode  # [192, 64], [64, 96]: int4 fits
+    assert layers["blocks.1.ffn.w_gate_up.3"] == layers["blocks.1.ffn.w_down.0"] == mode  # [192, 64], [64, 96]: int4
+    assert isinstance(model.get_submodule("blocks.1.ffn.w_gate_up.3"), Int4Linear if mode == "int4" else Int8Linear)
 
 
 # ------------------------------------------------------------------------------------------------- bytes and modes

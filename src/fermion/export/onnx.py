@@ -5,9 +5,10 @@ torch 2.9; the TorchScript one warns that it is deprecated. It traces through `t
 sequence sizes declared as `Dim`s (the sequence bounded by the context length, the size of the rotary tables), so
 shape arithmetic such as slicing those tables stays symbolic in the graph. It does not make Python branches on
 shapes symbolic: it keeps the branch the trace took, silently. So the two parts of the model whose Python decisions
-depend on sizes or data get export-only forwards here (the model files stay untouched): the sliding-window branch
-`T > window`, and the mixture-of-experts dispatch, whose loop and expert counts follow the routing of the traced
-tokens (that one fails loudly).
+depend on sizes or data are switched to their trace-friendly formulation while exporting, options of the model's
+own code: the sliding window becomes a mask at every length (`Transformer.mask_window_always`) instead of a branch
+on `T > window`, and the mixture-of-experts layers run densely (`MoEFeedForward.expert_impl = "dense"`) instead of
+grouping tokens by expert, whose counts follow the routing of the traced tokens (that one fails loudly).
 
 fp16 exports store weights and compute in fp16 (RMSNorm and the router's softmax stay fp32 inside, as in PyTorch)
 and return fp32 logits, so a consumer reads the same output type whichever dtype was exported.
@@ -18,21 +19,18 @@ from __future__ import annotations
 import contextlib
 import copy
 import logging
-import types
 import warnings
 from collections.abc import Iterator
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from fermion.atomic import replaced_dir
 from fermion.errors import ExportError
 from fermion.layout import CARD_FILES
-from fermion.model.attention import sliding_window_mask
 from fermion.model.moe import MoEFeedForward
-from fermion.model.transformer import Attention, Transformer
+from fermion.model.transformer import Transformer
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16}
 # Above this much weight data the weights go to `model.onnx.data`: protobuf refuses single files over 2 GiB.
@@ -79,54 +77,24 @@ class _LogitsOnly(nn.Module):
 
 @contextlib.contextmanager
 def exportable(model: Transformer) -> Iterator[nn.Module]:
-    """The model as one logits-only module, its shape- or data-dependent forwards replaced until the block exits."""
-    patched = []
-    for module in model.modules():
-        if isinstance(module, Attention) and module.sliding_window is not None:
-            module.forward = types.MethodType(_banded_attention, module)
-            patched.append(module)
-        elif isinstance(module, MoEFeedForward):
-            module.forward = types.MethodType(_dense_moe, module)
-            patched.append(module)
+    """The model as one logits-only module, switched to its traceable formulations until the block exits."""
+    # The dense experts cost n_experts / top_k times the feed-forward FLOPs: the price of a static graph without a
+    # grouped-matmul operator in ONNX, and acceptable for the model sizes this exporter targets.
+    settings = [(model, "mask_window_always", True)] + [
+        (module, "expert_impl", "dense") for module in model.modules() if isinstance(module, MoEFeedForward)]
+    saved = [(obj, name, vars(obj).get(name)) for obj, name, _ in settings]  # None: the class's own setting
     was_training = model.training
+    for obj, name, value in settings:
+        setattr(obj, name, value)
     try:
         yield _LogitsOnly(model).eval()  # eval only quiets the exporter's warning: the model has no dropout
     finally:
         model.train(was_training)
-        for module in patched:
-            del module.forward  # uncovers the class's own forward again
-
-
-def _banded_attention(self: Attention, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                      mask: torch.Tensor | None = None) -> torch.Tensor:
-    # The exporter keeps whichever side of `T > window` the trace took, so a trace shorter than the window would give
-    # a graph with no band. The banded mask equals the causal one whenever T <= window, so always taking the masked
-    # path is exact for every length, at the cost of an explicit [T, T] mask.
-    B, T, _ = x.shape
-    q, k, v = self.project(x, cos, sin)
-    repeat = self.n_heads // self.n_kv_heads
-    k, v = k.repeat_interleave(repeat, dim=1), v.repeat_interleave(repeat, dim=1)
-    mask = sliding_window_mask(T, self.sliding_window, x.device)
-    y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
-    return self.wo(y.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim))
-
-
-def _dense_moe(self: MoEFeedForward, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    # The training forward groups tokens by expert with counts read back to Python, which a graph with symbolic
-    # shapes cannot hold. Here every expert runs on every token and the routing weights (zero for experts a token
-    # does not use) pick the mix: the same sum, with n_experts / top_k times the feed-forward FLOPs and an
-    # [n_experts, tokens, hidden] activation. That is the price of a static graph without a grouped-matmul
-    # operator in ONNX, and acceptable for the model sizes this exporter targets.
-    shape = x.shape
-    x = x.reshape(-1, shape[-1])
-    top_ids, top_weights, _ = self.route(x)
-    weights = torch.zeros(x.shape[0], self.n_experts, dtype=top_weights.dtype, device=x.device)
-    weights = weights.scatter(1, top_ids, top_weights).T.unsqueeze(-1)  # [E, N, 1]
-    gate, up = (x @ self.w_gate_up).chunk(2, dim=-1)  # [N, d] @ [E, d, 2h] -> [E, N, 2h]
-    expert_out = (F.silu(gate) * up) @ self.w_down  # [E, N, d]
-    # `where`, not a plain product: in fp16 an unused expert may overflow to inf, and 0 * inf would be NaN.
-    out = torch.where(weights > 0, expert_out * weights, 0.0).sum(dim=0)
-    return out.to(x.dtype).view(shape), x.new_zeros((), dtype=torch.float32)
+        for obj, name, value in saved:
+            if value is None:
+                delattr(obj, name)
+            else:
+                setattr(obj, name, value)
 
 
 @contextlib.contextmanager

@@ -3,14 +3,13 @@
 The engine holds up to `max_batch` sequences at once, each in its own row ("slot") of the cache. A sequence's
 prompt is prefilled when it is added, all but its last token (prompts that arrive together share one prefill pass,
 `add_many`); then every `step()` feeds each live sequence its pending token in one batched forward pass and samples
-its next one. Sequences of different lengths share a step:
-each row carries its own positions, and the attention mask lets a query see only its own row's keys at positions
-<= its own (and within the sliding window, if the model has one). Finished sequences leave at once and the last
-row moves into the freed slot, so live rows stay contiguous and a step touches no dead rows. This is what lets the
-server batch requests continuously.
-
-Grouped-query attention reads the cache without expanding it: the queries of the heads that share a KV head are
-folded into one [rep * T] query block per KV head. MoE blocks route whatever tokens the step has.
+its next one. Every forward is the model's own (`Transformer.hidden`) with the cache as an argument: each
+attention layer writes its keys and values into the cache and attends over it (`model/attention.py`, `KVCache`).
+Sequences of different lengths share a step: each row carries its own positions (for the rotary embedding and the
+cache), and the cache's mask lets a query see only its own row's keys at positions <= its own (and within the
+sliding window, if the model has one). Finished sequences leave at once and the last row moves into the freed slot,
+so live rows stay contiguous and a step touches no dead rows. This is what lets the server batch requests
+continuously. MoE blocks route whatever tokens the step has.
 
 On CUDA, `compile=True` compiles the decode step with static shapes (all slots, the whole cache length, masks doing
 the rest) so it can be captured as a CUDA graph; on CPU the eager step, which only reads the cache up to the
@@ -29,6 +28,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from fermion.data.tokenizer import Tokenizer
+from fermion.model.attention import KVCache
 from fermion.model.transformer import Transformer
 
 
@@ -227,11 +227,7 @@ class Engine:
         self.max_batch = max_batch
         self.max_seq = min(max_seq or cfg.context_length, cfg.context_length)
         self.device = model.tok_emb.weight.device
-        dtype = model.tok_emb.weight.dtype
-        shape = (cfg.n_layers, max_batch, cfg.kv_heads, self.max_seq, cfg.dim_per_head)
-        self.k_cache = torch.zeros(shape, dtype=dtype, device=self.device)
-        self.v_cache = torch.zeros(shape, dtype=dtype, device=self.device)
-        self.rep = cfg.n_heads // cfg.kv_heads
+        self.cache = KVCache(cfg, max_batch, self.max_seq, dtype=model.tok_emb.weight.dtype, device=self.device)
         self.active: list[Sequence] = []
         self.last: Completion | None = None  # the most recent sequence `stream` finished
         self.compiled = compile and self.device.type == "cuda"
@@ -243,31 +239,8 @@ class Engine:
     @torch.no_grad()
     def _forward(self, tokens: torch.Tensor, positions: torch.Tensor, first_row: int, kv_len: int) -> torch.Tensor:
         """tokens/positions [n, T] for cache rows first_row.. first_row+n-1 -> logits of the last position [n, V]."""
-        model, n, T = self.model, tokens.shape[0], tokens.shape[1]
-        cos = model.rope_cos[positions].unsqueeze(1)  # [n, 1, T, hd]
-        sin = model.rope_sin[positions].unsqueeze(1)
-        keys = torch.arange(kv_len, device=tokens.device)
-        mask = keys <= positions[..., None]  # [n, T, kv_len]
-        if self.cfg.sliding_window is not None:
-            mask &= keys > positions[..., None] - self.cfg.sliding_window
-        mask = mask[:, None, None].expand(n, 1, self.rep, T, kv_len).reshape(n, 1, self.rep * T, kv_len)
-        row_index = torch.arange(first_row, first_row + n, device=tokens.device)[:, None].expand(n, T)
-        x = model.tok_emb(tokens)
-        for layer, block in enumerate(model.blocks):
-            attn = block.attn
-            q, k, v = attn.project(block.attn_norm(x), cos, sin)  # q [n, H, T, hd]; k, v [n, Hkv, T, hd]
-            # Scatter this step's keys/values to each row's own positions: [n, T, Hkv, hd] at (row, :, pos).
-            self.k_cache[layer][row_index, :, positions] = k.transpose(1, 2)
-            self.v_cache[layer][row_index, :, positions] = v.transpose(1, 2)
-            k_all = self.k_cache[layer, first_row:first_row + n, :, :kv_len]
-            v_all = self.v_cache[layer, first_row:first_row + n, :, :kv_len]
-            q = q.reshape(n, attn.n_kv_heads, self.rep * T, attn.head_dim)
-            y = F.scaled_dot_product_attention(q, k_all, v_all, attn_mask=mask)
-            y = y.reshape(n, attn.n_heads, T, attn.head_dim).transpose(1, 2).reshape(n, T, -1)
-            x = x + attn.wo(y)
-            ffn_out, _ = block.ffn(block.ffn_norm(x))
-            x = x + ffn_out
-        return model.logits(model.norm(x[:, -1]))
+        x, _ = self.model.hidden(tokens, positions, kv_cache=self.cache.select(first_row, kv_len))
+        return self.model.logits(x[:, -1])
 
     # -------------------------------------------------------------------------------------------- sequences
 
@@ -347,8 +320,7 @@ class Engine:
         slot = self.active.index(seq)
         last = len(self.active) - 1
         if slot != last:
-            self.k_cache[:, slot] = self.k_cache[:, last]
-            self.v_cache[:, slot] = self.v_cache[:, last]
+            self.cache.move(last, slot)
             self.active[slot] = self.active[last]
         self.active.pop()
         if seq.finish_reason is None:

@@ -71,7 +71,7 @@ def quantize(model: Transformer, mode: str, *, group_size: int = 128) -> Transfo
             parent_name, _, child = name.rpartition(".")
             parent, full_name = model.blocks.get_submodule(parent_name), f"blocks.{name}"
             if isinstance(module, MoEFeedForward):
-                setattr(parent, child, QuantMoEFeedForward(module, convert, full_name))
+                quantize_experts(module, convert, full_name)
                 report["layers"][f"{full_name}.router"] = "float"
             elif isinstance(module, nn.Linear) and child != "router":
                 setattr(parent, child, convert(module.weight, full_name))
@@ -218,35 +218,17 @@ def _int4_disagrees(layer: Int4Linear, weight: torch.Tensor) -> str | None:
 # ------------------------------------------------------------------------------------------------------------- MoE
 
 
-class QuantMoEFeedForward(nn.Module):
-    """MoEFeedForward with each expert's two matmuls quantized like any Linear; the router stays float.
+def quantize_experts(moe: MoEFeedForward, convert, name: str) -> MoEFeedForward:
+    """Replace an MoE layer's float expert stacks with one quantized layer per expert matmul, in place; its own
+    forward then runs the experts one at a time through those layers. The router stays float.
 
     The router is d_model x n_experts, a sliver of the weights, and its output is a discrete top-k choice:
     quantization noise near a tie would send a token to another expert, a far larger change than the weight error
     itself (AutoAWQ and vLLM leave MoE gates unquantized for the same reason).
     """
-
-    route = MoEFeedForward.route  # the float model's routing and auxiliary loss, unchanged
-
-    def __init__(self, moe: MoEFeedForward, convert, name: str):
-        super().__init__()
-        self.n_experts, self.top_k = moe.n_experts, moe.top_k
-        self.aux_loss_coef, self.z_loss_coef = moe.aux_loss_coef, moe.z_loss_coef
-        self.router = moe.router
+    for stack_name in ("w_gate_up", "w_down"):
+        stack = getattr(moe, stack_name)
+        delattr(moe, stack_name)  # a parameter's name takes no module until the parameter is gone
         # The float stacks are [expert, in, out]; quantized layers take [out, in] and scale per output channel.
-        self.gate_up = nn.ModuleList(convert(w.t(), f"{name}.gate_up.{e}") for e, w in enumerate(moe.w_gate_up))
-        self.down = nn.ModuleList(convert(w.t(), f"{name}.down.{e}") for e, w in enumerate(moe.w_down))
-
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        shape = x.shape
-        x = x.reshape(-1, shape[-1])
-        top_ids, top_weights, aux_loss = self.route(x)
-        slot_experts, slot_weights = top_ids.flatten(), top_weights.flatten()
-        out = torch.zeros_like(x)
-        for expert in slot_experts.unique().tolist():
-            slots = (slot_experts == expert).nonzero().squeeze(1)
-            rows = slots // self.top_k  # slot s holds one of token s // top_k's choices
-            gate, up = self.gate_up[expert](x[rows]).chunk(2, dim=-1)
-            expert_out = self.down[expert](F.silu(gate) * up)
-            out.index_add_(0, rows, (expert_out * slot_weights[slots, None]).to(x.dtype))
-        return out.view(shape), aux_loss
+        setattr(moe, stack_name, nn.ModuleList(convert(w.t(), f"{name}.{stack_name}.{e}") for e, w in enumerate(stack)))
+    return moe

@@ -5,6 +5,9 @@ dense boolean [B, 1, T, T] one for SDPA (`document_mask`, `sliding_window_mask`)
 kernels, or FlexAttention's block-sparse `BlockMask` (`flex_block_mask`), with which the kernel skips the blocks no
 query may see and reads grouped-query K/V without repeating them. Nothing here is compiled at import time:
 FlexAttention's kernels are compiled lazily, once, on first use.
+
+Decoding keeps every sequence's keys and values in a `KVCache`, an argument of the model's forward: each attention
+layer writes its new keys and values into it and attends over what the cache holds (`KVCache.attend`).
 """
 
 from __future__ import annotations
@@ -15,6 +18,8 @@ import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.nn.attention.flex_attention import BlockMask, create_block_mask, flex_attention
+
+from fermion.config import ModelConfig
 
 
 def document_mask(segments: torch.Tensor, window: int | None = None) -> torch.Tensor:
@@ -114,3 +119,58 @@ def flex(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_mask: BlockMas
     else:
         y = _compiled(flex_attention)(q, k, v, **options)
     return y[..., :head_dim] if pad > 0 else y
+
+
+class KVCache:
+    """The keys and values of up to `slots` sequences being decoded, [layers, slots, kv_heads, length, head_dim].
+
+    Each sequence owns one slot (row); its token at position p has its keys and values at index p. A forward with
+    the cache (`Transformer.hidden(..., kv_cache=)`) feeds consecutive slots from `first_slot`, one row of tokens
+    each, at the row's own positions: every attention layer writes its new keys and values there, then attends over
+    the first `keys` positions of those slots, a mask letting a query see only positions <= its own (and within the
+    sliding window). Rows at different lengths thus share one forward. The caller picks the slots and the key
+    length before each forward (`select`); the model hands the positions over once per forward (`begin`).
+
+    Grouped-query attention reads the cache without expanding it: the queries of the heads that share a KV head are
+    folded into one [group * T] query block per KV head.
+    """
+
+    def __init__(self, cfg: ModelConfig, slots: int, length: int, *, dtype: torch.dtype, device=None):
+        shape = (cfg.n_layers, slots, cfg.kv_heads, length, cfg.dim_per_head)
+        self.k = torch.zeros(shape, dtype=dtype, device=device)
+        self.v = torch.zeros(shape, dtype=dtype, device=device)
+        self.window, self.group = cfg.sliding_window, cfg.n_heads // cfg.kv_heads
+        self.first_slot, self.keys = 0, length
+
+    def select(self, first_slot: int, keys: int) -> KVCache:
+        """The next forward feeds slots first_slot.. (one per row of its tokens) and reads `keys` positions."""
+        self.first_slot, self.keys = first_slot, keys
+        return self
+
+    def begin(self, positions: torch.Tensor) -> None:
+        """The positions [n, T] of the forward's tokens: where they are written, and the mask they read with."""
+        n, T = positions.shape
+        self.positions = positions
+        self.rows = torch.arange(self.first_slot, self.first_slot + n, device=positions.device)[:, None].expand(n, T)
+        keys = torch.arange(self.keys, device=positions.device)
+        mask = keys <= positions[..., None]  # [n, T, keys]
+        if self.window is not None:
+            mask &= keys > positions[..., None] - self.window
+        self.mask = mask[:, None, None].expand(n, 1, self.group, T, self.keys).reshape(n, 1, self.group * T, -1)
+
+    def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """Store k/v [n, H_kv, T, hd] at each row's positions; attention of q [n, H, T, hd] over the cache."""
+        n, heads, T, head_dim = q.shape
+        # Scatter to each row's own positions: [n, T, H_kv, hd] at (slot, :, position).
+        self.k[layer][self.rows, :, self.positions] = k.transpose(1, 2)
+        self.v[layer][self.rows, :, self.positions] = v.transpose(1, 2)
+        slots = slice(self.first_slot, self.first_slot + n)
+        k_all, v_all = self.k[layer, slots, :, :self.keys], self.v[layer, slots, :, :self.keys]
+        q = q.reshape(n, k.shape[1], self.group * T, head_dim)
+        y = F.scaled_dot_product_attention(q, k_all, v_all, attn_mask=self.mask)
+        return y.reshape(n, heads, T, head_dim)
+
+    def move(self, source: int, target: int) -> None:
+        """Copy slot `source` into slot `target` (the engine keeps its live rows contiguous)."""
+        self.k[:, target] = self.k[:, source]
+        self.v[:, target] = self.v[:, source]

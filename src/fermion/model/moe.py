@@ -13,6 +13,10 @@ no graph break under torch.compile. On CUDA sm90+ in bf16 that is one CUTLASS ke
 PyTorch runs its own fallback, a loop of matmuls in C++. Where `_grouped_mm` cannot take the operands (fp32 under
 torch.compile, whose shape rules accept bf16 only; a width that is not a multiple of 16 bytes; a PyTorch without
 it) the experts run one after another in Python, on exactly the same rows: both paths compute the same thing.
+
+Two more ways to run the same forward are options of it (`expert_impl`), not copies: "dense" runs every expert on
+every token and lets the routing weights pick the mix, a static graph for tracing (ONNX export); and quantized
+inference (`infer/quantize.py`) replaces each weight stack by one quantized layer per expert, which the loop calls.
 """
 
 from __future__ import annotations
@@ -27,7 +31,8 @@ _HAS_GROUPED_MM = hasattr(torch, "_grouped_mm")
 
 
 class MoEFeedForward(nn.Module):
-    # "auto": grouped matmul where it applies, else the loop; "grouped" / "loop" force one (tests, benchmarks).
+    # "auto": grouped matmul where it applies, else the loop; "grouped" / "loop" force one (tests, benchmarks);
+    # "dense": every expert on every token (tracing for export).
     expert_impl = "auto"
 
     def __init__(self, cfg: ModelConfig):
@@ -36,7 +41,8 @@ class MoEFeedForward(nn.Module):
         self.n_experts, self.top_k = moe.n_experts, moe.top_k
         self.aux_loss_coef, self.z_loss_coef = moe.aux_loss_coef, moe.z_loss_coef
         self.router = nn.Linear(cfg.d_model, self.n_experts, bias=False)
-        # Expert weights stacked [n_experts, in, out] so a grouped matmul can take them whole.
+        # Expert weights stacked [n_experts, in, out] so a grouped matmul can take them whole. Quantized inference
+        # swaps each stack for an nn.ModuleList of one layer per expert ([in] -> [out], like the slices).
         self.w_gate_up = nn.Parameter(torch.empty(self.n_experts, cfg.d_model, 2 * cfg.ffn_hidden))
         self.w_down = nn.Parameter(torch.empty(self.n_experts, cfg.ffn_hidden, cfg.d_model))
 
@@ -55,13 +61,16 @@ class MoEFeedForward(nn.Module):
         shape = x.shape
         x = x.reshape(-1, shape[-1])
         top_ids, top_weights, aux_loss = self.route(x)
+        if self.expert_impl == "dense":
+            return self._dense(x, top_ids, top_weights).view(shape), aux_loss
         # Group the (token, slot) assignments by expert: row i of the grouped input is token token_of[i].
         flat_ids = top_ids.flatten()
         order = flat_ids.argsort(stable=True)
         token_of = order // self.top_k
         weights = top_weights.flatten()[order].unsqueeze(-1)  # fp32 [N*k, 1]
-        dtype = self._compute_dtype(x)
-        if self._use_grouped(dtype):
+        stacked = isinstance(self.w_gate_up, torch.Tensor)  # else one quantized layer per expert: the loop
+        dtype = self._compute_dtype(x) if stacked else None
+        if stacked and self._use_grouped(dtype):
             counts = torch.bincount(flat_ids, minlength=self.n_experts)
             offsets = counts.cumsum(0).to(torch.int32)
             rows = x[token_of].to(dtype)
@@ -77,11 +86,22 @@ class MoEFeedForward(nn.Module):
             if count == 0:
                 continue
             rows = token_of[start : start + count]
-            gate, up = (x[rows] @ self.w_gate_up[expert]).chunk(2, dim=-1)
-            expert_out = (F.silu(gate) * up) @ self.w_down[expert]
+            gate, up = _expert_matmul(x[rows], self.w_gate_up[expert]).chunk(2, dim=-1)
+            expert_out = _expert_matmul(F.silu(gate) * up, self.w_down[expert])
             out.index_add_(0, rows, (expert_out * weights[start : start + count]).to(x.dtype))
             start += count
         return out.view(shape), aux_loss
+
+    def _dense(self, x: torch.Tensor, top_ids: torch.Tensor, top_weights: torch.Tensor) -> torch.Tensor:
+        # Grouping tokens by expert takes counts a graph with symbolic shapes cannot hold. Here every expert runs on
+        # every token and the routing weights (zero for experts a token does not use) pick the mix: the same sum,
+        # with n_experts / top_k times the feed-forward FLOPs and an [n_experts, tokens, hidden] activation.
+        weights = torch.zeros(x.shape[0], self.n_experts, dtype=top_weights.dtype, device=x.device)
+        weights = weights.scatter(1, top_ids, top_weights).T.unsqueeze(-1)  # [E, N, 1]
+        gate, up = (x @ self.w_gate_up).chunk(2, dim=-1)  # [N, d] @ [E, d, 2h] -> [E, N, 2h]
+        expert_out = (F.silu(gate) * up) @ self.w_down  # [E, N, d]
+        # `where`, not a plain product: in fp16 an unused expert may overflow to inf, and 0 * inf would be NaN.
+        return torch.where(weights > 0, expert_out * weights, 0.0).sum(dim=0).to(x.dtype)
 
     def _compute_dtype(self, x: torch.Tensor) -> torch.dtype:
         """The dtype the expert matmuls run in: autocast's when it is on (as `@` would), else the weights'."""
@@ -100,3 +120,8 @@ class MoEFeedForward(nn.Module):
         alignment = 16 // torch.empty((), dtype=dtype).element_size()
         d_model, hidden = self.w_down.shape[2], self.w_down.shape[1]
         return d_model % alignment == 0 and hidden % alignment == 0
+
+
+def _expert_matmul(x: torch.Tensor, weight: torch.Tensor | nn.Module) -> torch.Tensor:
+    """x @ one expert's weight: a slice [in, out] of the float stack, or that expert's own (quantized) layer."""
+    return x @ weight if isinstance(weight, torch.Tensor) else weight(x)
