@@ -2,11 +2,15 @@
 
 import contextlib
 import os
+import random
+import signal
 import subprocess
 import sys
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -56,22 +60,108 @@ def shakespeare_tokenizer() -> Tokenizer:
     return Tokenizer.train([text], TokenizerConfig(vocab_size=512, train_bytes=300_000))
 
 
+def pytest_configure(config):
+    """On CI a missing data folder is a broken setup, not a reason to skip a hundred tests: stop with one line."""
+    if os.environ.get("CI", "").lower() in ("true", "1") and not SHARED_DATA.is_dir():
+        pytest.exit(f"CI=true but the shared data folder {SHARED_DATA} is missing: the tests that read it would all "
+                    "be skipped", returncode=pytest.ExitCode.USAGE_ERROR)
+
+
+@dataclass
+class Ran:
+    """What a `fermion` command printed and returned, under subprocess.CompletedProcess's names."""
+    args: tuple[str, ...]
+    returncode: int
+    stdout: str
+    stderr: str
+
+
+@contextlib.contextmanager
+def _process_state_restored():
+    """Put back what a command changes for the whole process (seeds, torch's threads and determinism switch, the
+    environment, the working directory), so an in-process command leaves the tests after it as it found them."""
+    environ = dict(os.environ)
+    threads = torch.get_num_threads()
+    deterministic = torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled()
+    python_rng, numpy_rng = random.getstate(), np.random.get_state()
+    cwd = os.getcwd()
+    os.chdir(REPO)  # where the command's process ran
+    try:
+        with torch.random.fork_rng(devices=[]):
+            yield
+    finally:
+        os.chdir(cwd)
+        os.environ.clear()
+        os.environ.update(environ)
+        torch.set_num_threads(threads)
+        torch.use_deterministic_algorithms(deterministic[0], warn_only=deterministic[1])
+        random.setstate(python_rng)
+        np.random.set_state(numpy_rng)
+
+
+@contextlib.contextmanager
+def _hang_guard(args: tuple[str, ...], timeout: float):
+    def hung(signum, frame):
+        raise TimeoutError(f"`fermion {' '.join(args)}` ran longer than {timeout:.0f} s")
+
+    previous = signal.signal(signal.SIGALRM, hung)
+    signal.alarm(int(timeout))
+    try:
+        yield
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, previous)
+
+
+def cli(*args: str, input: str | None = None, timeout: float = HANG) -> Ran:
+    """`fermion ARGS` run in this process through Typer's CliRunner, from the repository root: the stdout, stderr
+    and exit code the command gives, without starting Python and importing torch again for each call. An exception
+    the command does not turn into an error line is raised here and fails the test, as would a traceback on stderr.
+    The console is 200 columns wide, so no message is wrapped."""
+    from typer.testing import CliRunner
+
+    from fermion.cli import app
+
+    with _process_state_restored(), _hang_guard(args, timeout):
+        result = CliRunner().invoke(app, list(args), input=input, env={"COLUMNS": "200"}, catch_exceptions=False,
+                                    prog_name="fermion")
+    assert "Traceback" not in result.stderr, result.stderr[:2500]
+    return Ran(args, result.exit_code, result.stdout, result.stderr)
+
+
 def fermion(*args: str, timeout: float = HANG) -> subprocess.CompletedProcess:
-    """Run the `fermion` command from the repository root; a traceback on stderr fails the test outright."""
+    """`python -m fermion ARGS` in its own process, for the tests where the process is the point; a traceback on
+    stderr fails the test outright."""
     result = subprocess.run([sys.executable, "-m", "fermion", *args], cwd=REPO, capture_output=True, text=True,
                             timeout=timeout)
     assert "Traceback" not in result.stderr, result.stderr[:2500]
     return result
 
 
+TINY_STORIES = SHARED_DATA / "pretrain" / "tinystories" / "tinystories_train_sample_2MiB.txt"
+
+
+def _files_of(run_dir: Path) -> dict[str, tuple[int, int]]:
+    return {str(p.relative_to(run_dir)): (p.stat().st_size, p.stat().st_mtime_ns) for p in run_dir.rglob("*")
+            if p.is_file()}
+
+
 @pytest.fixture(scope="session")
 def tiny_run(tmp_path_factory) -> Path:
-    """configs/tiny.yaml pretrained for 20 steps (one checkpoint, step 20): the base the later stages start from."""
+    """configs/tiny.yaml pretrained for 20 steps (one checkpoint, step 20): the base the later stages start from,
+    shared by every test that only reads it. A test that writes into a run copies it first (shutil.copytree): at
+    the end of the session the run must be as it was made."""
+    if not TINY_STORIES.is_file():
+        pytest.skip(f"{TINY_STORIES} is missing")
     run_dir = tmp_path_factory.mktemp("tiny") / "run"
-    result = fermion("pretrain", str(REPO / "configs" / "tiny.yaml"), "--set", f"run.dir={run_dir}",
-                     "--set", "train.steps=20", "--set", "train.checkpoint_every=20", "--set", "train.eval_every=20")
+    result = cli("pretrain", str(REPO / "configs" / "tiny.yaml"), "--set", f"run.dir={run_dir}",
+                 "--set", "train.steps=20", "--set", "train.checkpoint_every=20", "--set", "train.eval_every=20")
     assert result.returncode == 0, result.stderr
-    return run_dir
+    made = _files_of(run_dir)
+    yield run_dir
+    now = _files_of(run_dir)
+    changed = {name for name in made.keys() | now.keys() if made.get(name) != now.get(name)}
+    assert not changed, f"tests wrote into the shared tiny_run (copy it first): {sorted(changed)[:10]}"
 
 
 @contextlib.contextmanager

@@ -6,7 +6,7 @@ import shutil
 
 import pytest
 import yaml
-from conftest import REPO, SHARED_DATA, fermion
+from conftest import REPO, SHARED_DATA, cli
 from rich.console import Console
 
 from fermion.card import StageRecord, build_card, training_section
@@ -43,10 +43,10 @@ def run_copy(tiny_run, tmp_path):
 @pytest.mark.skipif(not EVAL_DATA.is_dir(), reason=f"{EVAL_DATA} is missing")
 def test_card_renders_every_section_from_the_records(run_copy):
     out = run_copy / "eval"
-    result = fermion("eval", str(run_copy), "--tasks", "arc_easy,smoke", "--limit", "5", "--max-new-tokens", "8",
-                     "--data-dir", str(EVAL_DATA), "--out", str(out))
+    result = cli("eval", str(run_copy), "--tasks", "arc_easy,smoke", "--limit", "5", "--max-new-tokens", "8",
+                 "--data-dir", str(EVAL_DATA), "--out", str(out))
     assert result.returncode == 0, result.stderr
-    card = fermion("card", str(run_copy))
+    card = cli("card", str(run_copy))
     assert card.returncode == 0, card.stderr
     readme = run_copy / "export" / "hf" / "README.md"
     assert card.stdout.strip() == str(readme)
@@ -115,7 +115,7 @@ def test_card_bad_input_is_one_line_and_writes_nothing(tmp_path):
     not_a_run = tmp_path / "empty"
     not_a_run.mkdir()
     out = tmp_path / "out"
-    result = fermion("card", str(not_a_run), "--out", str(out))
+    result = cli("card", str(not_a_run), "--out", str(out))
     assert result.returncode == 2
     assert "is not a run directory" in result.stderr and len(result.stderr.strip().splitlines()) == 1
     assert not out.exists()
@@ -134,14 +134,14 @@ def test_the_card_and_the_hf_export_share_their_folder_in_either_order(run_copy)
     plots = sorted(p.name for p in readme.parent.glob("loss_*.png"))
     assert plots
     for _ in range(2):
-        result = fermion("export", str(run_copy), "--format", "hf")
+        result = cli("export", str(run_copy), "--format", "hf")
         assert result.returncode == 0, result.stderr
         assert (readme.parent / "config.json").is_file() and readme.read_text() == card_text
         assert sorted(p.name for p in readme.parent.glob("loss_*.png")) == plots
     other = run_copy / "export" / "elsewhere"
     other.mkdir()
     (other / "notes.txt").write_text("mine")
-    refused = fermion("export", str(run_copy), "--format", "hf", "--out", str(other))
+    refused = cli("export", str(run_copy), "--format", "hf", "--out", str(other))
     assert refused.returncode == 2 and "is not an earlier export" in refused.stderr
     assert (other / "notes.txt").read_text() == "mine"
 

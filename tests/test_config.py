@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import HANG, REPO
+from conftest import REPO, cli, fermion
 
 from fermion.config import RecipeError, load_recipe
 
@@ -20,11 +20,6 @@ def write_recipe(tmp_path: Path, mutate) -> Path:
     path = tmp_path / "recipe.yaml"
     path.write_text(yaml.safe_dump(raw))
     return path
-
-
-def fermion(*args: str, cwd: Path = REPO) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "fermion", *args], cwd=cwd, capture_output=True, text=True,
-                          timeout=HANG)
 
 
 def misspelt(raw):
@@ -49,7 +44,7 @@ def missing_path(raw):
 )
 def test_bad_recipes_give_one_clear_line_exit_2_and_write_nothing(tmp_path, mutate, expected):
     recipe = write_recipe(tmp_path, mutate)
-    result = fermion("pretrain", str(recipe))
+    result = cli("pretrain", str(recipe))
     assert result.returncode == 2
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1, result.stderr
@@ -81,13 +76,13 @@ def test_cross_field_checks():
 
 
 def test_model_info_published_1b_counts_exactly():
-    result = fermion("model", "info", "configs/published/auto-g-nano-1b.yaml")
+    result = cli("model", "info", "configs/published/auto-g-nano-1b.yaml")
     assert result.returncode == 0, result.stderr
     assert "1,050,002,688" in result.stdout
 
 
 def test_model_info_moe_prints_true_active_count():
-    result = fermion("model", "info", "configs/published/neo-3-1b-a90m.yaml")
+    result = cli("model", "info", "configs/published/neo-3-1b-a90m.yaml")
     assert result.returncode == 0, result.stderr
     assert "1,004,659,712" in result.stdout and "325,182,464" in result.stdout
 
@@ -106,7 +101,7 @@ def test_model_info_7b_is_instant_and_allocates_nothing():
 
 
 def test_help_lists_the_stages():
-    result = fermion("--help")
+    result = fermion("--help")  # in its own process: `python -m fermion` itself starts
     for command in ("pretrain", "tokenizer", "model", "generate", "demo"):
         assert command in result.stdout
 
@@ -147,7 +142,7 @@ def test_published_shapes_match_their_cards():
 def test_tokenizer_train_command_writes_a_tokenizer_with_chat_specials(tmp_path):
     from fermion.data.tokenizer import Tokenizer
 
-    result = fermion("tokenizer", "train", str(TINY), "--set", f"run.dir={tmp_path}")
+    result = cli("tokenizer", "train", str(TINY), "--set", f"run.dir={tmp_path}")
     assert result.returncode == 0, result.stderr
     tokenizer = Tokenizer.load(tmp_path / "tokenizer.json")
     assert tokenizer.vocab_size == 512

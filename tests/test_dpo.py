@@ -9,28 +9,25 @@ import io
 import json
 import math
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 import yaml
-from conftest import HANG, tiny_model
+from conftest import cli, tiny_model
 from rich.console import Console
 from safetensors.torch import load_file
 
 from fermion import checkpoint
 from fermion.chat.conversations import Pair, to_pair
 from fermion.chat.templates import ChatTemplate
-from fermion.config import load_recipe, recipe_from_dict
+from fermion.config import recipe_from_dict
 from fermion.data.sources import DataError
 from fermion.data.synthetic import arithmetic_preferences, arithmetic_problems, write_jsonl
 from fermion.export.hf import export_hf
 from fermion.train.dpo import PairLoader, Side, TokenPair, collate, dpo, encode_pair, prepare
 from fermion.train.objectives import DPO, IGNORE_INDEX, sequence_logps
-from fermion.train.pretrain import pretrain
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = str(REPO / "configs" / "tiny.yaml")
@@ -288,11 +285,9 @@ def test_arithmetic_preferences_are_seeded_right_and_plausibly_wrong(tmp_path):
 
 
 @pytest.fixture(scope="module")
-def pretrained(tmp_path_factory):
-    """A tiny TinyStories model to start DPO from."""
-    run_dir = tmp_path_factory.mktemp("pre") / "run"
-    pretrain(load_recipe(TINY, [f"run.dir={run_dir}", "train.steps=20"]), console=Console(file=io.StringIO()))
-    return run_dir
+def pretrained(tiny_run):
+    """A tiny TinyStories model to start DPO from: the session's shared 20-step run (DPO writes elsewhere)."""
+    return tiny_run
 
 
 @pytest.fixture(scope="module")
@@ -405,20 +400,16 @@ def test_report_counts_skips_and_truncation_and_an_empty_data_set_is_refused(pre
 
 def test_dpo_command_trains_after_sft_and_refuses_bad_data_in_one_line(pretrained, tmp_path):
     """The CLI path: `fermion dpo` on the tiny recipe's HH pairs, starting from its SFT; bad data is one line."""
-    fermion = [sys.executable, "-m", "fermion"]
     common = ["--set", f"run.dir={pretrained}", "--set", f"sft.dir={tmp_path / 'sft'}",
               "--set", f"dpo.dir={tmp_path / 'dpo'}"]
-    sft = subprocess.run([*fermion, "sft", TINY, *common, "--set", "sft.epochs=null", "--set", "sft.train.steps=3"],
-                         cwd=REPO, capture_output=True, text=True, timeout=HANG)
+    sft = cli("sft", TINY, *common, "--set", "sft.epochs=null", "--set", "sft.train.steps=3")
     assert sft.returncode == 0, sft.stderr
-    result = subprocess.run([*fermion, "dpo", TINY, *common, "--set", "dpo.epochs=null",
-                             "--set", "dpo.train.steps=4"], cwd=REPO, capture_output=True, text=True, timeout=HANG)
+    result = cli("dpo", TINY, *common, "--set", "dpo.epochs=null", "--set", "dpo.train.steps=4")
     assert result.returncode == 0 and "Traceback" not in result.stderr, result.stderr
     assert "dpo data: 200 records read" in result.stdout and "accuracy" in result.stdout
     assert json.loads((tmp_path / "dpo" / "report.json").read_text())["records_read"] == 200
     useless = write_jsonl(tmp_path / "same.jsonl", [{"prompt": "Hi", "chosen": "Yo", "rejected": "Yo"}])
-    bad = subprocess.run([*fermion, "dpo", TINY, *common, "--set", f"dpo.dir={tmp_path / 'bad'}",
-                          "--set", f"dpo.sources=[{{name: same, paths: [{useless}]}}]"],
-                         cwd=REPO, capture_output=True, text=True, timeout=HANG)
+    bad = cli("dpo", TINY, *common, "--set", f"dpo.dir={tmp_path / 'bad'}",
+              "--set", f"dpo.sources=[{{name: same, paths: [{useless}]}}]")
     assert bad.returncode == 2 and "Traceback" not in bad.stderr
     assert "dpo.sources: none of the 1 records is a usable preference pair" in bad.stderr

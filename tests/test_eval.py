@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import REPO, SHARED_DATA, fermion, tiny_model
+from conftest import REPO, SHARED_DATA, cli, tiny_model
 
 from fermion.data.sources import DataError
 from fermion.eval import generative, multiple_choice, runner
@@ -257,25 +257,25 @@ def test_eval_command_writes_results(tiny_run, tmp_path):
     text = tmp_path / "text.txt"
     text.write_text("Once upon a time there was a little dog. " * 20)
     out = tmp_path / "results"
-    result = fermion("eval", str(tiny_run), "--tasks", f"arc_easy,piqa,perplexity={text}", "--limit", "5",
-                     "--data-dir", str(EVAL_DATA), "--out", str(out))
+    result = cli("eval", str(tiny_run), "--tasks", f"arc_easy,piqa,perplexity={text}", "--limit", "5",
+                 "--data-dir", str(EVAL_DATA), "--out", str(out))
     assert result.returncode == 0, result.stderr
     saved = json.loads((out / "results.json").read_text())
     assert [r["task"] for r in saved["results"]] == ["arc_easy", "piqa", "perplexity:text.txt"]
     assert saved["results"][0]["n"] == 5 and len(saved["results"][0]["samples"]) == 5
     assert "| piqa | acc |" in (out / "results.md").read_text()
-    bad = fermion("eval", str(tiny_run), "--tasks", "arc_easy,helaswag")
+    bad = cli("eval", str(tiny_run), "--tasks", "arc_easy,helaswag")
     assert bad.returncode == 2 and "unknown task 'helaswag'" in bad.stderr
-    missing = fermion("eval", str(tiny_run), "--tasks", "perplexity=/nonexistent.txt")
+    missing = cli("eval", str(tiny_run), "--tasks", "perplexity=/nonexistent.txt")
     assert missing.returncode == 2 and "/nonexistent.txt: file not found" in missing.stderr
 
 
 @needs_data
 def test_training_runs_the_recipe_benchmarks_at_intervals(tmp_path):
     run_dir = tmp_path / "run"
-    result = fermion("pretrain", str(REPO / "configs" / "tiny.yaml"), "--set", f"run.dir={run_dir}",
-                     "--set", "train.steps=10", "--set", "train.checkpoint_every=10", "--set", "eval.every=5",
-                     "--set", "eval.tasks=[arc_easy]", "--set", "eval.limit=4", "--set", f"eval.data_dir={EVAL_DATA}")
+    result = cli("pretrain", str(REPO / "configs" / "tiny.yaml"), "--set", f"run.dir={run_dir}",
+                 "--set", "train.steps=10", "--set", "train.checkpoint_every=10", "--set", "eval.every=5",
+                 "--set", "eval.tasks=[arc_easy]", "--set", "eval.limit=4", "--set", f"eval.data_dir={EVAL_DATA}")
     assert result.returncode == 0, result.stderr
     records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     evals = [r for r in records if "eval/arc_easy/acc" in r]

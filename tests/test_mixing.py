@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from conftest import REPO, SHARED_DATA, fermion
+from conftest import REPO, SHARED_DATA, cli
 
 from fermion.checkpoint import list_checkpoints
 from fermion.config import SourceConfig, TokenizerConfig
@@ -58,7 +58,7 @@ def mixed_run(request, tokenizer_file, tmp_path_factory) -> tuple[Path, list[dic
     recipe["train"].update(steps=STEPS, seq_len=SEQ_LEN, micro_batch_size=BATCH, warmup_steps=5, eval_every=STEPS,
                            eval_batches=1, checkpoint_every=STEPS, log_every=STEPS)
     (root / "recipe.yaml").write_text(yaml.safe_dump(recipe))
-    result = fermion("pretrain", str(root / "recipe.yaml"))
+    result = cli("pretrain", str(root / "recipe.yaml"))
     assert result.returncode == 0, result.stdout + result.stderr
     return root / "run", MIXES[request.param], result.stdout
 

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import SHARED_DATA, TINY, fermion, tiny_model
+from conftest import SHARED_DATA, TINY, cli, tiny_model
 from datatrove.executor import RayPipelineExecutor, SlurmPipelineExecutor
 from rich.console import Console
 
@@ -156,7 +156,7 @@ def recipe_path(corpus) -> Path:
 @pytest.fixture(scope="module")
 def prepared(recipe_path):
     """`fermion prepare` with every default step but perplexity (decontamination reads ../shared/data/eval)."""
-    result = fermion("prepare", str(recipe_path))
+    result = cli("prepare", str(recipe_path))
     assert result.returncode == 0, result.stderr
     plan = preparation.make_plan(load_recipe(recipe_path))
     report = json.loads((plan.root / preparation.REPORT_NAME).read_text())
@@ -236,10 +236,10 @@ def test_shards_hold_the_tokenizers_count_of_the_kept_documents(prepared, recipe
 def test_the_command_prints_the_report_and_inspect_shows_removed_documents(prepared, recipe_path):
     result, _, _ = prepared
     assert all(text in result.stdout for text in ("prepare report", "decontaminate", "contaminated 3", "web.jsonl:5"))
-    shown = fermion("prepare", str(recipe_path), "--inspect", "decontaminate")
+    shown = cli("prepare", str(recipe_path), "--inspect", "decontaminate")
     assert shown.returncode == 0, shown.stderr
     assert shown.stdout.count("reason: contaminated") == 3 and "contaminated_by: gsm8k" in shown.stdout
-    unknown = fermion("prepare", str(recipe_path), "--inspect", "gopher")
+    unknown = cli("prepare", str(recipe_path), "--inspect", "gopher")
     assert unknown.returncode == 2 and "not a filtering step" in unknown.stderr and "gopher_quality" in unknown.stderr
 
 
@@ -248,7 +248,7 @@ def test_a_rerun_skips_all_finished_work(prepared, recipe_path):
     task_logs = {path: path.stat().st_mtime_ns for path in plan.root.glob("logs/*/logs/*.log")}
     tokenizer = load_recipe(recipe_path).run_dir / "tokenizer.json"
     trained = tokenizer.stat().st_mtime_ns
-    again = fermion("prepare", str(recipe_path))
+    again = cli("prepare", str(recipe_path))
     assert again.returncode == 0, again.stderr
     stages = [line for line in again.stdout.splitlines() if line.startswith("  ") and "task(s)" in line]
     assert stages and all(line.endswith("done before") for line in stages)
@@ -264,7 +264,7 @@ def test_a_changed_recipe_prepares_anew_and_retrains_tokenizer_and_shards(prepar
     moved, length_rule = f"run.dir={tmp_path / 'run'}", "data.prepare.length.min_chars=10"
     before, after = load_recipe(recipe_path, [moved]), load_recipe(recipe_path, [moved, length_rule])
     trained, shards = (before.run_dir / "tokenizer.json").stat().st_mtime_ns, load_index(before.run_dir / "data")
-    changed = fermion("prepare", str(recipe_path), "--set", moved, "--set", length_rule)
+    changed = cli("prepare", str(recipe_path), "--set", moved, "--set", length_rule)
     assert changed.returncode == 0, changed.stderr
     new_plan = preparation.make_plan(after)
     assert new_plan.root != preparation.make_plan(before).root and "(0 done before)" in changed.stdout
@@ -287,7 +287,7 @@ def test_a_failed_run_leaves_nothing_to_train_on_and_a_rerun_resumes(tmp_path):
     sources = [{"name": "good", "paths": [str(good)]}, {"name": "mixed", "paths": [str(half), str(broken)]}]
     recipe_path = write_recipe(tmp_path / "recipe.yaml", tmp_path / "run", sources, workers=2, minhash=False,
                                decontaminate=False)
-    failed = fermion("prepare", str(recipe_path), "--strict")
+    failed = cli("prepare", str(recipe_path), "--strict")
     assert failed.returncode == 2
     assert f"{broken}:2: not valid JSON (--strict stops at the first bad record)" in failed.stderr
     recipe = load_recipe(recipe_path)
@@ -295,13 +295,13 @@ def test_a_failed_run_leaves_nothing_to_train_on_and_a_rerun_resumes(tmp_path):
         training_data(recipe)
     assert not (recipe.run_dir / "tokenizer.json").exists() and not (recipe.run_dir / "data").exists()
 
-    resumed = fermion("prepare", str(recipe_path))
+    resumed = cli("prepare", str(recipe_path))
     assert resumed.returncode == 0, resumed.stderr
     assert "clean-good: 1 task(s), done before" in resumed.stdout
     report = json.loads((preparation.make_plan(recipe).root / preparation.REPORT_NAME).read_text())
     assert report["sources"]["mixed"]["problems"]["not valid JSON"] == {"count": 1, "first": [f"{broken}:2"]}
     assert report["totals"]["kept"]["documents"] == 9
-    again_strict = fermion("prepare", str(recipe_path), "--strict")  # the finished run still has a bad line
+    again_strict = cli("prepare", str(recipe_path), "--strict")  # the finished run still has a bad line
     assert again_strict.returncode == 2 and f"{broken}:2: not valid JSON (--strict" in again_strict.stderr
     assert [source.paths for source in training_data(recipe).sources] == [
         [str(preparation.make_plan(recipe).kept_dir(name) / "*.jsonl.gz")] for name in ("good", "mixed")]

@@ -4,11 +4,9 @@ the turn back, and the command works end to end with piped input."""
 
 import json
 import re
-import subprocess
-import sys
 
 import pytest
-from conftest import HANG, REPO, tiny_model
+from conftest import cli, tiny_model
 
 from fermion.chat.conversations import to_messages
 from fermion.chat.templates import ChatTemplate
@@ -125,14 +123,12 @@ def test_stopping_an_answer_frees_the_engine_and_takes_the_turn_back(engine):
 
 
 def test_the_chat_command_with_piped_input(tiny_run):
-    result = subprocess.run([sys.executable, "-m", "fermion", "chat", str(tiny_run), "--seed", "0"], cwd=REPO,
-                            input="hello\n/temp 0\nhi\n/bogus\n/exit\n", capture_output=True, text=True, timeout=HANG)
+    result = cli("chat", str(tiny_run), "--seed", "0", input="hello\n/temp 0\nhi\n/bogus\n/exit\n")
     assert result.returncode == 0 and "Traceback" not in result.stderr, result.stderr[-2000:]
     lines = result.stdout.splitlines()
     assert sum(bool(re.search(r"\d+ tokens in \d+\.\d\d s · [\d,.]+ tokens/s", line)) for line in lines) == 2
     assert "temperature set to 0 (greedy)" in result.stdout
     assert "unknown command /bogus" in result.stdout
     assert "chat · chatml template" in lines[0]
-    eof = subprocess.run([sys.executable, "-m", "fermion", "chat", str(tiny_run), "--template", "tagged"], cwd=REPO,
-                         input="hello\n", capture_output=True, text=True, timeout=HANG)  # end of input ends, no /exit
+    eof = cli("chat", str(tiny_run), "--template", "tagged", input="hello\n")  # end of input ends, no /exit
     assert eof.returncode == 0 and "tokens/s" in eof.stdout and "tagged template" in eof.stdout, eof.stderr[-2000:]

@@ -12,12 +12,11 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import HANG, REPO
+from conftest import HANG, REPO, cli
 from safetensors.torch import load_file
 
 TINY = str(REPO / "configs" / "tiny.yaml")
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "fermion"]
-FERMION = [sys.executable, "-m", "fermion"]
 # Six steps, a checkpoint after the third; the global batch is 8 sequences (4 per micro-batch).
 SHORT = ["train.steps=6", "train.checkpoint_every=3", "train.eval_every=6", "train.eval_batches=1",
          "train.warmup_steps=2", "train.micro_batch_size=4", "train.precision=fp32", "train.compile=false",
@@ -31,18 +30,27 @@ def losses(run_dir: Path) -> dict[int, float]:
     return {r["step"]: r["loss"] for r in records if "loss" in r}
 
 
-def pretrain(run_dir: Path, *overrides: str, launcher=FERMION, data: Path | None = None):
+def pretrain(run_dir: Path, *overrides: str, launcher: list[str] | None = None, data: Path | None = None):
+    """`fermion pretrain` with one thread per process, as torchrun gives each rank (OMP_NUM_THREADS=1): under the
+    launcher if one is given, else in this process."""
     sets = [*SHORT, f"run.dir={run_dir}", *overrides]
     if data is not None:  # share the first run's tokenizer and shards rather than making them again
         sets += [f"tokenizer.path={data / 'tokenizer.json'}", f"data.shard_dir={data / 'data'}"]
-    cmd = [*launcher, "pretrain", TINY, *[arg for item in sets for arg in ("--set", item)]]
-    result = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=HANG,
+    args = ["pretrain", TINY, *[arg for item in sets for arg in ("--set", item)]]
+    if launcher is None:
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)
+        try:
+            return cli(*args)
+        finally:
+            torch.set_num_threads(threads)
+    result = subprocess.run([*launcher, *args], cwd=REPO, capture_output=True, text=True, timeout=HANG,
                             env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert "Traceback" not in result.stderr, result.stderr[-2500:]
     return result
 
 
-def ok(result) -> subprocess.CompletedProcess:
+def ok(result):
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2500:]
     return result
 

@@ -11,7 +11,7 @@ import time
 import pytest
 import torch
 import yaml
-from conftest import HANG, REPO, SHARED_DATA, fermion
+from conftest import HANG, REPO, SHARED_DATA, cli
 
 from fermion.checkpoint import find, list_checkpoints, trainer_state_of
 from fermion.config import load_recipe
@@ -75,7 +75,7 @@ def test_killed_during_pretraining_it_resumes_without_redoing_prepare(tmp_path):
     shards = run_dir / "data" / "index.json"
     before = {p: p.stat().st_mtime_ns for p in (report, tokenizer, shards)}
 
-    again = fermion("run", str(path))
+    again = cli("run", str(path))
     assert again.returncode == 0, again.stdout + again.stderr
     out = again.stdout.replace("\n", " ")
     assert "prepare: up to date, skipped" in out and "tokenizer: up to date, skipped" in out
@@ -86,7 +86,7 @@ def test_killed_during_pretraining_it_resumes_without_redoing_prepare(tmp_path):
     assert (run_dir / "eval" / "results.json").is_file() and (run_dir / "export" / "hf" / "README.md").is_file()
 
     # once finished, a run again finds every step up to date
-    rest = fermion("run", str(path))
+    rest = cli("run", str(path))
     assert rest.returncode == 0, rest.stdout + rest.stderr
     assert all(f"{step}: up to date, skipped" in rest.stdout for step in ledger(run_dir))
     assert {p: p.stat().st_mtime_ns for p in before} == before
@@ -104,7 +104,7 @@ def test_stages_skip_when_up_to_date_and_rerun_from_a_change_onwards(tmp_path):
         dpo={"sources": [{"name": "pairs", "builtin": "arithmetic-pairs", "max_documents": 64, "seed": 2}],
              "epochs": 1, "train": post},
         export={"formats": ["hf", "gguf"]})
-    first = fermion("run", str(path))
+    first = cli("run", str(path))
     assert first.returncode == 0, first.stdout + first.stderr
     names = ["prepare", "tokenizer", "pretrain", "more", "sft", "dpo", "eval", "export", "card"]
     records = ledger(run_dir)
@@ -121,14 +121,14 @@ def test_stages_skip_when_up_to_date_and_rerun_from_a_change_onwards(tmp_path):
     assert any((run_dir / "dpo" / "export" / "gguf").glob("*.gguf"))
     assert (run_dir / "dpo" / "export" / "hf" / "README.md").is_file()
 
-    again = fermion("run", str(path))
+    again = cli("run", str(path))
     assert again.returncode == 0, again.stderr
     assert all(f"{name}: up to date, skipped" in again.stdout for name in names)
 
     # a changed SFT setting reruns SFT and everything after it, and nothing before
     sft_ckpts = list_checkpoints(run_dir / "sft")
     scored = {d: (d / "eval" / "results.json").stat().st_mtime_ns for d in (run_dir, run_dir / "sft")}
-    changed = fermion("run", str(path), "--set", "sft.train.lr=5e-4")
+    changed = cli("run", str(path), "--set", "sft.train.lr=5e-4")
     assert changed.returncode == 0, changed.stdout + changed.stderr
     for name in names[:4]:
         assert f"{name}: up to date, skipped" in changed.stdout
@@ -142,16 +142,16 @@ def test_stages_skip_when_up_to_date_and_rerun_from_a_change_onwards(tmp_path):
     superseded = list((run_dir / "sft" / "superseded").glob("*/checkpoints"))
     assert len(superseded) == 1 and {p.name for p in superseded[0].iterdir()} >= {p.name for p in sft_ckpts}
 
-    only = fermion("run", str(path), "--set", "sft.train.lr=5e-4", "--only", "card")
+    only = cli("run", str(path), "--set", "sft.train.lr=5e-4", "--only", "card")
     assert only.returncode == 0 and "card: up to date" not in only.stdout
-    bad = fermion("run", str(path), "--from", "nope")
+    bad = cli("run", str(path), "--from", "nope")
     assert bad.returncode == 2 and "--from 'nope': this recipe's steps are prepare, tokenizer, pretrain, more" in \
         bad.stderr.replace("\n", " ")
 
 
 def test_only_needs_the_steps_before_it(tmp_path):
     path, run_dir = write_recipe(tmp_path)
-    result = fermion("run", str(path), "--only", "eval")
+    result = cli("run", str(path), "--only", "eval")
     assert result.returncode == 2
     assert "--only eval: the step before it, prepare, has not finished" in result.stderr.replace("\n", " ")
     assert not (run_dir / "checkpoints").exists()
@@ -168,7 +168,7 @@ def demo_run(tmp_path_factory):
              "sft.sources.1.max_documents=200", "sft.sources.2.max_documents=100", "sft.train.compile=false",
              "dpo.sources.0.max_documents=64", "dpo.sources.1.max_documents=32", "dpo.train.compile=false",
              "eval.limit=6"]
-    result = fermion("demo", *[arg for item in quick for arg in ("--set", item)])
+    result = cli("demo", *[arg for item in quick for arg in ("--set", item)])
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr
     return run_dir, result.stdout
 
@@ -252,10 +252,10 @@ def test_demo_data_swaps_in_the_users_corpora(tmp_path):
         ("notes", "web", [str(corpus / "notes.txt")], None),
         ("web", "web", [str(corpus / "web.jsonl")], None)]
     assert recipe.sft == demo.sft and recipe.dpo == demo.dpo and recipe.eval == demo.eval
-    missing = fermion("demo", "--data", str(tmp_path / "nope"))
+    missing = cli("demo", "--data", str(tmp_path / "nope"))
     assert missing.returncode == 2 and "not a folder" in missing.stderr
     empty = tmp_path / "empty"
     empty.mkdir()
-    nothing = fermion("demo", "--data", str(empty))
+    nothing = cli("demo", "--data", str(empty))
     assert nothing.returncode == 2 and "no .txt, .jsonl or .jsonl.gz files" in nothing.stderr
     assert not (REPO / "runs" / "demo-empty").exists() and not (REPO / "runs" / "demo-nope").exists()

@@ -13,7 +13,7 @@ import time
 import httpx
 import openai
 import pytest
-from conftest import HANG, REPO, fermion, running_server, tiny_model
+from conftest import HANG, REPO, cli, running_server, tiny_model
 
 from fermion.chat.templates import ChatTemplate
 from fermion.infer.engine import Engine, SamplingParams
@@ -89,11 +89,11 @@ def cli_server(tiny_run):
 def test_openai_client_gets_what_fermion_generate_gets(cli_server, tiny_run, sampling):
     client = openai.OpenAI(base_url=f"{cli_server}/v1", api_key="unused", max_retries=0)
     assert [m.id for m in client.models.list()] == ["tiny"]
-    cli = ["--temperature", str(sampling["temperature"]), "--top-k", "0", "--seed", str(sampling.get("seed", 0)),
+    options = ["--temperature", str(sampling["temperature"]), "--top-k", "0", "--seed", str(sampling.get("seed", 0)),
            "--max-new-tokens", "24", "--dtype", "fp32"]
 
     prompt = "Once upon a time"
-    result = fermion("generate", str(tiny_run), "--prompt", prompt, *cli)
+    result = cli("generate", str(tiny_run), "--prompt", prompt, *options)
     assert result.returncode == 0, result.stderr
     expected = generated_text(result.stdout, prompt)
     text = client.completions.create(model="tiny", prompt=prompt, max_tokens=24, **sampling)
@@ -103,7 +103,7 @@ def test_openai_client_gets_what_fermion_generate_gets(cli_server, tiny_run, sam
     assert "".join(chunk.choices[0].text for chunk in streamed if chunk.choices) == expected
 
     question = "Tell me about the king."
-    result = fermion("generate", str(tiny_run), "--chat", "--prompt", question, *cli)
+    result = cli("generate", str(tiny_run), "--chat", "--prompt", question, *options)
     assert result.returncode == 0, result.stderr
     expected = generated_text(result.stdout)
     messages = [{"role": "user", "content": question}]
@@ -358,5 +358,5 @@ def test_a_full_waiting_line_is_refused(engine):
 
 
 def test_serve_refuses_a_bad_model_path_in_one_line(tmp_path):
-    result = fermion("serve", str(tmp_path / "nothing"))
+    result = cli("serve", str(tmp_path / "nothing"))
     assert result.returncode == 2 and "error:" in result.stderr

@@ -13,7 +13,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 import yaml
-from conftest import HANG, fermion, tiny_model
+from conftest import HANG, cli, tiny_model
 
 from fermion import checkpoint
 from fermion.chat.conversations import Skipped, to_messages
@@ -157,7 +157,7 @@ def test_loader_is_resumable_and_independent_of_world_size(packing):
             assert all(torch.equal(torch.cat([h[i] for h in halves]), expected[i]) for i in range(4))
 
 
-run = fermion
+run = cli
 
 
 @pytest.fixture(scope="module")

@@ -2,20 +2,19 @@
 pretraining from it, and generate (also quantized) from a run, a checkpoint and a Hugging Face folder."""
 
 import json
-import sys
+import shutil
 from pathlib import Path
 
 import pytest
 import torch
-from conftest import fermion
+from conftest import cli
 from safetensors.torch import load_file
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = str(REPO / "configs" / "tiny.yaml")
-FERMION = [sys.executable, "-m", "fermion"]
 
 
-run = fermion
+run = cli
 
 
 @pytest.fixture(scope="module")
@@ -23,7 +22,8 @@ def trained(tiny_run) -> Path:
     return tiny_run
 
 
-def test_export_every_format_from_a_run(trained):
+def test_export_every_format_from_a_run(trained, tmp_path):
+    trained = shutil.copytree(trained, tmp_path / "run")  # the export goes into the run: not into the shared one
     result = run("export", str(trained), "--format", "hf,gguf,onnx")
     assert result.returncode == 0, result.stderr
     export = trained / "export"

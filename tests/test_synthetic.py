@@ -286,12 +286,12 @@ def test_tinytask_pairs_prefer_the_right_call_over_one_wrong_argument():
 
 
 def test_synth_command_writes_each_record_kind(tmp_path):
-    from conftest import fermion
+    from conftest import cli
 
     out = tmp_path / "pairs.jsonl"
-    result = fermion("synth", "tinytask-pairs", str(out), "--n", "7", "--seed", "3")
+    result = cli("synth", "tinytask-pairs", str(out), "--n", "7", "--seed", "3")
     assert result.returncode == 0, result.stderr
     lines = [json.loads(line) for line in out.read_text().splitlines()]
     assert lines == list(synthetic.generated_records("tinytask-pairs", 7, 3))
-    bad = fermion("synth", "poems", str(tmp_path / "x.jsonl"))
+    bad = cli("synth", "poems", str(tmp_path / "x.jsonl"))
     assert bad.returncode == 2 and "unknown kind 'poems'" in bad.stderr and not (tmp_path / "x.jsonl").exists()

@@ -11,7 +11,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import HANG, REPO
+from conftest import HANG, REPO, cli
 from safetensors.torch import load_file
 
 from fermion.checkpoint import load_model
@@ -50,15 +50,15 @@ def wait_for_step(run_dir: Path, step: int, proc: subprocess.Popen, timeout: flo
     raise TimeoutError(f"{run_dir} did not reach step {step}")
 
 
-def pretrain_cmd(run_dir: Path, *extra: str, launcher=FERMION) -> list[str]:
-    return [*launcher, "pretrain", TINY, "--set", f"run.dir={run_dir}", *extra]
+def pretrain_args(run_dir: Path, *extra: str) -> list[str]:
+    return ["pretrain", TINY, "--set", f"run.dir={run_dir}", *extra]
 
 
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory) -> Path:
     """The tiny recipe run start to finish without interruption."""
     run_dir = tmp_path_factory.mktemp("reference") / "run"
-    result = run(pretrain_cmd(run_dir))
+    result = cli(*pretrain_args(run_dir))
     assert result.returncode == 0, result.stdout + result.stderr
     return run_dir
 
@@ -75,13 +75,13 @@ def assert_bitwise_equal(a: dict, b: dict) -> None:
 
 def test_exact_resume_after_sigkill(reference, tmp_path):
     run_dir = tmp_path / "run"
-    proc = start(pretrain_cmd(run_dir))
+    proc = start([*FERMION, *pretrain_args(run_dir)])
     wait_for_step(run_dir, 35, proc)
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
     killed_at = max(losses(run_dir))
     assert killed_at < 60
-    result = run(pretrain_cmd(run_dir, "--resume", "auto"))
+    result = cli(*pretrain_args(run_dir, "--resume", "auto"))
     assert result.returncode == 0, result.stderr
     resumed_from = int(result.stdout.split("(step ")[1].split(",")[0])
     assert 30 <= resumed_from <= killed_at
@@ -92,7 +92,7 @@ def test_exact_resume_after_sigkill(reference, tmp_path):
 
 def test_sigterm_saves_a_checkpoint_exits_zero_and_resumes(reference, tmp_path):
     run_dir = tmp_path / "run"
-    proc = start(pretrain_cmd(run_dir, "--set", "train.checkpoint_every=1000"))
+    proc = start([*FERMION, *pretrain_args(run_dir, "--set", "train.checkpoint_every=1000")])
     wait_for_step(run_dir, 15, proc)
     proc.send_signal(signal.SIGTERM)
     output, _ = proc.communicate(timeout=HANG)
@@ -100,7 +100,7 @@ def test_sigterm_saves_a_checkpoint_exits_zero_and_resumes(reference, tmp_path):
     stopped_at = max(losses(run_dir))
     assert stopped_at < 60 and "received SIGTERM" in output
     assert (run_dir / "checkpoints" / "latest").read_text().strip() == f"step_{stopped_at:08d}"
-    result = run(pretrain_cmd(run_dir, "--set", "train.checkpoint_every=1000"))
+    result = cli(*pretrain_args(run_dir, "--set", "train.checkpoint_every=1000"))
     assert result.returncode == 0 and f"(step {stopped_at}," in result.stdout
     assert losses(run_dir) == losses(reference)
     assert_bitwise_equal(final_weights(run_dir), final_weights(reference))
@@ -114,7 +114,7 @@ def test_damaged_checkpoint_is_named_and_the_previous_one_used(reference, tmp_pa
     data = bytearray(damaged.read_bytes())
     data[-10] ^= 0xFF
     damaged.write_bytes(bytes(data))
-    result = run(pretrain_cmd(run_dir))
+    result = cli(*pretrain_args(run_dir))
     assert result.returncode == 0, result.stderr
     assert f"{damaged} does not match its checksum" in result.stdout.replace("\n", "")
     assert "(step 40," in result.stdout
@@ -124,7 +124,7 @@ def test_damaged_checkpoint_is_named_and_the_previous_one_used(reference, tmp_pa
 @pytest.fixture(scope="module")
 def single_process_20(tmp_path_factory) -> Path:
     run_dir = tmp_path_factory.mktemp("single") / "run"
-    assert run(pretrain_cmd(run_dir, "--set", "train.steps=20", "--set", "train.micro_batch_size=4")).returncode == 0
+    assert cli(*pretrain_args(run_dir, "--set", "train.steps=20", "--set", "train.micro_batch_size=4")).returncode == 0
     return run_dir
 
 
@@ -132,8 +132,8 @@ def single_process_20(tmp_path_factory) -> Path:
 @pytest.mark.parametrize("mode", ["fsdp", "ddp"])
 def test_two_processes_match_one_process_with_the_same_global_batch(single_process_20, tmp_path, mode):
     two_dir = tmp_path / mode
-    two = run(pretrain_cmd(two_dir, "--set", "train.steps=20", "--set", "train.micro_batch_size=2",
-                           "--set", f"train.distributed={mode}", launcher=TORCHRUN))
+    two = run([*TORCHRUN, *pretrain_args(two_dir, "--set", "train.steps=20", "--set", "train.micro_batch_size=2",
+                                         "--set", f"train.distributed={mode}")])
     assert two.returncode == 0, two.stderr
     a, b = losses(single_process_20), losses(two_dir)
     assert a.keys() == b.keys() == set(range(1, 21))
@@ -149,13 +149,13 @@ def test_two_processes_match_one_process_with_the_same_global_batch(single_proce
 def test_exact_resume_after_sigkill_under_torchrun_fsdp(tmp_path):
     fsdp = ["--set", "train.distributed=fsdp", "--set", "train.micro_batch_size=2", "--set", "train.steps=40"]
     reference_dir, run_dir = tmp_path / "reference", tmp_path / "run"
-    assert run(pretrain_cmd(reference_dir, *fsdp, launcher=TORCHRUN)).returncode == 0
-    proc = start(pretrain_cmd(run_dir, *fsdp, launcher=TORCHRUN))
+    assert run([*TORCHRUN, *pretrain_args(reference_dir, *fsdp)]).returncode == 0
+    proc = start([*TORCHRUN, *pretrain_args(run_dir, *fsdp)])
     wait_for_step(run_dir, 25, proc)
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
     assert max(losses(run_dir)) < 40
-    result = run(pretrain_cmd(run_dir, *fsdp, "--resume", "auto", launcher=TORCHRUN))
+    result = run([*TORCHRUN, *pretrain_args(run_dir, *fsdp, "--resume", "auto")])
     assert result.returncode == 0 and "resuming from" in result.stdout, result.stderr
     assert losses(run_dir) == losses(reference_dir)
     # The resharded final weights, gathered by the single-process loader, are identical too.
@@ -205,25 +205,25 @@ def test_schedules():
 
 
 def test_generate_samples_from_a_run(reference):
-    result = run([*FERMION, "generate", str(reference), "--prompt", "Once upon a time", "--max-new-tokens", "12",
-                  "--temperature", "0"])
+    result = cli("generate", str(reference), "--prompt", "Once upon a time", "--max-new-tokens", "12",
+                 "--temperature", "0")
     assert result.returncode == 0, result.stderr
     assert "Once upon a time" in result.stdout
 
 
 def test_shards_from_another_tokenizer_are_refused(reference, tmp_path):
-    other = run([*FERMION, "tokenizer", "train", TINY, "--set", f"run.dir={tmp_path / 'other'}",
-                 "--set", "tokenizer.vocab_size=600", "--set", "model.vocab_size=600"])
+    other = cli("tokenizer", "train", TINY, "--set", f"run.dir={tmp_path / 'other'}",
+                "--set", "tokenizer.vocab_size=600", "--set", "model.vocab_size=600")
     assert other.returncode == 0, other.stderr
-    result = run(pretrain_cmd(tmp_path / "run", "--set", f"tokenizer.path={tmp_path / 'other' / 'tokenizer.json'}",
-                              "--set", f"data.shard_dir={reference / 'data'}", "--set", "model.vocab_size=600"))
+    result = cli(*pretrain_args(tmp_path / "run", "--set", f"tokenizer.path={tmp_path / 'other' / 'tokenizer.json'}",
+                                "--set", f"data.shard_dir={reference / 'data'}", "--set", "model.vocab_size=600"))
     assert result.returncode == 2
     assert "made with tokenizer" in result.stderr and str(reference / "data") in result.stderr
 
 
 def test_tensorboard_logs_and_wandb_is_optional(tmp_path):
-    result = run(pretrain_cmd(tmp_path / "run", "--set", "train.steps=6", "--set", "train.warmup_steps=2",
-                              "--set", "train.tensorboard=true", "--set", "train.wandb=true"))
+    result = cli(*pretrain_args(tmp_path / "run", "--set", "train.steps=6", "--set", "train.warmup_steps=2",
+                                "--set", "train.tensorboard=true", "--set", "train.wandb=true"))
     assert result.returncode == 0, result.stderr
     assert list((tmp_path / "run" / "tensorboard").glob("events.out.tfevents.*"))
     assert "wandb is not installed; logging locally only" in result.stdout  # W&B is optional, never required
@@ -234,9 +234,9 @@ def test_default_path_is_repeatable_and_trains_like_eager_fp32(tmp_path):
     every run, and learns like plain fp32 eager training."""
     short = ["--set", "train.steps=8", "--set", "train.warmup_steps=2"]
     default = [*short, "--set", "train.compile=true", "--set", "train.precision=auto"]
-    assert run(pretrain_cmd(tmp_path / "eager", *short)).returncode == 0
-    for name in ("first", "second"):
-        result = run(pretrain_cmd(tmp_path / name, *default))
+    assert cli(*pretrain_args(tmp_path / "eager", *short)).returncode == 0
+    for name in ("first", "second"):  # each in its own process, compiling as a user's run does
+        result = run([*FERMION, *pretrain_args(tmp_path / name, *default)])
         assert result.returncode == 0, result.stderr
     eager, first, second = (losses(tmp_path / name) for name in ("eager", "first", "second"))
     assert first == second
@@ -246,8 +246,8 @@ def test_default_path_is_repeatable_and_trains_like_eager_fp32(tmp_path):
 
 
 def test_fresh_start_refuses_to_overwrite_a_run_and_finished_runs_are_left_alone(reference):
-    refused = run(pretrain_cmd(reference, "--resume", "none"))
+    refused = cli(*pretrain_args(reference, "--resume", "none"))
     assert refused.returncode == 1 and "already has checkpoints" in refused.stderr
-    again = run(pretrain_cmd(reference))
+    again = cli(*pretrain_args(reference))
     assert again.returncode == 0 and "already trained to step 60 of 60" in again.stdout
     assert len(list((reference / "checkpoints").glob("step_*"))) == 6  # keep_checkpoints: 10, saved every 10
