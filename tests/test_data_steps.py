@@ -18,7 +18,7 @@ from datatrove.data import Document
 from datatrove.pipeline.writers import JsonlWriter
 from rich.console import Console
 
-from fermion.checkpoint import load_model
+from fermion.checkpoint import load
 from fermion.config import load_recipe
 from fermion.data.sources import DataError
 from fermion.eval.lm import EvalModel
@@ -214,7 +214,8 @@ def test_perplexity_filter_drops_below_low_and_above_high_with_their_reasons(pro
 def test_batched_perplexities_match_the_eval_harness_one_text_at_a_time(prose_run):
     """Texts of different lengths share a padded batch; each must score as it would alone, and as `fermion eval`'s
     perplexity task scores it (first token predicted from eos)."""
-    model, tokenizer, _ = load_model(prose_run)
+    loaded = load(prose_run)
+    model, tokenizer = loaded.model, loaded.tokenizer
     texts = ["Once upon a time, there was a little cat.", "Tom ran.", "The sun was hot and the children played "
              "in the park all day long. They were very happy.", ""]
     _, docs = run(PerplexityFilter(str(prose_run), batch_size=4), texts)

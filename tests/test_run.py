@@ -188,7 +188,7 @@ def test_demo_runs_every_stage_and_chats(demo_run):
 def test_demo_export_loads_in_transformers_with_its_chat_template(demo_run):
     transformers = pytest.importorskip("transformers")
     from fermion.chat.templates import ChatTemplate
-    from fermion.checkpoint import load_model
+    from fermion.checkpoint import load
     from fermion.data.tokenizer import Tokenizer
 
     run_dir, _ = demo_run
@@ -204,7 +204,7 @@ def test_demo_export_loads_in_transformers_with_its_chat_template(demo_run):
     assert list(rendered["input_ids"]) == ids
     assert hf_tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False) == \
         ours.render(messages, tokenizer, add_generation_prompt=True)
-    model, _, _ = load_model(run_dir / "dpo", dtype=torch.float32)
+    model = load(run_dir / "dpo", dtype=torch.float32).model
     model = model.to(torch.bfloat16).float()  # the export is bf16: compare the same weights
     with torch.no_grad():
         theirs = hf_model(torch.tensor([ids])).logits
@@ -237,7 +237,7 @@ def test_demo_card_has_every_section_and_the_runs_numbers(demo_run):
 
 
 def test_demo_data_swaps_in_the_users_corpora(tmp_path):
-    from fermion.cli import _with_user_data
+    from fermion.demo import with_user_data
 
     corpus = tmp_path / "corpus"
     (corpus / "code").mkdir(parents=True)
@@ -246,7 +246,7 @@ def test_demo_data_swaps_in_the_users_corpora(tmp_path):
     (corpus / "code" / "a.txt").write_text("def f(): pass\n")
     (corpus / "ignored.csv").write_text("x,y\n")
     demo = load_recipe(REPO / "configs" / "demo.yaml")
-    recipe = _with_user_data(demo, corpus)
+    recipe = with_user_data(demo, corpus)
     assert [(s.name, s.kind, s.paths, s.builtin) for s in recipe.data.sources] == [
         ("code", "code", [str(corpus / "code" / "**" / "*.txt")], None),
         ("notes", "web", [str(corpus / "notes.txt")], None),
@@ -257,5 +257,5 @@ def test_demo_data_swaps_in_the_users_corpora(tmp_path):
     empty = tmp_path / "empty"
     empty.mkdir()
     nothing = cli("demo", "--data", str(empty))
-    assert nothing.returncode == 2 and "no .txt, .jsonl or .jsonl.gz files" in nothing.stderr
+    assert nothing.returncode == 2 and "no .txt, .jsonl, .jsonl.gz, .jsonl.zst files" in nothing.stderr
     assert not (REPO / "runs" / "demo-empty").exists() and not (REPO / "runs" / "demo-nope").exists()

@@ -78,12 +78,12 @@ def test_generate_streams_from_run_checkpoint_and_hf_folder(trained, tmp_path, q
 
 def test_int8_stays_close_to_float_on_a_trained_model(trained):
     """Measured on this run: teacher-forced top-1 agreement and free-running greedy agreement of int8 vs fp32."""
-    from fermion.checkpoint import load_model
+    from fermion.checkpoint import load
     from fermion.infer.engine import Engine, SamplingParams
     from fermion.infer.quantize import quantize
 
-    model, tokenizer, _ = load_model(trained)
-    quantized, _, _ = load_model(trained)
+    loaded = load(trained)
+    model, tokenizer, quantized = loaded.model, loaded.tokenizer, load(trained).model
     quantize(quantized, "int8")
     text = "Once upon a time, there was a little girl named Lily. She loved to play outside with her friends."
     ids = torch.tensor([tokenizer.encode(text)])

@@ -14,7 +14,7 @@ import pytest
 from conftest import HANG, REPO, cli
 from safetensors.torch import load_file
 
-from fermion.checkpoint import load_model
+from fermion.checkpoint import load
 from fermion.config import TrainConfig, load_recipe
 from fermion.train.schedule import learning_rate
 
@@ -159,8 +159,7 @@ def test_exact_resume_after_sigkill_under_torchrun_fsdp(tmp_path):
     assert result.returncode == 0 and "resuming from" in result.stdout, result.stderr
     assert losses(run_dir) == losses(reference_dir)
     # The resharded final weights, gathered by the single-process loader, are identical too.
-    ours, _, _ = load_model(run_dir)
-    theirs, _, _ = load_model(reference_dir)
+    ours, theirs = load(run_dir).model, load(reference_dir).model
     assert_bitwise_equal(ours.state_dict(), theirs.state_dict())
 
 

@@ -85,18 +85,6 @@ def _stage(name: str, kind: str, directory: Path, data) -> StageRecord | None:
     return StageRecord(name, kind, directory, recipe, data, ckpt, state, metrics, report)
 
 
-def _planned_stages(run_dir: Path, recipe: Recipe) -> list[tuple[str, str, Path, object]]:
-    """(name, kind, directory, data section) of every stage the recipe describes, in training order. Default
-    directories are taken under `run_dir` (where the run is now), not under the recipe's run.dir."""
-    planned = [("pretrain", "pretrain", run_dir, recipe.data)]
-    for stage in recipe.stages:
-        planned.append((stage.name, "pretrain", layout.continued_stage_dir(run_dir, stage), stage.data))
-    for name in layout.POST_TRAINING:
-        section = getattr(recipe, name)
-        planned.append((name, name, layout.post_training_dir(run_dir, name, section), section))
-    return planned
-
-
 def gather(run_dir: Path) -> tuple[Recipe, list[StageRecord]]:
     """The run's recipe and its trained stages (pretrain, continued stages, sft, dpo: those with checkpoints)."""
     run_dir = Path(run_dir)
@@ -105,7 +93,10 @@ def gather(run_dir: Path) -> tuple[Recipe, list[StageRecord]]:
     if not layout.recipe_file(run_dir).is_file():
         raise ExportError(f"{run_dir} is not a run directory: it has no {layout.RECIPE}")
     recipe = _load_recipe(layout.recipe_file(run_dir))
-    stages = [stage for planned in _planned_stages(run_dir, recipe) if (stage := _stage(*planned)) is not None]
+    # Default stage directories are taken under run_dir (where the run is now), not under the recipe's run.dir.
+    planned = [(name, name if name in layout.POST_TRAINING else "pretrain", directory, section)
+               for name, directory, section in layout.stages(run_dir, recipe)]
+    stages = [stage for args in planned if (stage := _stage(*args)) is not None]
     if not stages:
         raise ExportError(f"{run_dir} has no complete checkpoint yet: train it first (fermion pretrain RECIPE)")
     return recipe, stages
@@ -458,23 +449,21 @@ def samples_section(final: StageRecord, smoke_samples: list[dict], generate: boo
 
 
 def _fresh_samples(final: StageRecord) -> list[str]:
-    from fermion.chat.templates import ChatTemplate
-    from fermion.checkpoint import load_model
+    from fermion import checkpoint
     from fermion.infer.engine import Engine, SamplingParams, prepare_for_decode
 
-    model, tokenizer, recipe = load_model(final.checkpoint, warn=lambda *_: None)
-    engine = Engine(prepare_for_decode(model), tokenizer, max_batch=1)
+    loaded = checkpoint.load(final.checkpoint, warn=lambda *_: None)
+    engine = Engine(prepare_for_decode(loaded.model), loaded.tokenizer, max_batch=1)
     chat = final.kind != "pretrain"
-    template = ChatTemplate.get(recipe.tokenizer.chat_template) if chat else None
+    template = loaded.chat_template() if chat else None
     prompts = SAMPLE_CHAT_PROMPTS if chat else SAMPLE_PROMPTS
     lines = [f"Generated for this card from `{final.checkpoint}`: temperature 0.7, top-p 0.95, "
              f"{SAMPLE_TOKENS} new tokens at most, seed {SAMPLE_SEED} + prompt number"
-             + (f", through the {recipe.tokenizer.chat_template} template" if chat else "") + ".", ""]
+             + (f", through the {loaded.recipe.tokenizer.chat_template} template" if chat else "") + ".", ""]
     for i, prompt in enumerate(prompts):
         text = template.render([{"role": "user", "content": prompt}], add_generation_prompt=True) if chat else prompt
-        stop = template.stop_strings if chat else []
         params = SamplingParams(max_new_tokens=SAMPLE_TOKENS, temperature=0.7, top_p=0.95, seed=SAMPLE_SEED + i,
-                                stop=list(stop))
+                                stop=list(template.stop_strings) if chat else [])
         completion = engine.complete(text, params)
         lines += [f"**Prompt** (seed {SAMPLE_SEED + i}):", "", *_fenced(prompt), "",
                   "**Completion:**", "", *_fenced(completion.text), ""]
@@ -515,7 +504,6 @@ def usage_section(run_arg: str, final: StageRecord) -> list[str]:
     hf, gguf_dir = layout.export_dir(final.dir, "hf"), layout.export_dir(final.dir, "gguf")
     ggufs = sorted(gguf_dir.glob("*.gguf"))
     name = final.recipe.run.name
-    chat_target = run_arg
     lines = ["## Usage", "", "### transformers", ""]
     if not (hf / "config.json").is_file():
         lines += [f"Export first: `fermion export {run_arg} --format hf` (writes `{hf}`).", ""]
@@ -536,8 +524,8 @@ def usage_section(run_arg: str, final: StageRecord) -> list[str]:
         lines += [f"Export first: `fermion export {run_arg} --format gguf` (writes `{gguf}` and a Modelfile).", ""]
     lines += ["```sh", f'llama-cli -m {gguf} -p "Once upon a time" -n 64', "",
               f"ollama create {name} -f {gguf_dir / 'Modelfile'}", f"ollama run {name}", "```", "",
-              "### fermion", "", "```sh", f"fermion chat {chat_target}",
-              f'fermion generate {chat_target} "Once upon a time"', f"fermion serve {chat_target}", "```", ""]
+              "### fermion", "", "```sh", f"fermion chat {run_arg}",
+              f'fermion generate {run_arg} "Once upon a time"', f"fermion serve {run_arg}", "```", ""]
     return lines
 
 

@@ -42,6 +42,7 @@ from safetensors.torch import load_file, save_file
 
 from fermion import layout
 from fermion.atomic import replaced_dir, replaced_file
+from fermion.chat.templates import ChatTemplate
 from fermion.config import Recipe, recipe_from_dict
 from fermion.data.tokenizer import Tokenizer
 from fermion.device import DistInfo, barrier
@@ -434,6 +435,15 @@ class Loaded:
     recipe: Recipe
     stage: str  # one of STAGES: what trained it
 
+    @property
+    def post_trained(self) -> bool:
+        """Trained on chat-formatted conversations (SFT, DPO): prompt it through its chat template."""
+        return self.stage in POST_TRAINED
+
+    def chat_template(self, spec: str | None = None) -> ChatTemplate:
+        """The chat template it was trained with (its recipe's tokenizer.chat_template), or the one `spec` names."""
+        return ChatTemplate.get(spec or self.recipe.tokenizer.chat_template)
+
 
 def load(path: str | os.PathLike, device: str = "cpu", dtype: torch.dtype | None = None, warn=print) -> Loaded:
     """A run directory (its newest good checkpoint), a checkpoint directory or a Hugging Face folder."""
@@ -443,9 +453,7 @@ def load(path: str | os.PathLike, device: str = "cpu", dtype: torch.dtype | None
     else:
         ckpt = find(path, warn=warn)
         recipe = load_recipe_of(ckpt)
-        with torch.device("meta"):
-            model = Transformer(recipe.model)
-        model.to_empty(device=device)
+        model = Transformer.build(recipe.model, device)
         load_weights(ckpt, model)
         tokenizer = Tokenizer.load(layout.tokenizer_file(ckpt))
         stage = _recorded_stage(ckpt, recipe)
@@ -455,9 +463,3 @@ def load(path: str | os.PathLike, device: str = "cpu", dtype: torch.dtype | None
         model.reset_rope()  # rotary tables stay fp32 whatever the weights are
     return Loaded(model.eval(), tokenizer, recipe, stage)
 
-
-def load_model(path: str | os.PathLike, device: str = "cpu", dtype: torch.dtype | None = None,
-               warn=print) -> tuple[Transformer, Tokenizer, Recipe]:
-    """load() as (model in eval mode, tokenizer, recipe), for callers that need no stage kind."""
-    loaded = load(path, device, dtype, warn)
-    return loaded.model, loaded.tokenizer, loaded.recipe

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import sys
-from importlib import resources
 from pathlib import Path
 from typing import Annotated
 
@@ -231,11 +230,11 @@ ModelArg = Annotated[Path, typer.Argument(help="A run directory, a checkpoint di
 
 
 def load_engine(path: Path, quant: str = "none", device: str = "cpu", dtype: str = "auto", max_batch: int = 8):
-    """Model + tokenizer + recipe from any checkpoint-like path, in the inference dtype, quantized if asked,
-    weights laid out for decoding, wrapped in an engine."""
+    """Any checkpoint-like path (checkpoint.load) in the inference dtype, quantized if asked, weights laid out for
+    decoding, wrapped in an engine; returned with what was loaded (recipe, chat template, stage kind)."""
     import torch
 
-    from fermion.checkpoint import load_model
+    from fermion import checkpoint
     from fermion.device import resolve_dtype
     from fermion.infer.engine import Engine, prepare_for_decode
     from fermion.infer.quantize import quantize
@@ -244,13 +243,12 @@ def load_engine(path: Path, quant: str = "none", device: str = "cpu", dtype: str
         torch_dtype = resolve_dtype(dtype, torch.device(device))
     except (ValueError, RuntimeError) as err:
         fail(str(err))
-    model, tokenizer, recipe = run_guarded(lambda: load_model(path, device=device, dtype=torch_dtype,
-                                                              warn=console.print))
+    loaded = run_guarded(lambda: checkpoint.load(path, device=device, dtype=torch_dtype, warn=console.print))
     try:
-        quantize(model, quant)
+        quantize(loaded.model, quant)
     except ValueError as err:
         fail(str(err))
-    return Engine(prepare_for_decode(model), tokenizer, max_batch=max_batch), recipe
+    return Engine(prepare_for_decode(loaded.model), loaded.tokenizer, max_batch=max_batch), loaded
 
 
 @app.command()
@@ -273,11 +271,10 @@ def generate(
     """Continue prompts with the KV-cache engine, streaming the text as it is generated."""
     import time
 
-    from fermion.chat.templates import ChatTemplate
     from fermion.infer.engine import SamplingParams
 
-    engine, recipe = load_engine(run, quant, device, dtype)
-    template = run_guarded(lambda: ChatTemplate.get(recipe.tokenizer.chat_template)) if chat else None
+    engine, loaded = load_engine(run, quant, device, dtype)
+    template = run_guarded(loaded.chat_template) if chat else None
     try:
         params = SamplingParams(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
                                 min_p=min_p, repetition_penalty=repetition_penalty, seed=seed,
@@ -320,12 +317,11 @@ def chat(
     device: Annotated[str, typer.Option(help="cpu, cuda, ...")] = "cpu",
 ) -> None:
     """Talk to a model: a streaming multi-turn REPL with history and /commands (/help lists them)."""
-    from fermion.chat.templates import ChatTemplate
     from fermion.infer.engine import SamplingParams
     from fermion.infer.repl import ChatSession, run_repl
 
-    engine, recipe = load_engine(run, quant, device, dtype, max_batch=1)
-    chat_template = run_guarded(lambda: ChatTemplate.get(template or recipe.tokenizer.chat_template))
+    engine, loaded = load_engine(run, quant, device, dtype, max_batch=1)
+    chat_template = run_guarded(lambda: loaded.chat_template(template))
     try:
         params = SamplingParams(max_new_tokens=max_new_tokens or min(512, max(1, engine.max_seq // 4)),
                                 temperature=temperature, top_p=top_p, seed=seed)
@@ -355,16 +351,15 @@ def serve(
     """Serve a model over an OpenAI-compatible API (/v1/chat/completions, /v1/completions) with a chat page at /."""
     import ipaddress
 
-    from fermion.chat.templates import ChatTemplate
 
     try:
         from fermion.serve.app import ServerConfig
         from fermion.serve.app import serve as run_server
     except ModuleNotFoundError as err:
         fail(f"fermion serve needs the '{err.name}' package: pip install 'fermion[serve]'")
-    engine, recipe = load_engine(run, quant, device, dtype, max_batch=max_batch)
-    chat_template = run_guarded(lambda: ChatTemplate.get(template or recipe.tokenizer.chat_template))
-    name = model_name or recipe.run.name
+    engine, loaded = load_engine(run, quant, device, dtype, max_batch=max_batch)
+    chat_template = run_guarded(lambda: loaded.chat_template(template))
+    name = model_name or loaded.recipe.run.name
     try:
         public = not ipaddress.ip_address(host).is_loopback
     except ValueError:  # a host name
@@ -547,9 +542,6 @@ def _run_or_exit(action):
         fail(f"this step needs the '{err.name}' package: pip install 'fermion[export,eval]'")
 
 
-DEMO_CHATS = ["Hello!", "Tell me a story about a brave rabbit named Pip.", "What is a map?", "What is 7 + 8?"]
-
-
 @app.command()
 def demo(
     data: Annotated[Path | None, typer.Option(help="Pretrain on your own corpora instead: a folder of .txt, .jsonl, "
@@ -564,16 +556,12 @@ def demo(
     sample chats."""
     import time
 
+    from fermion import demo as built_in
     from fermion.layout import card_file
     from fermion.run import run as run_all
 
     started = time.perf_counter()
-    # with --data, a run directory of its own (runs/demo-<folder>); --set still has the last word
-    named = [f"run.name=demo-{data.resolve().name}", f"run.dir=runs/demo-{data.resolve().name}"] if data else []
-    with resources.as_file(resources.files("fermion") / "recipes" / "demo.yaml") as path:
-        loaded = recipe_or_exit(path, named + list(set_ or []))
-    if data is not None:
-        loaded = run_guarded(lambda: _with_user_data(loaded, data))
+    loaded = run_guarded(lambda: built_in.recipe(list(set_ or []), data))
     sources = ", ".join(f"{s.name}" for s in loaded.data.sources)
     console.print(f"[bold]fermion demo[/]: a {loaded.model.n_layers}-layer model pretrained on {sources}; then "
                   f"{', '.join(n for n in ('sft', 'dpo') if getattr(loaded, n))}, eval, export, card\n"
@@ -581,63 +569,10 @@ def demo(
     result = _run_or_exit(lambda: run_all(loaded, console, start=from_))
     if result.status != "complete":
         raise typer.Exit(0)
-    _sample_chats(loaded)
+    run_guarded(lambda: built_in.sample_chats(loaded, console))
+    final = built_in.final_dir(loaded)
     console.print(f"[bold]demo finished in {time.perf_counter() - started:.0f} s[/] · chat with it: fermion chat "
-                  f"{_final_dir(loaded)} · model card: {card_file(_final_dir(loaded))}")
-
-
-def _final_dir(recipe: Recipe) -> Path:
-    from fermion.run import trained_stages
-
-    return trained_stages(recipe)[-1][1]
-
-
-def _with_user_data(recipe: Recipe, folder: Path) -> Recipe:
-    """The demo recipe with its pretraining sources replaced by the corpora in `folder`."""
-    from fermion.config import DataConfig, SourceConfig, matching_files
-    from fermion.data.sources import DOCUMENT_SUFFIXES, DataError
-
-    kinds = ", ".join(DOCUMENT_SUFFIXES)
-    if not folder.is_dir():
-        raise DataError(f"--data {folder}: not a folder; give a folder of {kinds} files")
-    sources = []
-    for entry in sorted(folder.iterdir()):
-        if entry.is_file() and entry.name.endswith(DOCUMENT_SUFFIXES):
-            paths = [str(entry)]
-        elif entry.is_dir():
-            paths = [pattern for suffix in DOCUMENT_SUFFIXES
-                     if matching_files(pattern := str(entry / "**" / f"*{suffix}"))]
-        else:
-            continue
-        if paths:
-            name = entry.name.split(".")[0] or entry.name
-            sources.append(SourceConfig(name=name, paths=paths, kind="code" if name == "code" else "web"))
-    if not sources:
-        raise DataError(f"--data {folder}: no {kinds} files in it")
-    data = DataConfig(**{**recipe.data.model_dump(), "sources": [s.model_dump() for s in sources]})
-    return recipe.model_copy(update={"data": data})
-
-
-def _sample_chats(recipe: Recipe) -> None:
-    """A few answers from the final model through its chat template (greedy, so they repeat), the last one a
-    held-out tinytask tool call."""
-    from fermion.chat.templates import ChatTemplate
-    from fermion.data.synthetic import tinytask
-    from fermion.infer.engine import SamplingParams
-
-    engine, final_recipe = load_engine(_final_dir(recipe))
-    template = ChatTemplate.get(final_recipe.tokenizer.chat_template)
-    params = SamplingParams(max_new_tokens=160, temperature=0.0, stop=template.stop_strings)
-    problem = tinytask.problems(1, seed=1)[0]
-    chats = [(q, [{"role": "user", "content": q}]) for q in DEMO_CHATS]
-    chats.append((f"[tools: {', '.join(t['name'] for t in problem.tools)}] {problem.request}",
-                  [{"role": "system", "content": tinytask.SYSTEM},
-                   {"role": "user", "content": tinytask.user_text(problem)}]))
-    prompts = [template.encode(engine.tokenizer, messages, add_generation_prompt=True).ids for _, messages in chats]
-    for (shown, _), completion in zip(chats, engine.generate(prompts, params), strict=True):
-        console.print(f"[bold cyan]user[/] {escape(shown)}\n[bold green]assistant[/] {escape(completion.text.strip())}",
-                      highlight=False)
-
+                  f"{final} · model card: {card_file(final)}")
 
 def main() -> None:
     app()

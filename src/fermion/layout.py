@@ -157,6 +157,17 @@ def post_training_dir(run: Path, name: str, section: Section = None) -> Path:
     return Path(section.dir) if section is not None and section.dir else Path(run) / name
 
 
+def stages(run: Path, recipe: Section) -> list[tuple[str, Path, Section]]:
+    """(name, directory, the section it trains on) of every stage a run of `recipe` laid out under `run` can have,
+    in training order: pretrain (recipe.data), each continued stage (its own section), sft and dpo (their
+    sections, None where the recipe has none)."""
+    found = [("pretrain", Path(run), recipe.data)]
+    found += [(stage.name, continued_stage_dir(run, stage), stage.data) for stage in recipe.stages]
+    found += [(name, post_training_dir(run, name, getattr(recipe, name)), getattr(recipe, name))
+              for name in POST_TRAINING]
+    return found
+
+
 def superseded_dir(directory: Path, stamp: str) -> Path:
     return Path(directory) / SUPERSEDED / stamp
 

@@ -155,11 +155,8 @@ def _supersede(directory: Path, names: tuple[str, ...]) -> Path | None:
 
 def trained_stages(recipe: Recipe) -> list[tuple[str, Path]]:
     """(name, directory) of every model the recipe trains, in order."""
-    stages = [("pretrain", recipe.run_dir)]
-    stages += [(stage.name, recipe.stage_dir(i)) for i, stage in enumerate(recipe.stages)]
-    stages += [(name, recipe.post_training_dir(name)) for name in layout.POST_TRAINING
-               if getattr(recipe, name) is not None]
-    return stages
+    return [(name, directory) for name, directory, section in layout.stages(recipe.run_dir, recipe)
+            if name not in layout.POST_TRAINING or section is not None]
 
 
 def plan(recipe: Recipe, console: Console) -> list[Step]:

@@ -188,8 +188,7 @@ def load(path: str | Path, *, device: str = "cpu", dtype: str = "fp32", chat: bo
 
     torch_dtype = resolve_dtype(dtype, torch.device(device))
     loaded = checkpoint.load(path, device=device, dtype=torch_dtype, warn=lambda *_: None)
-    if chat is None:
-        chat = loaded.stage in checkpoint.POST_TRAINED
-    spec = template or loaded.recipe.tokenizer.chat_template
-    return EvalModel(prepare_for_decode(loaded.model), loaded.tokenizer, template=ChatTemplate.get(spec), chat=chat,
+    chat = loaded.post_trained if chat is None else chat
+    return EvalModel(prepare_for_decode(loaded.model), loaded.tokenizer, template=loaded.chat_template(template),
+                     chat=chat,
                      name=str(path), max_batch=max_batch, recipe=loaded.recipe)

@@ -12,16 +12,16 @@ def export(run, formats: list[str], out=None, dtype: str | None = None, template
     Returns the written paths. Import errors of an optional exporter's package propagate (ModuleNotFoundError)."""
     from pathlib import Path
 
-    from fermion.chat.templates import ChatTemplate
-    from fermion.checkpoint import load_model
+    from fermion import checkpoint
 
     unknown = [f for f in formats if f not in FORMATS]
     if unknown:
         raise ExportError(f"format {unknown[0]!r} is not one of {', '.join(FORMATS)}")
     if out is not None and len(formats) > 1:
         raise ExportError("an output folder names one format; export one format at a time with it")
-    model, tokenizer, recipe = load_model(Path(run), warn=warn)
-    chat_template = ChatTemplate.get(template or recipe.tokenizer.chat_template)
+    loaded = checkpoint.load(Path(run), warn=warn)
+    model, tokenizer, recipe = loaded.model, loaded.tokenizer, loaded.recipe
+    chat_template = loaded.chat_template(template)
     paths = []
     for fmt in formats:
         folder = Path(out) if out is not None else layout.output_root(Path(run), layout.EXPORT) / fmt

@@ -28,13 +28,8 @@ class ModelCounts:
     train_flops_per_token: float
 
 
-def build_on_meta(cfg: ModelConfig) -> Transformer:
-    with torch.device("meta"):
-        return Transformer(cfg)
-
-
 def count(cfg: ModelConfig, seq_len: int | None = None) -> ModelCounts:
-    model = build_on_meta(cfg)
+    model = Transformer.build(cfg)
     total = sum(p.numel() for p in model.parameters())
     inactive = 0
     if cfg.moe:
@@ -103,7 +98,7 @@ class _Params:
 
 
 def _params(cfg: ModelConfig) -> _Params:
-    model = build_on_meta(cfg)
+    model = Transformer.build(cfg)
     block = model.blocks[0]
 
     def matmul(module: torch.nn.Module) -> int:

@@ -284,11 +284,7 @@ def _from_hf_state_dict(weights: dict[str, torch.Tensor], cfg: ModelConfig, arch
 def imported_recipe(folder: Path) -> tuple[Transformer, Tokenizer, Recipe]:
     """An HF folder as fermion sees a checkpoint: the model (fp32), its tokenizer and a recipe describing both."""
     imported = import_hf(folder)
-    with torch.device("meta"):
-        model = Transformer(imported.config)
-    model.to_empty(device="cpu")
-    model.load_state_dict(imported.state_dict)
-    model.reset_rope()
+    model = Transformer.build(imported.config, "cpu", imported.state_dict)
     tokenizer = imported.tokenizer
     recipe = Recipe(run=RunConfig(name=folder.resolve().name), model=imported.config,
                     tokenizer=TokenizerConfig(path=str(folder / "tokenizer.json"),

@@ -158,6 +158,24 @@ class Transformer(nn.Module):
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)
 
+    @classmethod
+    def build(cls, cfg: ModelConfig, device: torch.device | str = "meta", weights: dict | None = None,
+              seed: int | None = None) -> Transformer:
+        """The one way to make a model: built on the meta device (no memory, no init), and for any other device
+        materialised there with `weights` (a state dict), a random init from `seed`, or, with neither, uninitialised
+        parameters for the caller to load (the rotary tables are set in every case)."""
+        with torch.device("meta"):
+            model = cls(cfg)
+        if torch.device(device).type == "meta":
+            return model
+        model.to_empty(device=device)
+        if weights is not None:
+            model.load_state_dict(weights)
+        elif seed is not None:
+            model.init_weights(torch.Generator(device).manual_seed(seed))
+        model.reset_rope()
+        return model
+
     @torch.no_grad()
     def init_weights(self, generator: torch.Generator | None = None) -> None:
         """Normal(0, init_std) everywhere, residual outputs scaled by 1/sqrt(2 n_layers) (GPT-2)."""

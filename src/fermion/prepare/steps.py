@@ -320,12 +320,12 @@ class PerplexityFilter(BaseFilter):
 
     def model(self):
         if self._loaded is None:
-            from fermion.checkpoint import load_model  # imported here: the other steps need no model code
+            from fermion import checkpoint  # imported here: the other steps need no model code
 
             # datatrove runs one worker per core; torch's own thread pool in each would oversubscribe them.
             torch.set_num_threads(1)
-            model, tokenizer, _ = load_model(self.checkpoint)
-            self._loaded = model, tokenizer
+            loaded = checkpoint.load(self.checkpoint)
+            self._loaded = loaded.model, loaded.tokenizer
         return self._loaded
 
     @torch.no_grad()

@@ -1,12 +1,40 @@
-"""Model wrapping for many processes (DDP or FSDP2), kept apart from the training loop; the process group itself
-is joined in fermion.device."""
+"""How a model is made ready to train on the devices at hand, kept apart from the training loop: `parallelize`
+applies activation checkpointing, compile and DDP/FSDP2 wrapping in that order (torchtitan's `parallelize` is the
+model); the process group itself is joined in fermion.device."""
 
 from __future__ import annotations
+
+from collections.abc import Callable
 
 import torch
 from torch import nn
 
-from fermion.device import DistInfo
+from fermion.config import TrainConfig
+from fermion.device import DistInfo, can_compile, resolve_attention, resolve_cross_entropy
+from fermion.model.transformer import Transformer
+from fermion.train.objectives import Objective
+
+
+def parallelize(model: Transformer, objective: Objective, cfg: TrainConfig, info: DistInfo, precision: str,
+                warn: Callable[[str], None]) -> tuple[nn.Module, Callable, bool]:
+    """(the model to train, wrapped for `info`'s processes; the loss function the loop calls as loss(model, batch);
+    whether it is compiled). In this order, each seeing what the one before set: the memory settings
+    (activation checkpointing, the attention kernel, cross-entropy), then torch.compile, then DDP or FSDP2."""
+    model.set_activation_checkpointing(cfg.activation_checkpointing)
+    model.set_attention(resolve_attention(cfg.attention, info.device))
+    objective.set_cross_entropy(resolve_cross_entropy(cfg.cross_entropy, info.device))
+    compiled = cfg.compile and can_compile(info.device)
+    if cfg.compile and not compiled:
+        warn("train.compile needs a C++ compiler on CPU and none was found; training in eager mode")
+    loss_fn = objective.loss
+    if compiled and info.distributed and cfg.distributed == "fsdp":
+        for block in model.blocks:
+            block.compile()  # per block before sharding (torchtitan); parameter names stay unchanged
+    elif compiled:
+        # The loss with the model inside: one graph from embeddings to cross-entropy lets the compiler fuse the
+        # norms, rotary embeddings, SwiGLU and the loss (1.2x over compiling the model alone on CPU).
+        loss_fn = torch.compile(objective.loss)
+    return wrap(model, cfg.distributed, info, precision), loss_fn, compiled
 
 
 def wrap(model: nn.Module, mode: str, info: DistInfo, precision: str = "fp32") -> nn.Module:

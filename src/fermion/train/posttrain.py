@@ -43,9 +43,7 @@ def load_source(source: str) -> tuple[Recipe, dict[str, torch.Tensor], Tokenizer
     if (ckpt / "model.safetensors").is_file():
         weights = load_file(ckpt / "model.safetensors")
     else:  # DCP shards from an FSDP run: gather them in this process
-        with torch.device("meta"):
-            model = Transformer(source_recipe.model)
-        model.to_empty(device="cpu")
+        model = Transformer.build(source_recipe.model, "cpu")
         checkpoint.load_weights(ckpt, model)
         weights = model.state_dict()
     return source_recipe, weights, Tokenizer.load(layout.tokenizer_file(ckpt))

@@ -96,15 +96,7 @@ def prepare(recipe: Recipe, strict: bool = False, console: Console | None = None
 def build_model(recipe: Recipe, device: torch.device, weights: dict | None = None) -> Transformer:
     """Build on the meta device, then materialise on the target device: the given weights, or a random init from
     the run's seed."""
-    with torch.device("meta"):
-        model = Transformer(recipe.model)
-    model.to_empty(device=device)
-    if weights is None:
-        model.init_weights(torch.Generator(device).manual_seed(recipe.run.seed))
-    else:
-        model.load_state_dict(weights)
-        model.reset_rope()
-    return model
+    return Transformer.build(recipe.model, device, weights, seed=recipe.run.seed)
 
 
 def start_from(recipe: Recipe) -> tuple[Recipe, dict | None, Tokenizer | None]:

@@ -23,13 +23,10 @@ from fermion.config import Recipe
 from fermion.device import (
     DistInfo,
     all_reduce,
-    can_compile,
-    resolve_attention,
-    resolve_cross_entropy,
     resolve_precision,
 )
 from fermion.model.counting import count
-from fermion.train.distributed import wrap
+from fermion.train.distributed import parallelize
 from fermion.train.logging import MetricsLogger, format_stats, make_progress, peak_flops
 from fermion.train.objectives import Objective
 from fermion.train.prefetch import Prefetcher
@@ -182,15 +179,8 @@ class Trainer:
             os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # cuBLAS needs it for repeatable GEMMs
         torch.use_deterministic_algorithms(self.cfg.deterministic, warn_only=True)
         self.raw_model = model
-        # Memory settings go in before compiling and wrapping, so both see them.
-        model.set_activation_checkpointing(self.cfg.activation_checkpointing)
-        model.set_attention(resolve_attention(self.cfg.attention, info.device))
-        objective.set_cross_entropy(resolve_cross_entropy(self.cfg.cross_entropy, info.device))
-        self.compiled = self.cfg.compile and can_compile(info.device)
-        if self.cfg.compile and not self.compiled:
-            self.warn("train.compile needs a C++ compiler on CPU and none was found; training in eager mode")
-        self.loss_fn = self._compiled_loss() if self.compiled else objective.loss
-        self.model = wrap(model, self.cfg.distributed, info, self.precision)
+        self.model, self.loss_fn, self.compiled = parallelize(model, objective, self.cfg, info, self.precision,
+                                                              self.warn)
         self.optimizer = build_optimizer(self.model, recipe, info.device)
         self.tokens_per_step = self.cfg.micro_batch_size * recipe.seq_len * self.cfg.grad_accum * info.world_size
         self.counts = count(recipe.model, recipe.seq_len)
@@ -202,15 +192,6 @@ class Trainer:
         self.checkpointer = Checkpointer(recipe, tokenizer_path)
         self.callbacks = [*callbacks, self.checkpointer]
         self.logger: MetricsLogger | None = None  # on the main process while fit runs
-
-    def _compiled_loss(self):
-        if self.sharded:
-            for block in self.raw_model.blocks:
-                block.compile()  # per block before sharding (torchtitan); parameter names stay unchanged
-            return self.objective.loss
-        # The loss with the model inside: one graph from embeddings to cross-entropy lets the compiler fuse the
-        # norms, rotary embeddings, SwiGLU and the loss (1.2x over compiling the model alone on CPU).
-        return torch.compile(self.objective.loss)
 
     # ------------------------------------------------------------------------------------------------ state
 
