@@ -20,8 +20,8 @@ from pathlib import Path
 
 import torch
 
+from fermion import checkpoint
 from fermion.chat.templates import ChatTemplate
-from fermion.checkpoint import load_model
 from fermion.config import ModelConfig, TokenizerConfig
 from fermion.data.tokenizer import Tokenizer
 from fermion.export.hf import export_hf
@@ -131,7 +131,8 @@ def main() -> None:
         model.init_weights(torch.Generator().manual_seed(0))
         models.append((f"{size} (random)", model.eval(), shared_tokenizer))
     if args.checkpoint:
-        model, tokenizer, _ = load_model(args.checkpoint)
+        loaded = checkpoint.load(args.checkpoint)
+        model, tokenizer = loaded.model, loaded.tokenizer
         models.append((f"{Path(args.checkpoint).name} (trained)", model, tokenizer))
     rows = []
     for label, model, tokenizer in models:

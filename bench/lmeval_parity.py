@@ -43,7 +43,7 @@ import yaml  # noqa: E402
 from lm_eval.models.huggingface import HFLM  # noqa: E402
 from lm_eval.tasks import TaskManager  # noqa: E402
 
-from fermion.checkpoint import load_model  # noqa: E402
+from fermion import checkpoint  # noqa: E402
 from fermion.eval import multiple_choice  # noqa: E402
 from fermion.eval.lm import EvalModel, load  # noqa: E402
 from fermion.eval.results import TaskOptions  # noqa: E402
@@ -267,7 +267,8 @@ def main() -> None:
 
     lm = load(args.model, dtype="fp32")
     with tempfile.TemporaryDirectory() as tmp:
-        model, tokenizer, _ = load_model(args.model, dtype=torch.float32, warn=lambda *_: None)
+        loaded = checkpoint.load(args.model, dtype=torch.float32, warn=lambda *_: None)
+        model, tokenizer = loaded.model, loaded.tokenizer
         hf_dir = export_hf(model, tokenizer, Path(tmp) / "hf", template=lm.template, dtype="fp32")
         hflm = lmeval_model(hf_dir, args.batch_size)
         rows = [compare(name, lm, hflm, Path(tmp) / "tasks" / name, args.n, args.data_dir)

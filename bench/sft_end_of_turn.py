@@ -13,8 +13,8 @@ import argparse
 import json
 from pathlib import Path
 
+from fermion import checkpoint
 from fermion.chat.templates import ChatTemplate
-from fermion.checkpoint import load_model
 from fermion.infer.engine import Engine, SamplingParams
 
 SEEDS = Path(__file__).resolve().parents[2] / "shared" / "data" / "sft" / "alpaca" / "seed_tasks.jsonl"
@@ -32,7 +32,8 @@ def instructions(n: int) -> list[list[dict]]:
 
 
 def measure(path: str, conversations: list[list[dict]], max_new_tokens: int) -> dict:
-    model, tokenizer, recipe = load_model(path)
+    loaded = checkpoint.load(path)
+    model, tokenizer, recipe = loaded.model, loaded.tokenizer, loaded.recipe
     template = ChatTemplate.get(recipe.tokenizer.chat_template)
     end_of_turn = tokenizer.encode(template.stop_strings[0]) if template.stop_strings else [tokenizer.eos_id]
     if len(end_of_turn) != 1:

@@ -171,7 +171,7 @@ def test_trainer_applies_train_attention(tmp_path, monkeypatch):
     with pytest.raises(ValueError, match="needs a GPU"):
         build_trainer(tmp_path, "flex")
     # As on a GPU, where auto and flex resolve to flex.
-    monkeypatch.setattr("fermion.train.trainer.resolve_attention", lambda setting, device: "flex")
+    monkeypatch.setattr("fermion.train.distributed.resolve_attention", lambda setting, device: "flex")
     assert build_trainer(tmp_path, "auto").raw_model.attention == "flex"
 
 
