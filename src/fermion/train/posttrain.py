@@ -17,7 +17,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file
 
 from fermion import layout
 from fermion.atomic import replaced_file
@@ -30,23 +29,11 @@ from fermion.train.stage import StageSetup
 
 
 def load_source(source: str) -> tuple[Recipe, dict[str, torch.Tensor], Tokenizer]:
-    """Weights to start from: a fermion run or checkpoint directory, or a Hugging Face folder."""
+    """Weights to start from: a fermion run or checkpoint directory, or a Hugging Face folder (checkpoint.load)."""
     from fermion import checkpoint
-    from fermion.model.hf import imported_recipe, is_hf_folder
-    from fermion.model.transformer import Transformer
 
-    if is_hf_folder(source):
-        model, tokenizer, source_recipe = imported_recipe(Path(source))
-        return source_recipe, model.state_dict(), tokenizer
-    ckpt = checkpoint.find(source)
-    source_recipe = checkpoint.load_recipe_of(ckpt)
-    if (ckpt / "model.safetensors").is_file():
-        weights = load_file(ckpt / "model.safetensors")
-    else:  # DCP shards from an FSDP run: gather them in this process
-        model = Transformer.build(source_recipe.model, "cpu")
-        checkpoint.load_weights(ckpt, model)
-        weights = model.state_dict()
-    return source_recipe, weights, Tokenizer.load(layout.tokenizer_file(ckpt))
+    loaded = checkpoint.load(source)
+    return loaded.recipe, loaded.model.state_dict(), loaded.tokenizer
 
 
 def check_same_model(recipe: Recipe, source_recipe: Recipe, source: str, field_name: str) -> None:
