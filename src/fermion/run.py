@@ -198,10 +198,14 @@ def plan(recipe: Recipe, console: Console) -> list[Step]:
         # with data.prepare, the prepare step has trained it on what it kept (and retrained it when that changed)
         force = restart and not recipe.tokenizer.path and recipe.data.prepare is None
         path = train_tokenizer(recipe, console, force=force)
-        return f"{Tokenizer.load(path).vocab_size:,} tokens -> {path}"
+        source = "train.init_from's, " if recipe.train.init_from else ""
+        return f"{source}{Tokenizer.load(path).vocab_size:,} tokens -> {path}"
 
     tokenizer_inputs = {"tokenizer": _section(recipe.tokenizer, {"chat_template"}), "data": _data(recipe.data)}
-    if recipe.tokenizer.path:
+    if recipe.train.init_from:  # a model to start from brings its tokenizer: none is trained
+        console.print(f"tokenizer: train.init_from's ({recipe.train.init_from}); none is trained")
+        tokenizer_inputs = {"init_from": recipe.train.init_from, "path": recipe.tokenizer.path}
+    elif recipe.tokenizer.path:
         tokenizer_inputs = {"file": _files([SourceConfig(name="tokenizer", paths=[recipe.tokenizer.path])])}
     steps.append(Step("tokenizer", "tokenizer", tokenizer_inputs, tokenizer,
                       lambda: recipe.tokenizer_file.is_file()))

@@ -15,6 +15,12 @@ Preference records become a `Pair`: the conversation so far, then the chosen and
     hh                 {"chosen", "rejected"}: Anthropic HH transcripts, "\n\nHuman: ..." / "\n\nAssistant: ..."
                        turns, identical up to the final assistant reply
 
+A prompt that already carries a template would be wrapped twice by the chat template. The Alpaca rendering (Dolly as
+mosaicml publishes it: "Below is an instruction...\n\n### Instruction:\n...\n\n### Response:\n") is taken apart
+into the instruction, the input and (when not the standard one) the preamble as a system message, so the recipe's
+template wraps it once (with the alpaca template the prompt comes out byte for byte as it was); the stage's data report
+counts these. A prompt that starts with another template's markers (chatml, [INST]) is refused, the field named.
+
 `format: auto` recognises each by its fields. A malformed record is a DataError naming it (file and line); a
 well-formed record that cannot be trained on (no assistant turn, identical replies, HH transcripts that part before
 the last reply) is `Skipped`, which the stages count by reason and report.
@@ -23,9 +29,10 @@ the last reply) is `Skipped`, which the stages count by reason and report.
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
 
-from fermion.chat.templates import ROLES
+from fermion.chat.templates import ALPACA_INPUT, ALPACA_PLAIN, ROLES
 from fermion.data.sources import DataError
 
 SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant",
@@ -33,6 +40,10 @@ SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistan
 SFT_FORMATS = ("messages", "alpaca", "dolly", "prompt_completion")
 PREFERENCE_FORMATS = ("preference", "hh")
 _HH_TURN = re.compile(r"\n\n(Human|Assistant): ")
+_ALPACA_RENDERED = re.compile(r"(?P<preamble>[^\n]*)\n\n### Instruction:\n(?P<instruction>.*?)\n\n"
+                              r"(?:### Input:\n(?P<input>.*?)\n\n)?### Response:\n?", re.DOTALL)
+_TEMPLATE_MARKERS = ("<|im_start|>", "[INST]", "<s>[INST]", "<|start_header_id|>", "<|user|>")
+ALREADY_ALPACA = "prompt already in the Alpaca template: unwrapped, so the chat template applies once"
 
 
 class Skipped(DataError):
@@ -69,8 +80,10 @@ def detect_format(record: dict, where: str, allowed: tuple[str, ...]) -> str:
     return found
 
 
-def to_messages(record: dict, where: str, format: str = "auto") -> list[dict]:
-    """An SFT record -> messages with at least one assistant turn."""
+def to_messages(record: dict, where: str, format: str = "auto", note: Callable[[str, str], None] | None = None
+                ) -> list[dict]:
+    """An SFT record -> messages with at least one assistant turn. `note(reason, where)` hears of a record that was
+    changed on the way (an already templated prompt unwrapped)."""
     format = detect_format(record, where, SFT_FORMATS) if format == "auto" else format
     if format == "messages":
         messages = _message_list(record.get("messages", record.get("conversations")), where, "messages")
@@ -82,13 +95,35 @@ def to_messages(record: dict, where: str, format: str = "auto") -> list[dict]:
         messages = [user, {"role": "assistant", "content": _text(record, answer, where)}]
     elif format == "prompt_completion":
         answer = "completion" if "completion" in record else "response"
-        messages = [{"role": "user", "content": _text(record, "prompt", where)},
+        messages = [*_prompt_messages(_text(record, "prompt", where), where, note),
                     {"role": "assistant", "content": _text(record, answer, where)}]
     else:
         raise DataError(f"{where}: format {format!r} is for preference data, not SFT")
     if not any(m["role"] == "assistant" for m in messages):
         raise Skipped(where, "no assistant turn", " (nothing to learn from)")
     return messages
+
+
+def _prompt_messages(prompt: str, where: str, note: Callable[[str, str], None] | None) -> list[dict]:
+    """A prompt field as the messages before the reply: one user message, or, for a prompt already rendered with the
+    Alpaca template, its parts."""
+    rendered = _ALPACA_RENDERED.fullmatch(prompt)
+    if rendered is None or "### Instruction:" in rendered["instruction"]:
+        stripped = prompt.lstrip()
+        marker = next((m for m in _TEMPLATE_MARKERS if stripped.startswith(m)), None)
+        if marker is not None:
+            raise DataError(f"{where}: field 'prompt' already carries a chat template (it starts with {marker}); "
+                            "fermion applies tokenizer.chat_template itself: give the plain text, or the "
+                            "conversation as a messages record")
+        return [{"role": "user", "content": prompt}]
+    user = {"role": "user", "content": rendered["instruction"]}
+    if rendered["input"]:
+        user["input"] = rendered["input"]
+    standard = ALPACA_INPUT if rendered["input"] else ALPACA_PLAIN
+    system = [] if rendered["preamble"] == standard else [{"role": "system", "content": rendered["preamble"]}]
+    if note is not None:
+        note(ALREADY_ALPACA, where)
+    return [*system, user]
 
 
 def to_pair(record: dict, where: str, format: str = "auto") -> Pair:

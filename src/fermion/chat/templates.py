@@ -29,6 +29,9 @@ from jinja2.sandbox import ImmutableSandboxedEnvironment
 from fermion.data.tokenizer import BOS, EOS, Tokenizer
 
 ROLES = ("system", "user", "assistant")
+# A special-token marker a template writes literally, like chatml's <|im_start|>: it must be one token of the
+# vocabulary, or it renders as pieces and no single token ends a turn.
+_MARKER = re.compile(r"<\|[^|<>\s]+\|>")
 _OPEN, _CLOSE = "\ue000", "\ue001"  # private-use markers around generation blocks while rendering
 
 # The role check every template starts with: an unknown role is an error, not silently dropped text.
@@ -53,15 +56,15 @@ CHATML = _CHECK + (
     "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
 )
 
-_ALPACA_PLAIN = ("Below is an instruction that describes a task. "
+ALPACA_PLAIN = ("Below is an instruction that describes a task. "
                  "Write a response that appropriately completes the request.")
-_ALPACA_INPUT = ("Below is an instruction that describes a task, paired with an input that provides further context. "
+ALPACA_INPUT = ("Below is an instruction that describes a task, paired with an input that provides further context. "
                  "Write a response that appropriately completes the request.")
 ALPACA = _CHECK + (
     "{% set first_user = messages | selectattr('role', 'equalto', 'user') | first %}"
     "{% if messages and messages[0]['role'] == 'system' %}{{ messages[0]['content'] }}"
-    "{% elif first_user is defined and first_user.get('input') %}{{ '" + _ALPACA_INPUT + "' }}"
-    "{% else %}{{ '" + _ALPACA_PLAIN + "' }}{% endif %}{{ '\n\n' }}"
+    "{% elif first_user is defined and first_user.get('input') %}{{ '" + ALPACA_INPUT + "' }}"
+    "{% else %}{{ '" + ALPACA_PLAIN + "' }}{% endif %}{{ '\n\n' }}"
     "{% for m in messages %}"
     "{% if m['role'] == 'user' %}"
     "{{ '### Instruction:\n' }}{{ m['content'] }}{{ '\n\n' }}"
@@ -152,6 +155,20 @@ class ChatTemplate:
             return cls(path.stem, path.read_text(encoding="utf-8"))
         return cls("custom", spec)
 
+    def missing_tokens(self, tokenizer: Tokenizer) -> list[str]:
+        """The special-token markers (<|...|>) the template writes that the tokenizer's vocabulary lacks."""
+        markers = set(_MARKER.findall(self.source))
+        return sorted(marker for marker in markers if tokenizer.inner.token_to_id(marker) is None)
+
+    def require_tokens(self, tokenizer: Tokenizer, where: str = "tokenizer.chat_template") -> None:
+        """Refuse a template whose markers the vocabulary lacks, naming them and what would work instead."""
+        missing = self.missing_tokens(tokenizer)
+        if missing:
+            raise TemplateError(
+                f"{where}: the {self.name} template writes {', '.join(missing)}, which the tokenizer's vocabulary "
+                "lacks: they would be split into pieces and no single token would end a turn; use alpaca or tagged "
+                "(no special tokens needed), the tokenizer's own template, or a tokenizer that has them")
+
     def render_spans(self, messages: list[dict], tokenizer: Tokenizer | None = None,
                      add_generation_prompt: bool = False) -> tuple[str, list[tuple[int, int]]]:
         """The rendered text and the character spans of its generation blocks."""
@@ -189,3 +206,12 @@ class ChatTemplate:
         # count it: a token that merges template text with the reply's first characters is the reply's.
         mask = [any(first < end and last > start for start, end in spans) for first, last in encoding.offsets]
         return Encoded(encoding.ids, mask, text)
+
+
+def default_template(tokenizer: Tokenizer) -> str:
+    """The template a run takes when its recipe names none: the one its tokenizer came with (tokenizer_config.json's
+    chat_template, which transformers uses too); else chatml when the vocabulary has chatml's markers; else alpaca,
+    which needs no special token but eos."""
+    if tokenizer.chat_template:
+        return tokenizer.chat_template
+    return "chatml" if not ChatTemplate.get("chatml").missing_tokens(tokenizer) else "alpaca"

@@ -26,7 +26,6 @@ from concurrent.futures import Future, ProcessPoolExecutor
 from pathlib import Path
 
 import numpy as np
-import tokenizers
 import torch
 
 from fermion.atomic import replaced_dir
@@ -286,10 +285,11 @@ class _ShardWriter:
 _worker_tokenizer: Tokenizer | None = None  # set once in each worker process by _start_worker
 
 
-def _start_worker(tokenizer_json: str) -> None:
+def _start_worker(tokenizer: Tokenizer) -> None:
+    """`tokenizer` arrives pickled, whole: its vocabulary and the names of its bos/eos/pad tokens."""
     os.environ["TOKENIZERS_PARALLELISM"] = "false"  # the pool is the parallelism; nested threads would only contend
     global _worker_tokenizer
-    _worker_tokenizer = Tokenizer(tokenizers.Tokenizer.from_str(tokenizer_json))
+    _worker_tokenizer = tokenizer
 
 
 def _encode_in_worker(texts: list[str]) -> tuple[np.ndarray, list[int], list[int]]:
@@ -306,8 +306,7 @@ def _encoded_batches(data: DataConfig, tokenizer: Tokenizer) -> Iterator[tuple[s
     """(source name, number of its first document, per-document tokens, per-document bytes), in corpus order."""
     # spawn, not fork: the parent may hold torch and tokenizers threads, which a forked child would inherit broken
     context = multiprocessing.get_context("spawn")
-    initargs = (tokenizer.inner.to_str(),)
-    with ProcessPoolExecutor(data.num_workers, context, initializer=_start_worker, initargs=initargs) as pool:
+    with ProcessPoolExecutor(data.num_workers, context, initializer=_start_worker, initargs=(tokenizer,)) as pool:
         in_flight: deque[tuple[str, int, Future]] = deque()  # bounded, so reading never runs far ahead of encoding
         for name, first, texts in _document_batches(data.sources):
             in_flight.append((name, first, pool.submit(_encode_in_worker, texts)))

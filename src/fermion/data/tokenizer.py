@@ -1,8 +1,15 @@
-"""A byte-level BPE tokenizer: a thin layer over `tokenizers.Tokenizer` with the ids and facts Fermion needs.
+"""A tokenizer: a thin layer over `tokenizers.Tokenizer` with the ids and facts Fermion needs.
 
-Byte-level means every string is encodable (the 256 byte symbols are always in the vocabulary) and
-decode(encode(text)) == text. Special tokens are never added implicitly; written literally in text they are
-recognised as the special token.
+Fermion trains byte-level BPE (every string is encodable, the 256 byte symbols always in the vocabulary, and
+decode(encode(text)) == text) and reads existing ones too: GPT-2's byte-level BPE, or a SentencePiece-style BPE with
+byte fallback and a metaspace (Llama, Mistral). Special tokens are never added implicitly; written literally in text
+they are recognised as the special token.
+
+Which tokens play bos, eos and pad, and the chat template the tokenizer came with, live in a Hugging Face
+tokenizer_config.json beside tokenizer.json (written only when they differ from Fermion's own; a chat_template.jinja
+there, as transformers 5 saves it, is read too). They belong to the
+tokenizer: `load` and `save` carry them, and so does pickling (the shard writer's worker processes get the whole
+object), so no copy of a tokenizer falls back to Fermion's default names.
 """
 
 from __future__ import annotations
@@ -10,6 +17,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 from collections.abc import Iterable, Iterator
 from functools import cached_property
 from pathlib import Path
@@ -26,13 +34,19 @@ BOS, EOS, PAD = "<|bos|>", "<|eos|>", "<|pad|>"
 
 
 CONFIG_NAME = "tokenizer_config.json"  # Hugging Face's name; holds which tokens play bos/eos/pad when not ours
+TEMPLATE_NAME = "chat_template.jinja"  # where transformers 5 saves a tokenizer's chat template
+_BYTE_FALLBACK = re.compile(r"<0x[0-9A-Fa-f]{2}>")  # SentencePiece's byte tokens: one raw byte each
+_METASPACE = "\u2581"  # ▁, SentencePiece's stand-in for a space
+_BYTE_LEVEL_ALPHABET = frozenset(pre_tokenizers.ByteLevel.alphabet())  # GPT-2's 256 byte symbols
 
 
 class Tokenizer:
-    def __init__(self, inner: tokenizers.Tokenizer, bos: str = BOS, eos: str = EOS, pad: str | None = PAD):
+    def __init__(self, inner: tokenizers.Tokenizer, bos: str = BOS, eos: str = EOS, pad: str | None = PAD,
+                 chat_template: str | None = None):
         self.inner = inner
         self.bos_token, self.eos_token = bos, eos
         self.pad_token = pad if pad is not None else eos  # imported tokenizers often have no pad: reuse eos
+        self.chat_template = chat_template  # the Jinja template it came with (tokenizer_config.json), if any
 
     @classmethod
     def train(cls, texts: Iterable[str], config: TokenizerConfig) -> Tokenizer:
@@ -52,41 +66,38 @@ class Tokenizer:
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> Tokenizer:
-        """tokenizer.json, plus the bos/eos/pad names from a tokenizer_config.json beside it when there is one."""
+        """tokenizer.json, plus the bos/eos/pad names and chat template of a tokenizer_config.json beside it."""
         if not Path(path).is_file():
             raise DataError(f"{path}: tokenizer file not found; train one first or fix tokenizer.path")
         try:
             inner = tokenizers.Tokenizer.from_file(str(path))
         except Exception as err:  # the tokenizers library raises a bare Exception for unparsable files
             raise DataError(f"{path}: not a valid tokenizer.json ({err})") from None
-        names = {"bos": BOS, "eos": EOS, "pad": PAD}
-        config_path = Path(path).with_name(CONFIG_NAME)
-        if config_path.is_file():
-            try:
-                config = json.loads(config_path.read_text(encoding="utf-8"))
-            except (json.JSONDecodeError, UnicodeDecodeError) as err:
-                raise DataError(f"{config_path}: not valid JSON ({err})") from None
-            for role in names:
-                value = config.get(f"{role}_token", names[role] if role != "pad" else None)
-                names[role] = value.get("content") if isinstance(value, dict) else value
+        config = _read_config(Path(path).with_name(CONFIG_NAME))
+        names = {"bos": BOS, "eos": EOS, "pad": PAD} if config is None else {
+            role: _token_name(config.get(f"{role}_token", None if role == "pad" else default))
+            for role, default in (("bos", BOS), ("eos", EOS), ("pad", PAD))}
         for role, token in names.items():
             if token is None and role == "pad":
                 continue
             if token is None or inner.token_to_id(token) is None:
                 raise DataError(f"{path}: tokenizer lacks the {role} token {token!r}; Fermion needs bos and eos tokens "
                                 f"(name them as {role}_token in {CONFIG_NAME} beside it)")
-        return cls(inner, names["bos"], names["eos"], names["pad"])
+        return cls(inner, names["bos"], names["eos"], names["pad"], _chat_template(Path(path).parent, config))
 
     def save(self, path: str | os.PathLike) -> None:
-        """Write atomically, so a crash never leaves a truncated tokenizer.json behind."""
+        """Write atomically, so a crash never leaves a truncated tokenizer.json behind; tokenizer_config.json beside
+        it when the bos/eos/pad names are not Fermion's or the tokenizer came with a chat template."""
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
         with replaced_file(path) as temporary:
             self.inner.save(str(temporary))
-        if (self.bos_token, self.eos_token, self.pad_token) != (BOS, EOS, PAD):
+        if (self.bos_token, self.eos_token, self.pad_token) != (BOS, EOS, PAD) or self.chat_template:
             config = {"bos_token": self.bos_token, "eos_token": self.eos_token, "pad_token": self.pad_token}
+            if self.chat_template:
+                config["chat_template"] = self.chat_template
             with replaced_file(path.with_name(CONFIG_NAME)) as temporary:
-                temporary.write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
+                temporary.write_text(json.dumps(config, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
 
     def encode(self, text: str) -> list[int]:
         return self.inner.encode(text, add_special_tokens=False).ids
@@ -125,11 +136,71 @@ class Tokenizer:
         return hashlib.sha256(self.inner.to_str().encode("utf-8")).hexdigest()
 
     def token_bytes(self) -> np.ndarray:
-        """int32 [vocab_size]: UTF-8 bytes each id decodes to (0 for special tokens), for bits-per-byte."""
-        specials = {i for i, token in self.inner.get_added_tokens_decoder().items() if token.special}
-        # In a byte-level vocabulary every character of a token's string stands for exactly one byte.
-        counts = [0 if i in specials else len(self.inner.id_to_token(i)) for i in range(self.vocab_size)]
-        return np.array(counts, dtype=np.int32)
+        """int32 [vocab_size]: the UTF-8 bytes of text each id stands for (0 for special tokens), for bits per byte.
+
+        The one byte count of Fermion: training's validation and the perplexity task both sum it over the tokens
+        they score. A byte-level token's characters are GPT-2 byte symbols, one byte each; a SentencePiece byte
+        token <0xNN> is one byte; a metaspace ▁ is a space (so a text's first token counts the space the tokenizer
+        puts before it: one byte per document more than the text holds); any other token is its own UTF-8 text.
+        """
+        return self._token_bytes.copy()
+
+    def count_bytes(self, ids: Iterable[int]) -> int:
+        """UTF-8 bytes the tokens stand for, by `token_bytes`."""
+        return int(self._token_bytes[np.asarray(list(ids), dtype=np.int64)].sum())
+
+    @cached_property
+    def _token_bytes(self) -> np.ndarray:
+        spec = json.loads(self.inner.to_str())
+        byte_level = "ByteLevel" in _types(spec.get("decoder"))
+        byte_fallback = bool((spec.get("model") or {}).get("byte_fallback"))
+        added = {token.content: token.special for token in self.inner.get_added_tokens_decoder().values()}
+        counts = np.zeros(self.vocab_size, dtype=np.int32)
+        for token, i in self.inner.get_vocab(with_added_tokens=True).items():
+            if token in added:  # matched in raw text: specials stand for no text, the others for their own
+                counts[i] = 0 if added[token] else len(token.encode("utf-8"))
+            elif byte_fallback and _BYTE_FALLBACK.fullmatch(token):
+                counts[i] = 1
+            elif byte_level and _BYTE_LEVEL_ALPHABET.issuperset(token):
+                counts[i] = len(token)
+            else:
+                counts[i] = len(token.replace(_METASPACE, " ").encode("utf-8"))
+        return counts
+
+
+def _read_config(path: Path) -> dict | None:
+    if not path.is_file():
+        return None
+    try:
+        config = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise DataError(f"{path}: not valid JSON ({err})") from None
+    if not isinstance(config, dict):
+        raise DataError(f"{path}: expected a JSON object with bos_token, eos_token, pad_token")
+    return config
+
+
+def _token_name(value: object) -> str | None:
+    return value.get("content") if isinstance(value, dict) else value  # older files write {"content": ...}
+
+
+def _chat_template(folder: Path, config: dict | None) -> str | None:
+    """The tokenizer's own template: chat_template.jinja beside it (where transformers 5 saves it), else the
+    tokenizer_config.json's; of the multi-template form (a list), the one named default."""
+    if (folder / TEMPLATE_NAME).is_file():
+        return (folder / TEMPLATE_NAME).read_text(encoding="utf-8") or None
+    template = (config or {}).get("chat_template")
+    if isinstance(template, list):
+        template = next((t.get("template") for t in template if t.get("name") == "default"), None)
+    return template if isinstance(template, str) and template else None
+
+
+def _types(component: dict | None) -> set[str]:
+    """The types of a tokenizer.json pipeline component, through Sequence nesting."""
+    if not component:
+        return set()
+    nested = component.get("decoders") or component.get("pretokenizers") or []
+    return {component.get("type")}.union(*(_types(part) for part in nested))
 
 
 def _first_bytes(texts: Iterable[str], budget: int) -> Iterator[str]:

@@ -3,7 +3,8 @@
 The text is tokenized whole and scored in windows of the model's context length that overlap by half, so every
 token after the first window is predicted with at least half a context of history; each token is scored once.
 The first token is predicted after the end-of-text token, which is what precedes every document in training.
-Bits per byte (total negative log-likelihood in bits / UTF-8 bytes) is the number to compare across tokenizers.
+Bits per byte (total negative log-likelihood in bits / UTF-8 bytes) is the number to compare across tokenizers; the
+bytes are the tokenizer's own count (`Tokenizer.token_bytes`), the one training's validation bits per byte uses too.
 """
 
 from __future__ import annotations
@@ -37,7 +38,7 @@ def text_nll(lm: EvalModel, text: str, limit_windows: int | None = None) -> tupl
     ids = [lm.tokenizer.eos_id] + lm.tokenizer.encode(text)
     length = lm.max_length
     spans = windows(len(ids) - 1, length, max(1, length // 2))[:limit_windows]
-    total, scored = 0.0, 0
+    total, scored, n_bytes = 0.0, 0, 0
     for start, end, first in spans:
         chunk = torch.tensor(ids[start:end], device=lm.device)[None]
         hidden, _ = lm.model.hidden(chunk[:, :-1])
@@ -46,8 +47,8 @@ def text_nll(lm: EvalModel, text: str, limit_windows: int | None = None) -> tupl
         targets = chunk[0, first - start:]
         total += float(F.cross_entropy(logits, targets, reduction="sum"))
         scored += targets.numel()
-    covered = lm.tokenizer.decode(ids[1:spans[-1][1]]) if spans else ""
-    return total, scored, len(covered.encode("utf-8"))
+        n_bytes += lm.tokenizer.count_bytes(targets.tolist())
+    return total, scored, n_bytes
 
 
 def perplexity(lm: EvalModel, path: Path, limit_windows: int | None = None) -> TaskResult:

@@ -50,6 +50,7 @@ def export_hf(model: Transformer, tokenizer: Tokenizer, out_dir: str | os.PathLi
     if model.cfg.vocab_size < tokenizer.vocab_size:
         raise ExportError(f"model.vocab_size ({model.cfg.vocab_size}) is smaller than the tokenizer's "
                           f"{tokenizer.vocab_size} tokens")
+    template.require_tokens(tokenizer, "export (choose with --template)")  # never write one that renders as pieces
     out = Path(out_dir)
     # The model card (`fermion card`) lives in this folder too and survives a re-export.
     with replaced_dir(out, "config.json", ExportError, "an earlier export", keep=CARD_FILES) as tmp:

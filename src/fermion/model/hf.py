@@ -25,8 +25,9 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 
+from fermion.chat.templates import default_template
 from fermion.config import ModelConfig, MoEConfig, Recipe, RunConfig, TokenizerConfig
-from fermion.data.tokenizer import CONFIG_NAME, Tokenizer
+from fermion.data.tokenizer import Tokenizer
 from fermion.errors import ExportError
 from fermion.model.transformer import Transformer
 
@@ -159,13 +160,8 @@ def import_hf(folder: str | os.PathLike) -> Imported:
     cfg = _config_from_hf(hf, folder)
     weights = _read_weights(folder)
     state = _from_hf_state_dict(weights, cfg, hf["model_type"], folder)
-    tokenizer = Tokenizer.load(folder / "tokenizer.json")
-    template = None
-    if (folder / CONFIG_NAME).is_file():
-        template = json.loads((folder / CONFIG_NAME).read_text(encoding="utf-8")).get("chat_template")
-        if isinstance(template, list):  # the multi-template form: keep the default one
-            template = next((t["template"] for t in template if t.get("name") == "default"), None)
-    return Imported(cfg, state, tokenizer, template)
+    tokenizer = Tokenizer.load(folder / "tokenizer.json")  # with the chat template of its tokenizer_config.json
+    return Imported(cfg, state, tokenizer, tokenizer.chat_template)
 
 
 def _config_from_hf(hf: dict, folder: Path) -> ModelConfig:
@@ -289,5 +285,5 @@ def imported_recipe(folder: Path) -> tuple[Transformer, Tokenizer, Recipe]:
     recipe = Recipe(run=RunConfig(name=folder.resolve().name), model=imported.config,
                     tokenizer=TokenizerConfig(path=str(folder / "tokenizer.json"),
                                               vocab_size=max(300, tokenizer.vocab_size),
-                                              chat_template=imported.chat_template or "chatml"))
+                                              chat_template=default_template(tokenizer)))
     return model, tokenizer, recipe

@@ -81,8 +81,9 @@ def setup_stage(recipe: Recipe, name: str) -> Stage:
     if stage_recipe.train.seq_len and stage_recipe.train.seq_len > stage_recipe.model.context_length:
         raise RecipeError(f"{name}.train.seq_len ({stage_recipe.train.seq_len}) exceeds the model's context length "
                           f"({stage_recipe.model.context_length})")
-    return Stage(name, stage_recipe, weights, tokenizer, layout.tokenizer_file(directory),
-                 ChatTemplate.get(template_spec), init_from)
+    template = ChatTemplate.get(template_spec)
+    template.require_tokens(tokenizer)
+    return Stage(name, stage_recipe, weights, tokenizer, layout.tokenizer_file(directory), template, init_from)
 
 
 @dataclass
@@ -96,9 +97,14 @@ class Report:
     first: dict[str, str] = field(default_factory=dict)
     truncated: int = 0
     extra: dict = field(default_factory=dict)
+    noted: Counter = field(default_factory=Counter)  # records used, but changed on the way (by reason)
 
     def skip(self, reason: str, where: str) -> None:
         self.skipped[reason] += 1
+        self.first.setdefault(reason, where)
+
+    def note(self, reason: str, where: str) -> None:
+        self.noted[reason] += 1
         self.first.setdefault(reason, where)
 
     def lines(self) -> list[str]:
@@ -106,12 +112,15 @@ class Report:
                + (f", {self.truncated:,} truncated to fit the context" if self.truncated else "")]
         for reason, n in self.skipped.most_common():
             out.append(f"  skipped {n:,}: {reason} (first: {self.first[reason]})")
+        for reason, n in self.noted.most_common():
+            out.append(f"  note: {n:,} records: {reason} (first: {self.first[reason]})")
         return out
 
     def write(self, directory: Path) -> None:
         directory.mkdir(parents=True, exist_ok=True)
         data = {"stage": self.stage, "records_read": self.read, "records_used": self.used,
-                "truncated": self.truncated, "skipped": dict(self.skipped), "first_skipped": self.first, **self.extra}
+                "truncated": self.truncated, "skipped": dict(self.skipped), "first_skipped": self.first,
+                "noted": dict(self.noted), **self.extra}
         with replaced_file(layout.report_file(directory)) as tmp:
             tmp.write_text(json.dumps(data, indent=2) + "\n")
 

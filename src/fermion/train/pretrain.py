@@ -8,6 +8,7 @@ import torch
 from rich.console import Console
 
 from fermion import layout
+from fermion.chat.templates import ChatTemplate, default_template
 from fermion.config import DataConfig, Recipe, RecipeError
 from fermion.data.shards import ShardSet, TokenLoader, check_tokenizer, load_index, val_batches, write_shards
 from fermion.data.sources import interleave_documents
@@ -35,8 +36,15 @@ def require_data(recipe: Recipe) -> None:
 
 
 def train_tokenizer(recipe: Recipe, console: Console, force: bool = False) -> Path:
-    """Train the recipe's BPE tokenizer into the run directory, unless the recipe names one or it exists."""
+    """Train the recipe's BPE tokenizer into the run directory, unless the recipe names one or it exists. A run that
+    starts from a model (train.init_from) trains none: the source's tokenizer becomes the run's."""
     path = recipe.tokenizer_file
+    if recipe.train.init_from:
+        tokenizer = source_tokenizer(recipe.train.init_from)
+        _adopt_tokenizer(recipe, tokenizer)
+        console.print(f"tokenizer: train.init_from's ({recipe.train.init_from}), {tokenizer.vocab_size:,} tokens -> "
+                      f"{path}")
+        return path
     if recipe.tokenizer.path or (path.is_file() and not force):
         return path
     require_data(recipe)
@@ -47,6 +55,14 @@ def train_tokenizer(recipe: Recipe, console: Console, force: bool = False) -> Pa
     tokenizer.save(path)
     console.print(f"tokenizer: {tokenizer.vocab_size:,} tokens -> {path}")
     return path
+
+
+def source_tokenizer(source: str) -> Tokenizer:
+    """The tokenizer of a model to start from (a run, a checkpoint or a Hugging Face folder), weights not read."""
+    from fermion import checkpoint
+    from fermion.model.hf import is_hf_folder
+
+    return Tokenizer.load(layout.tokenizer_file(Path(source) if is_hf_folder(source) else checkpoint.find(source)))
 
 
 def _adopt_tokenizer(recipe: Recipe, tokenizer: Tokenizer) -> None:
@@ -118,12 +134,28 @@ def start_from(recipe: Recipe) -> tuple[Recipe, dict | None, Tokenizer | None]:
     return recipe.model_copy(update=update), weights, tokenizer
 
 
+def with_chat_template(recipe: Recipe, tokenizer: Tokenizer) -> Recipe:
+    """The recipe with the chat template its stages render and its exports write. One the recipe names must not need
+    special tokens the vocabulary lacks (refused here, before any training); when it names none, an existing
+    tokenizer's own template is kept (`default_template`)."""
+    if "chat_template" in recipe.tokenizer.model_fields_set:
+        ChatTemplate.get(recipe.tokenizer.chat_template).require_tokens(tokenizer)
+        return recipe
+    if recipe.train.init_from:  # the source's, which start_from took
+        return recipe
+    tokenizer_config = recipe.tokenizer.model_copy(update={"chat_template": default_template(tokenizer)})
+    return recipe.model_copy(update={"tokenizer": tokenizer_config})
+
+
 class Pretraining(StageSetup):
     """Pretraining from scratch, or continued from train.init_from: the run's tokenizer and shards, a model."""
 
     def __init__(self, recipe: Recipe):
         require_data(recipe)
         self.recipe, self.weights, self.source_tokenizer = start_from(recipe)
+        existing = self.source_tokenizer or (Tokenizer.load(recipe.tokenizer_file) if recipe.tokenizer.path else None)
+        if existing is not None:  # a tokenizer trained here has chatml's markers (the default special tokens)
+            self.recipe = with_chat_template(self.recipe, existing)
         self.kind = "continued" if self.recipe.train.init_from else "pretrain"
         self.tokenizer_path = self.recipe.tokenizer_file
 
@@ -131,9 +163,10 @@ class Pretraining(StageSetup):
         recipe = self.recipe
         recipe.run_dir.mkdir(parents=True, exist_ok=True)
         layout.recipe_file(recipe.run_dir).write_text(recipe.to_yaml())
-        if self.source_tokenizer is not None:
+        if self.source_tokenizer is not None:  # starting from a model: its tokenizer is the run's
             _adopt_tokenizer(recipe, self.source_tokenizer)
-        train_tokenizer(recipe, console)
+        else:
+            train_tokenizer(recipe, console)
         prepare_shards(recipe)
 
     def build(self, info: DistInfo, console: Console) -> Parts:

@@ -176,7 +176,10 @@ def prepare(recipe: Recipe):
     cfg = recipe.sft
     report = Report("sft")
     max_tokens = stage.recipe.seq_len + 1
-    examples = encode_all(read_examples(cfg.sources, to_messages, report, "sft"), lambda messages, where: encode(
+    def convert(record: dict, where: str, format: str) -> list[dict]:
+        return to_messages(record, where, format, report.note)
+
+    examples = encode_all(read_examples(cfg.sources, convert, report, "sft"), lambda messages, where: encode(
         stage.template, stage.tokenizer, messages, max_tokens, cfg.overlong, where), report)
     if not examples:
         raise DataError("sft.sources: no usable conversation (" + "; ".join(
