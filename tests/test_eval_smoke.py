@@ -1,13 +1,16 @@
 """The smoke test's verdict rules, its summary and table, and one run through a tiny model."""
 
+import re
 from collections import Counter
 
 import pytest
 import torch
+import yaml
 from conftest import SHARED_DATA, tiny_model
 from rich.console import Console
 
 from fermion.chat.templates import ChatTemplate
+from fermion.config import RecipeError, SmokeSettings, load_recipe
 from fermion.eval import smoke
 from fermion.eval.lm import EvalModel
 from fermion.eval.results import TaskOptions, TaskResult
@@ -93,7 +96,7 @@ def test_run_judges_every_prompt_at_both_temperatures(shakespeare_tokenizer):
     lm = EvalModel(tiny_model(vocab_size=512), shakespeare_tokenizer)
     result = smoke.run(lm, TaskOptions(data_dir=SHARED_DATA / "eval", max_new_tokens=8))
     assert (result.task, result.n, result.shots) == ("smoke", 24, 0)
-    assert Counter(s["temperature"] for s in result.samples) == {t: 12 for t in smoke.TEMPERATURES}
+    assert Counter(s["temperature"] for s in result.samples) == {0.3: 12, 1.0: 12}
     assert {s["verdict"] for s in result.samples} <= set(smoke.LABELS)
     fractions = [result.metric(name).value for name in ("ok", "weak", "fail")]
     assert sum(fractions) == pytest.approx(1.0)
@@ -107,3 +110,38 @@ def test_markers_add_the_templates_stops_and_special_tokens(shakespeare_tokenize
     markers = smoke.markers_for(lm)
     assert {"</assistant>", shakespeare_tokenizer.eos_token, "<|im_start|>"} <= set(markers)
     assert smoke.verdict(CAT, CAT_STORY + "</assistant>", "stop", markers).label == "FAIL"
+
+
+def test_a_recipe_chooses_the_prompts_and_temperatures(shakespeare_tokenizer, tmp_path):
+    """eval.smoke: the recipe's own prompts at its own temperatures, in the result's samples; a prompt without
+    keywords is not judged off topic. Without the section, the built-in dozen at 0.3 and 1.0."""
+    path = tmp_path / "recipe.yaml"
+    path.write_text(yaml.safe_dump({"eval": {"smoke": {"temperatures": [0.0, 0.7, 1.2], "prompts": [
+        {"prompt": "What is the capital of France?", "opening": "The capital of France is", "kind": "factual",
+         "keywords": ["paris"]},
+        {"prompt": "Say something."}]}}}))
+    recipe = load_recipe(path)
+    torch.set_num_threads(1)
+    lm = EvalModel(tiny_model(vocab_size=512), shakespeare_tokenizer, recipe=recipe)
+    result = smoke.run(lm, TaskOptions(data_dir=SHARED_DATA / "eval", max_new_tokens=8))
+    assert result.n == 6
+    assert [(s["prompt"], s["temperature"]) for s in result.samples] == [
+        (text, t) for t in (0.0, 0.7, 1.2) for text in ("The capital of France is", "Say something.")]
+    france, free = smoke.prompts_of(recipe.eval.smoke)
+    assert (france.kind, france.chat_text, france.keywords) == ("factual", "What is the capital of France?", ("paris",))
+    assert (free.kind, free.keywords) == ("instruction", ())
+    assert smoke.weakness(free, "Birds sing in the morning.", "stop", chat=False) is None
+    assert smoke.prompts_of(SmokeSettings()) is smoke.PROMPTS and SmokeSettings().temperatures == [0.3, 1.0]
+
+
+@pytest.mark.parametrize("smoke_section, message", [
+    ("{temperatures: [-0.5]}", "eval.smoke.temperatures[0]"),
+    ("{temperatures: []}", "eval.smoke.temperatures"),
+    ("{prompts: [{prompt: Hi, kind: poem}]}", "eval.smoke.prompts[0].kind"),
+    ("{prompts: [{text: Hi}]}", "'eval.smoke.prompts[0].prompt' is required"),
+])
+def test_bad_smoke_settings_name_the_field(tmp_path, smoke_section, message):
+    path = tmp_path / "recipe.yaml"
+    path.write_text(f"eval:\n  smoke: {smoke_section}\n")
+    with pytest.raises(RecipeError, match=re.escape(message)):
+        load_recipe(path)

@@ -68,11 +68,13 @@ def train_stage(stage, recipe: Path, overrides: list[str] | None, resume: str) -
 
 
 @app.command()
-def pretrain(recipe: RecipeArg, set_: SetOption = None, resume: ResumeOption = "auto") -> None:
+def pretrain(recipe: RecipeArg, set_: SetOption = None, resume: ResumeOption = "auto",
+             stage: Annotated[str | None, typer.Option(help="Run this continued stage (stages:) on its own, from "
+                                                            "the finished stage before it.")] = None) -> None:
     """Pretrain from the recipe (tokenizer and shards are built first if missing)."""
     from fermion.train.pretrain import pretrain as run_pretrain
 
-    train_stage(run_pretrain, recipe, set_, resume)
+    train_stage(lambda loaded, **kw: run_pretrain(loaded, stage=stage, **kw), recipe, set_, resume)
 
 
 @app.command()

@@ -11,7 +11,7 @@ import difflib
 import glob
 import os
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -121,6 +121,7 @@ class SourceConfig(Section):
     dataset: str | None = None  # a Hugging Face dataset name (or local dataset folder), read with `datasets`
     subset: str | None = None  # the dataset's configuration ("name" in datasets.load_dataset), e.g. ARC-Easy
     split: str = "train"  # the dataset's split
+    streaming: bool = False  # read the dataset as it is used (an IterableDataset), not downloaded whole first
     # SFT/DPO record layout; auto recognises messages, alpaca, dolly, prompt/completion, prompt/chosen/rejected, HH.
     format: Literal["auto", "messages", "alpaca", "dolly", "prompt_completion", "preference", "hh"] = "auto"
     text_field: str = "text"  # the field holding the text in jsonl records
@@ -133,6 +134,8 @@ class SourceConfig(Section):
     def _has_input(self) -> SourceConfig:
         if not self.paths and self.builtin is None and self.dataset is None:
             raise ValueError("give paths (files or globs), a dataset, or a builtin (python-stdlib, stories, ...)")
+        if self.streaming and self.dataset is None:
+            raise ValueError("streaming: true reads a dataset as it goes: set dataset, or remove streaming")
         if self.builtin not in (None, "python-stdlib") and self.max_documents is None:
             raise ValueError(f"builtin: {self.builtin} is generated: set max_documents to how many records to make")
         return self
@@ -235,6 +238,7 @@ class TrainConfig(Section):
     # Llama/Mistral/Qwen3/Mixtral folder. The model and tokenizer come from it (continued pretraining, SFT).
     init_from: str | None = None
     steps: int = Field(1000, ge=1)
+    epochs: float | None = Field(None, gt=0)  # pretraining: passes over the shards instead of steps (sft.epochs)
     micro_batch_size: int = Field(8, ge=1)  # sequences per device per micro-step
     grad_accum: int = Field(1, ge=1)
     seq_len: int | None = Field(None, ge=2)  # default: model.context_length
@@ -282,7 +286,9 @@ class TrainConfig(Section):
 
     @model_validator(mode="after")
     def _schedule_fits(self) -> TrainConfig:
-        if self.warmup_steps > self.steps:
+        if self.epochs is not None and "steps" in self.model_fields_set:
+            raise ValueError(f"give steps ({self.steps}) or epochs ({self.epochs:g}), not both")
+        if self.epochs is None and self.warmup_steps > self.steps:  # with epochs: checked once steps are known
             raise ValueError(f"warmup_steps ({self.warmup_steps}) must not exceed steps ({self.steps})")
         return self
 
@@ -327,6 +333,18 @@ class DPOConfig(Section):
     train: TrainConfig = Field(default_factory=lambda: _post_train(lr=5e-6))
 
 
+class SmokePromptConfig(Section):
+    prompt: str = Field(min_length=1)  # the request as a chat model's user turn
+    opening: str | None = None  # the same request as an opening a base model continues; None: the prompt
+    kind: Literal["story", "code", "factual", "instruction"] = "instruction"
+    keywords: list[str] = Field(default_factory=list)  # an on-topic answer names one (factual: the answer); []: any
+
+
+class SmokeSettings(Section):
+    prompts: list[SmokePromptConfig] | None = Field(None, min_length=1)  # None: the built-in dozen (eval/smoke.py)
+    temperatures: list[Annotated[float, Field(ge=0)]] = Field(default_factory=lambda: [0.3, 1.0], min_length=1)
+
+
 class EvalConfig(Section):
     """Benchmarks for `fermion eval RUN` with no --tasks, and (with `every`) during pretraining, SFT and DPO."""
 
@@ -337,6 +355,7 @@ class EvalConfig(Section):
     limit: int | None = Field(None, ge=1)  # examples per task (per BBH subtask); None: all
     shots: int | None = Field(None, ge=0)  # None: each task's standard number
     every: int | None = Field(None, ge=1)  # run the tasks every N training steps (and at the end); None: never
+    smoke: SmokeSettings = Field(default_factory=SmokeSettings)
 
     def resolved_data_dir(self) -> Path:
         return eval_data_dir(self.data_dir)
@@ -385,6 +404,9 @@ class Recipe(Section):
                 raise ValueError(f"stages[{i}].name {stage.name!r} is used twice or is one of fermion run's own "
                                  f"steps ({', '.join(RUN_STEPS)})")
             self.stage_train(i)
+        for name in layout.POST_TRAINING:
+            if getattr(self, name) is not None and getattr(self, name).train.epochs is not None:
+                raise ValueError(f"{name}.train.epochs: {name} counts its passes over the data in {name}.epochs")
         if self.stages and self.data is None:
             raise ValueError("stages continue a pretraining run: add the data section it starts from")
         return self
@@ -397,7 +419,9 @@ class Recipe(Section):
             close = difflib.get_close_matches(unknown[0], list(TrainConfig.model_fields), n=1)
             hint = f"; did you mean {close[0]!r}?" if close else ""
             raise ValueError(f"stages[{index}].train: unknown key {unknown[0]!r}{hint}")
-        merged = {**self.train.model_dump(exclude={"init_from"}), **stage.train}
+        if len({"steps", "epochs"} & set(stage.train)) != 1:
+            raise ValueError(f"stages[{index}].train: give one of steps and epochs (passes over the stage's data)")
+        merged = {**self.train.model_dump(exclude={"init_from", "steps", "epochs"}), **stage.train}
         try:
             return TrainConfig.model_validate(merged)
         except ValidationError as err:

@@ -1,7 +1,8 @@
 """Reading raw documents from the files (or built-in corpus) a `SourceConfig` names.
 
-Everything streams: files are read line by line, so a corpus larger than memory is fine as long as no single
-document is. Any problem with the input becomes a `DataError` whose one-line message names the file, the line and
+Everything streams: files are read line by line, and a Hugging Face dataset row by row (with `streaming: true`
+without downloading it whole first), so a corpus larger than memory is fine as long as no single document is.
+`DocumentStream` holds a source's position, so an interrupted pass can go on at the same next document. Any problem with the input becomes a `DataError` whose one-line message names the file, the line and
 what would be right.
 """
 
@@ -36,13 +37,73 @@ class DataError(ValueError):
 
 def iter_documents(source: SourceConfig) -> Iterator[str]:
     """Yield the source's documents in a deterministic order, at most `source.max_documents` of them."""
-    files = expand_paths(source)  # resolved first, so a bad path fails before any reading starts
-    documents = itertools.chain.from_iterable(_file_documents(path, source) for path in files)
-    if source.builtin == "python-stdlib":
-        documents = itertools.chain(documents, _stdlib_documents())
-    elif source.builtin is not None:
-        documents = itertools.chain(documents, _generated(source, "documents"))
-    return itertools.islice(documents, source.max_documents)
+    return iter(DocumentStream(source))
+
+
+class DocumentStream:
+    """A source's documents in order (its files, its dataset's rows, its builtin corpus), at most max_documents,
+    with a position that can be saved and restored, so that an interrupted pass resumes at the same next document.
+
+    The position is the number of documents taken from each of the three parts. For the dataset it also holds
+    `datasets`' own IterableDataset state (shard and row), which resumes a streamed Hub corpus without reading
+    the rows before it again; files and builtins are skipped through, being local.
+    """
+
+    PARTS = ("files", "dataset", "builtin")
+
+    def __init__(self, source: SourceConfig):
+        self.source = source
+        self.files = expand_paths(source)  # resolved first, so a bad path fails before any reading starts
+        self.consumed = dict.fromkeys(self.PARTS, 0)
+        self._rows = None  # the dataset as an IterableDataset, once reading reaches it
+        self._dataset_state: dict | None = None  # its state to resume from (load_state_dict)
+
+    @property
+    def position(self) -> int:
+        """Documents consumed so far."""
+        return sum(self.consumed.values())
+
+    def state_dict(self) -> dict:
+        rows = self._rows.state_dict() if self._rows is not None and self.consumed["dataset"] else None
+        return {"source": self.source.name, "consumed": dict(self.consumed), "dataset": rows}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Resume from `state_dict()`'s position; call before iterating."""
+        if state.get("source") != self.source.name or set(state.get("consumed", {})) != set(self.PARTS):
+            raise DataError(f"source {self.source.name!r}: the saved position is of another source "
+                            f"({state.get('source')!r}); start the pass afresh")
+        self.consumed = {part: int(state["consumed"][part]) for part in self.PARTS}
+        self._dataset_state = state.get("dataset")
+
+    def __iter__(self) -> Iterator[str]:
+        limit = self.source.max_documents
+        for part in self.PARTS:
+            room = None if limit is None else limit - self.position
+            if room == 0:
+                return
+            for text in itertools.islice(self._part(part), room):  # never reads a row past the limit
+                self.consumed[part] += 1
+                yield text
+
+    def _part(self, part: str) -> Iterator[str]:
+        """The part's documents after those already consumed."""
+        skip, source = self.consumed[part], self.source
+        if part == "files":
+            documents = itertools.chain.from_iterable(_file_documents(path, source) for path in self.files)
+        elif part == "dataset" and source.dataset is not None:
+            self._rows, first = dataset_rows(source), 0
+            if skip and self._dataset_state is not None:
+                self._rows.load_state_dict(self._dataset_state)  # datasets goes to the same row itself
+                first, skip = skip, 0
+            documents = (_record_text(row, source.text_field, f"{source.dataset}[{source.split}]#{number}")
+                         for number, row in enumerate(_read_rows(self._rows, source), start=first))
+        elif part == "builtin" and source.builtin == "python-stdlib":
+            documents = _stdlib_documents()
+        elif part == "builtin" and source.builtin is not None:
+            documents = _generated(source, "documents")
+        else:
+            return iter(())
+        return itertools.islice(documents, skip, None)
 
 
 def interleave_documents(sources: Iterable[SourceConfig]) -> Iterator[str]:
@@ -119,8 +180,23 @@ def _checked_record(record: object, where: str) -> tuple[str, dict]:
 
 
 def _dataset_records(source: SourceConfig) -> Iterator[tuple[str, dict]]:
-    """Rows of a Hugging Face dataset: a name on the Hub (downloaded and cached by `datasets`) or a local folder
-    written by `save_to_disk`."""
+    for index, row in enumerate(_read_rows(dataset_rows(source), source)):
+        yield f"{source.dataset}[{source.split}]#{index}", dict(row)
+
+
+def _read_rows(rows, source: SourceConfig) -> Iterator[dict]:
+    """The rows, with a failure while reading them (a streamed file that breaks off, a bad file) as a DataError."""
+    try:
+        yield from rows
+    except Exception as err:  # as in dataset_rows: datasets and the file systems under it raise many types
+        raise DataError(f"source {source.name!r}: reading dataset {source.dataset!r} failed "
+                        f"({type(err).__name__}: {err})") from None
+
+
+def dataset_rows(source: SourceConfig):
+    """The rows of a source's Hugging Face dataset (a name on the Hub, a local folder of data files, or a folder
+    written by `save_to_disk`) as a `datasets.IterableDataset`: read as it goes when the source sets streaming,
+    else downloaded and cached whole by `datasets` first. Either way it can save and restore its position."""
     try:
         import datasets
     except ImportError:
@@ -132,13 +208,13 @@ def _dataset_records(source: SourceConfig) -> Iterator[tuple[str, dict]]:
             if isinstance(table, datasets.DatasetDict):
                 table = table[source.split]
         else:
-            table = datasets.load_dataset(source.dataset, source.subset, split=source.split)
+            table = datasets.load_dataset(source.dataset, source.subset, split=source.split,
+                                          streaming=source.streaming)
     except Exception as err:  # datasets raises many unrelated types (network, missing split, bad files)
         raise DataError(f"source {source.name!r}: cannot load dataset {source.dataset!r}"
                         f"{f' ({source.subset})' if source.subset else ''} split {source.split!r} "
                         f"({type(err).__name__}: {err})") from None
-    for index, row in enumerate(table):
-        yield f"{source.dataset}[{source.split}]#{index}", dict(row)
+    return table if isinstance(table, datasets.IterableDataset) else table.to_iterable_dataset()
 
 
 def expand_paths(source: SourceConfig, suffixes: tuple[str, ...] = DOCUMENT_SUFFIXES) -> list[str]:

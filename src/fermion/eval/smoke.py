@@ -1,4 +1,5 @@
 """Smoke test: a dozen fixed prompts at two temperatures, each answer given a heuristic verdict OK / WEAK / FAIL.
+A recipe may give its own prompts and temperatures (eval.smoke).
 
 It answers "does this model produce anything sensible at all?" in a minute, before any benchmark is worth running.
 The verdicts come from rules a reader can check by eye: FAIL for output nobody could use (empty, looping, leaking
@@ -16,14 +17,15 @@ from dataclasses import dataclass
 from rich.table import Table
 from rich.text import Text
 
+from fermion.config import SmokeSettings
 from fermion.eval.lm import EvalModel
 from fermion.eval.results import TaskOptions, TaskResult, mean_metric
 from fermion.infer.engine import SamplingParams
 
 KINDS = ("story", "code", "factual", "instruction")
 LABELS = ("OK", "WEAK", "FAIL")
-# A low temperature shows what the model most believes; 1.0 shows whether its distribution holds together.
-TEMPERATURES = (0.3, 1.0)
+# eval.smoke.temperatures defaults to 0.3 and 1.0: a low temperature shows what the model most believes; 1.0 shows
+# whether its distribution holds together.
 TOP_P = 0.95
 MAX_NEW_TOKENS = 96
 
@@ -58,7 +60,8 @@ class SmokePrompt:
     kind: str  # one of KINDS
     chat_text: str  # the request as a chat model's user turn
     plain_text: str  # the same request as an opening a base model continues
-    keywords: tuple[str, ...]  # an on-topic answer mentions one of these; for factual prompts, the expected answer
+    keywords: tuple[str, ...]  # an on-topic answer mentions one of these; for factual prompts, the expected answer;
+    # none: any topic will do (a recipe's own prompt may give none)
 
 
 @dataclass(frozen=True)
@@ -161,7 +164,7 @@ def weakness(prompt: SmokePrompt, text: str, finish_reason: str, chat: bool) -> 
     """Why a usable answer is poor, or None."""
     if looks_like_code(text) != (prompt.kind == "code"):
         return "prose, not code" if prompt.kind == "code" else "code, not prose"
-    on_topic = any(mentions(text, k) for k in prompt.keywords)
+    on_topic = not prompt.keywords or any(mentions(text, k) for k in prompt.keywords)
     if prompt.kind == "factual" and not on_topic:
         return f"expected answer {prompt.keywords[0]!r} missing"
     if not on_topic:
@@ -201,17 +204,27 @@ def markers_for(lm: EvalModel) -> list[str]:
     return list(dict.fromkeys([*TEMPLATE_MARKERS, *lm.template.stop_strings, *specials]))
 
 
+def prompts_of(settings: SmokeSettings) -> tuple[SmokePrompt, ...]:
+    """The recipe's smoke prompts (eval.smoke.prompts), else the built-in dozen."""
+    if settings.prompts is None:
+        return PROMPTS
+    return tuple(SmokePrompt(p.kind, p.prompt, p.opening or p.prompt, tuple(p.keywords)) for p in settings.prompts)
+
+
 def run(lm: EvalModel, options: TaskOptions) -> TaskResult:
-    """Every prompt at every temperature, one batch per temperature, each answer with its verdict."""
-    texts = [p.chat_text if lm.chat else p.plain_text for p in PROMPTS]
+    """Every prompt at every temperature (the model's recipe's eval.smoke, else the built-in dozen at 0.3 and
+    1.0), one batch per temperature, each answer with its verdict."""
+    settings = lm.recipe.eval.smoke
+    prompts = prompts_of(settings)
+    texts = [p.chat_text if lm.chat else p.plain_text for p in prompts]
     markers = markers_for(lm)
     samples = []
-    for temperature in TEMPERATURES:
+    for temperature in settings.temperatures:
         # A seed per prompt: with one seed for all, sampled answers start alike and the verdicts are correlated.
         params = [SamplingParams(max_new_tokens=options.max_new_tokens or MAX_NEW_TOKENS, temperature=temperature,
                                  top_p=TOP_P, seed=options.seed * 1000 + i) for i in range(len(texts))]
         completions = lm.generate([lm.as_chat(t) for t in texts], params)
-        for prompt, text, completion in zip(PROMPTS, texts, completions, strict=True):
+        for prompt, text, completion in zip(prompts, texts, completions, strict=True):
             judged = verdict(prompt, completion.text, completion.finish_reason, markers, chat=lm.chat)
             samples.append({"kind": prompt.kind, "prompt": text, "temperature": temperature, "text": completion.text,
                             "finish_reason": completion.finish_reason, "verdict": judged.label,

@@ -72,7 +72,8 @@ class SourceFileReader(_RecordChecks, BaseDiskReader):
         return self._jsonl_documents(filepath, path)
 
     def _text_documents(self, path: str) -> DocumentsPipeline:
-        one_file = self.source.model_copy(update={"paths": [path], "builtin": None, "max_documents": None})
+        one_file = self.source.model_copy(update={"paths": [path], "dataset": None, "builtin": None,
+                                                  "max_documents": None})
         for number, text in enumerate(iter_documents(one_file), start=1):
             yield Document(text=text, id=f"{path}#{number}", metadata={"source": self.source.name})
 
@@ -124,7 +125,8 @@ class DatasetReader(_RecordChecks, HuggingFaceDatasetReader):
     def __init__(self, source: SourceConfig, strict: bool):
         local = (Path(source.dataset) / "dataset_info.json").is_file()
         options = {"split": source.split, **({"name": source.subset} if source.subset else {})}
-        super().__init__(source.dataset, dataset_options=None if local else options, load_from_disk=local)
+        super().__init__(source.dataset, dataset_options=None if local else options, load_from_disk=local,
+                         streaming=source.streaming and not local)
         self.source, self.strict = source, strict
 
     def get_document_from_dict(self, data: dict, source_file: str, id_in_file: int | str) -> Document | None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import torch
@@ -9,6 +10,7 @@ from rich.console import Console
 
 from fermion import layout
 from fermion.chat.templates import ChatTemplate, default_template
+from fermion.checkpoint import find, load_recipe_of, trainer_state_of
 from fermion.config import DataConfig, Recipe, RecipeError
 from fermion.data.shards import ShardSet, TokenLoader, check_tokenizer, load_index, val_batches, write_shards
 from fermion.data.sources import interleave_documents
@@ -147,6 +149,48 @@ def with_chat_template(recipe: Recipe, tokenizer: Tokenizer) -> Recipe:
     return recipe.model_copy(update={"tokenizer": tokenizer_config})
 
 
+def continued_stage(recipe: Recipe, name: str) -> Recipe:
+    """`fermion pretrain RECIPE --stage NAME`: the recipe of continued stage NAME (its data, train settings and
+    directory), once the model it continues (the stage before it, or the base pretraining) has finished."""
+    names = [stage.name for stage in recipe.stages]
+    if name not in names:
+        known = f"its stages are {', '.join(names)}" if names else "it has no stages section"
+        raise RecipeError(f"--stage {name!r} is not a stage of this recipe: {known}")
+    index = names.index(name)
+    before = f"stage {names[index - 1]!r}" if index else "pretraining"
+    command = "fermion pretrain RECIPE" + (f" --stage {names[index - 1]}" if index else "")
+    previous = recipe.stage_dir(index - 1) if index else recipe.run_dir
+    ckpt = find(previous, warn=lambda *_: None, required=False)
+    if ckpt is None:
+        raise RecipeError(f"--stage {name} continues from {before}, which has no checkpoint yet in {previous}; "
+                          f"run `{command}` first")
+    step, steps = trainer_state_of(ckpt)["step"], load_recipe_of(ckpt).train.steps
+    if step < steps:
+        raise RecipeError(f"--stage {name} continues from {before}, which has trained to step {step:,} of "
+                          f"{steps:,} ({ckpt}); finish it first with `{command}`")
+    return recipe.stage_recipe(index)
+
+
+def settle_epochs(recipe: Recipe, world_size: int) -> tuple[Recipe, str | None]:
+    """With train.epochs: the recipe with the steps that draw as many training windows (seq_len + 1 tokens) as
+    the train shards hold, that many times over, at the global batch (micro-batch x accumulation x processes),
+    and a line saying so. Sources are drawn by weight, so a source whose weight exceeds its share of the tokens
+    is seen more often than that and a smaller one less. Without epochs: the recipe as it is, and None."""
+    train = recipe.train
+    if train.epochs is None:
+        return recipe, None
+    shards = ShardSet(layout.shard_dir(recipe.run_dir, recipe.data), "train")
+    windows = sum(shards.num_windows(name, recipe.seq_len) for name in shards.sources)
+    batch = train.micro_batch_size * train.grad_accum * world_size
+    steps = max(1, math.ceil(train.epochs * windows / batch))
+    if train.warmup_steps > steps:
+        raise RecipeError(f"train.warmup_steps ({train.warmup_steps}) exceeds the {steps:,} steps that "
+                          f"train.epochs {train.epochs:g} makes; lower warmup_steps")
+    note = (f"train.epochs {train.epochs:g}: {windows:,} windows of {recipe.seq_len} tokens in the train shards, "
+            f"{batch} sequences a step -> {steps:,} steps")
+    return recipe.model_copy(update={"train": train.model_copy(update={"steps": steps, "epochs": None})}), note
+
+
 class Pretraining(StageSetup):
     """Pretraining from scratch, or continued from train.init_from: the run's tokenizer and shards, a model."""
 
@@ -159,17 +203,24 @@ class Pretraining(StageSetup):
         self.kind = "continued" if self.recipe.train.init_from else "pretrain"
         self.tokenizer_path = self.recipe.tokenizer_file
 
+    def plan(self, info: DistInfo, console: Console) -> None:
+        self.world_size = info.world_size  # train.epochs become steps at the global batch
+
     def write_files(self, console: Console) -> None:
         recipe = self.recipe
         recipe.run_dir.mkdir(parents=True, exist_ok=True)
-        layout.recipe_file(recipe.run_dir).write_text(recipe.to_yaml())
         if self.source_tokenizer is not None:  # starting from a model: its tokenizer is the run's
             _adopt_tokenizer(recipe, self.source_tokenizer)
         else:
             train_tokenizer(recipe, console)
         prepare_shards(recipe)
+        self.recipe, note = settle_epochs(recipe, self.world_size)
+        if note:
+            console.print(note)
+        layout.recipe_file(recipe.run_dir).write_text(self.recipe.to_yaml())  # with the steps epochs came to
 
     def build(self, info: DistInfo, console: Console) -> Parts:
+        self.recipe, _ = settle_epochs(self.recipe, info.world_size)  # the other processes: from the same shards
         recipe = self.recipe
         tokenizer = Tokenizer.load(self.tokenizer_path)
         if recipe.model.vocab_size < tokenizer.vocab_size:
@@ -189,5 +240,7 @@ class Pretraining(StageSetup):
         return Parts(build_model(recipe, info.device, self.weights), objective, loader, validation)
 
 
-def pretrain(recipe: Recipe, resume: str = "auto", console: Console | None = None) -> TrainResult:
-    return run_stage(Pretraining(recipe), resume, console or Console())
+def pretrain(recipe: Recipe, resume: str = "auto", console: Console | None = None, stage: str | None = None
+             ) -> TrainResult:
+    """Pretrain the recipe's model, or with `stage` run that continued stage of it on its own."""
+    return run_stage(Pretraining(continued_stage(recipe, stage) if stage else recipe), resume, console or Console())
