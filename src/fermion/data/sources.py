@@ -2,8 +2,9 @@
 
 Everything streams: files are read line by line, and a Hugging Face dataset row by row (with `streaming: true`
 without downloading it whole first), so a corpus larger than memory is fine as long as no single document is.
-`DocumentStream` holds a source's position, so an interrupted pass can go on at the same next document. Any problem with the input becomes a `DataError` whose one-line message names the file, the line and
-what would be right.
+`DocumentStream` holds a source's position, so an interrupted pass can go on at the same next document. Any
+problem with the input becomes a `DataError` whose one-line message names the file, the line and what would be
+right.
 """
 
 from __future__ import annotations
