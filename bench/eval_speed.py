@@ -21,9 +21,9 @@ import torch
 from fermion.config import ModelConfig, TokenizerConfig
 from fermion.data.tokenizer import Tokenizer
 from fermion.eval import multiple_choice
-from fermion.eval.lm import EvalModel
 from fermion.eval.results import TaskOptions
 from fermion.infer.engine import prepare_for_decode
+from fermion.infer.lm import EvalModel
 from fermion.model.counting import count
 from fermion.model.transformer import Transformer
 

@@ -45,9 +45,9 @@ from lm_eval.tasks import TaskManager  # noqa: E402
 
 from fermion import checkpoint  # noqa: E402
 from fermion.eval import multiple_choice  # noqa: E402
-from fermion.eval.lm import EvalModel, load  # noqa: E402
 from fermion.eval.results import TaskOptions  # noqa: E402
 from fermion.export.hf import export_hf  # noqa: E402
+from fermion.infer.lm import EvalModel, load  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 DATA_DIR = REPO.parent / "shared" / "data" / "eval"

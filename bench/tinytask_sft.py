@@ -27,8 +27,8 @@ from fermion.config import recipe_from_dict
 from fermion.data.synthetic import tinytask as tinytask_data
 from fermion.data.synthetic import write_jsonl
 from fermion.eval import tinytask
-from fermion.eval.lm import load
 from fermion.eval.results import TaskOptions, TaskResult
+from fermion.infer.lm import load
 from fermion.train.sft import sft
 
 

@@ -13,9 +13,9 @@ from fermion.card import StageRecord, build_card, training_section
 from fermion.checkpoint import find, trainer_state_of
 from fermion.config import load_recipe, recipe_from_dict
 from fermion.errors import ExportError
-from fermion.eval import lm as eval_lm
 from fermion.eval import runner
 from fermion.eval.results import TaskOptions, write
+from fermion.infer import lm as eval_lm
 from fermion.model.counting import count
 from fermion.train.dpo import dpo
 from fermion.train.pretrain import pretrain

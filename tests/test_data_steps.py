@@ -21,8 +21,8 @@ from rich.console import Console
 from fermion.checkpoint import load
 from fermion.config import load_recipe
 from fermion.data.sources import DataError
-from fermion.eval.lm import EvalModel
 from fermion.eval.perplexity import text_nll
+from fermion.infer.lm import EvalModel
 from fermion.prepare.steps import (
     CodeQualityFilter,
     DecontaminationFilter,

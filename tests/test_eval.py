@@ -12,9 +12,9 @@ from conftest import REPO, SHARED_DATA, cli, tiny_model
 
 from fermion.data.sources import DataError
 from fermion.eval import generative, multiple_choice, runner
-from fermion.eval.lm import EvalModel
 from fermion.eval.perplexity import text_nll, windows
 from fermion.eval.results import Metric, TaskOptions, TaskResult, mean_metric, to_markdown
+from fermion.infer.lm import EvalModel
 
 EVAL_DATA = SHARED_DATA / "eval"
 needs_data = pytest.mark.skipif(not EVAL_DATA.is_dir(), reason=f"{EVAL_DATA} is missing")
@@ -143,7 +143,7 @@ class Oracle:
         self.golds = golds
 
     def loglikelihood(self, requests):
-        from fermion.eval.lm import LogLikelihood
+        from fermion.infer.lm import LogLikelihood
 
         return [LogLikelihood(-1.0 if self.golds.get(ctx) == cont.strip() else -2.0, False, 1, len(cont))
                 for ctx, cont in requests]
@@ -310,7 +310,7 @@ def test_prompting_follows_the_stage_recorded_in_the_checkpoint_not_the_run_name
 
     from fermion import checkpoint
     from fermion.config import load_recipe
-    from fermion.eval import lm as eval_lm
+    from fermion.infer import lm as eval_lm
     from fermion.train.pretrain import pretrain
 
     quiet = Console(file=io.StringIO())

@@ -5,9 +5,9 @@ from conftest import tiny_model
 
 from fermion.data import synthetic
 from fermion.eval import arithmetic, runner
-from fermion.eval.lm import EvalModel, LogLikelihood
 from fermion.eval.results import TaskOptions
 from fermion.infer.engine import Completion
+from fermion.infer.lm import EvalModel, LogLikelihood
 
 
 def test_problems_are_held_out_distinct_seeded_and_mixed():

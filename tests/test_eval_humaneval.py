@@ -12,8 +12,8 @@ from conftest import SHARED_DATA, tiny_model
 from fermion.data.sources import DataError
 from fermion.eval import humaneval
 from fermion.eval.humaneval import Execution, Problem
-from fermion.eval.lm import EvalModel
 from fermion.eval.results import TaskOptions
+from fermion.infer.lm import EvalModel
 
 DATA = SHARED_DATA / "eval" / "humaneval" / "HumanEval.jsonl.gz"
 

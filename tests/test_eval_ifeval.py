@@ -8,8 +8,8 @@ from conftest import SHARED_DATA, tiny_model
 
 from fermion.data.sources import DataError
 from fermion.eval import ifeval
-from fermion.eval.lm import EvalModel
 from fermion.eval.results import TaskOptions
+from fermion.infer.lm import EvalModel
 
 DATA = SHARED_DATA / "eval" / "ifeval" / "input_data.jsonl"
 needs_data = pytest.mark.skipif(not DATA.is_file(), reason=f"{DATA} is missing")

@@ -13,9 +13,9 @@ import pytest
 from conftest import REPO, tiny_model
 
 from fermion.chat.templates import ChatTemplate
-from fermion.eval.lm import EvalModel
 from fermion.eval.multiple_choice import BENCHMARKS
 from fermion.export.hf import export_hf
+from fermion.infer.lm import EvalModel
 
 pytest.importorskip("lm_eval")
 

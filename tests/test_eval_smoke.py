@@ -12,8 +12,8 @@ from rich.console import Console
 from fermion.chat.templates import ChatTemplate
 from fermion.config import RecipeError, SmokeSettings, load_recipe
 from fermion.eval import smoke
-from fermion.eval.lm import EvalModel
 from fermion.eval.results import TaskOptions, TaskResult
+from fermion.infer.lm import EvalModel
 
 CAT, FIB, FRANCE, COLOURS = (smoke.PROMPTS[i] for i in (0, 3, 6, 9))
 MARKERS = list(smoke.TEMPLATE_MARKERS)

@@ -13,8 +13,8 @@ from fermion.data.sources import iter_records
 from fermion.data.synthetic import tinytask as tinytask_data
 from fermion.data.synthetic import write_jsonl
 from fermion.eval import tinytask
-from fermion.eval.lm import EvalModel
 from fermion.eval.results import TaskOptions
+from fermion.infer.lm import EvalModel
 
 needs_llguidance = pytest.mark.skipif(importlib.util.find_spec("llguidance") is None,
                                       reason="llguidance is not installed")

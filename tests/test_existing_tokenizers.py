@@ -17,8 +17,8 @@ from fermion.chat.templates import ChatTemplate
 from fermion.checkpoint import find, load
 from fermion.data.sources import DataError
 from fermion.data.tokenizer import Tokenizer
-from fermion.eval.lm import EvalModel
 from fermion.eval.perplexity import perplexity
+from fermion.infer.lm import EvalModel
 from fermion.train.objectives import Pretrain
 
 STORIES = SHARED_DATA / "pretrain" / "tinystories" / "tinystories_train_sample_2MiB.txt"

@@ -97,3 +97,28 @@ def test_the_check_names_a_wrong_way_import(tmp_path):
 @pytest.mark.parametrize("module", ["fermion.model.transformer", "fermion.config", "fermion.checkpoint"])
 def test_layer_of_known_modules(module):
     assert layer_of(module) is not None
+
+
+
+def fresh_modules(code: str) -> list[str]:
+    """The modules a fresh interpreter holds after running `code` (this one's sys.modules already has them all)."""
+    import subprocess
+    import sys
+
+    done = subprocess.run([sys.executable, "-c", code + "\nimport sys; print(' '.join(sys.modules))"],
+                          capture_output=True, text=True, check=True)
+    return done.stdout.split()
+
+
+def test_nothing_compiles_at_import_time():
+    assert "torch._dynamo" not in fresh_modules("import fermion.model.transformer")
+
+
+def test_the_benchmark_catalogue_imports_no_model_code():
+    """eval/'s tasks reach a model only through the EvalModel they are handed (fermion.infer.lm)."""
+    loaded = fresh_modules("import importlib, pkgutil, fermion.eval\n"
+                           "for info in pkgutil.iter_modules(fermion.eval.__path__):\n"
+                           "    importlib.import_module('fermion.eval.' + info.name)")
+    heavy = [m for m in loaded if m.startswith(("fermion.model", "fermion.checkpoint", "fermion.infer.engine",
+                                                 "fermion.infer.lm", "fermion.train"))]
+    assert "fermion.eval.runner" in loaded and not heavy, f"eval/ imports model code: {heavy}"

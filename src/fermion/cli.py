@@ -397,9 +397,9 @@ def eval_cmd(
     dtype: Annotated[str, typer.Option(help="fp32 (default, what lm-eval compares with), bf16, fp16, auto.")] = "fp32",
 ) -> None:
     """Evaluate a run, checkpoint or Hugging Face folder on benchmarks; writes results.json and results.md."""
-    from fermion.eval import lm as eval_lm
     from fermion.eval import runner
     from fermion.eval.results import TaskOptions, write
+    from fermion.infer import lm as eval_lm
     from fermion.layout import EVAL, output_root
 
     try:

@@ -309,9 +309,9 @@ def _read_results(path: Path) -> dict | None:
 
 def evaluate_stage(recipe: Recipe, name: str, directory: Path, console: Console, fingerprint: str = "") -> dict:
     """The recipe's eval tasks on one trained stage (chat prompts for SFT/DPO); <dir>/eval/results.json."""
-    from fermion.eval import lm as eval_lm
     from fermion.eval import runner
     from fermion.eval.results import TaskOptions, to_json, write
+    from fermion.infer import lm as eval_lm
 
     model = eval_lm.load(directory)
     options = TaskOptions(data_dir=recipe.eval.resolved_data_dir(), limit=recipe.eval.limit, shots=recipe.eval.shots)

@@ -20,12 +20,15 @@ from __future__ import annotations
 
 import random
 import re
+from typing import TYPE_CHECKING
 
 from fermion.data import synthetic
 from fermion.data.synthetic import Problem
-from fermion.eval.lm import EvalModel, Prompt
 from fermion.eval.results import TaskOptions, TaskResult, mean_metric
-from fermion.infer.engine import SamplingParams
+from fermion.infer.sampling import Prompt, SamplingParams
+
+if TYPE_CHECKING:
+    from fermion.infer.lm import EvalModel
 
 TASK = "arithmetic"
 DEFAULT_PROBLEMS = 200

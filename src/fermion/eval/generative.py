@@ -19,12 +19,15 @@ import json
 import random
 import re
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from fermion.data.sources import DataError, file_records
-from fermion.eval.lm import EvalModel, Prompt
 from fermion.eval.multiple_choice import field, first_existing, from_hub
 from fermion.eval.results import TaskOptions, TaskResult, mean_metric
-from fermion.infer.engine import SamplingParams
+from fermion.infer.sampling import Prompt, SamplingParams
+
+if TYPE_CHECKING:
+    from fermion.infer.lm import EvalModel
 
 # ------------------------------------------------------------------------------------------------------- GSM8K
 

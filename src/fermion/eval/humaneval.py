@@ -35,13 +35,15 @@ from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, fields
 from pathlib import Path
-from typing import IO
+from typing import IO, TYPE_CHECKING
 
 from fermion.config import SourceConfig
 from fermion.data.sources import DataError, iter_records
-from fermion.eval.lm import EvalModel
 from fermion.eval.results import TaskOptions, TaskResult, mean_metric
-from fermion.infer.engine import SamplingParams
+from fermion.infer.sampling import SamplingParams
+
+if TYPE_CHECKING:
+    from fermion.infer.lm import EvalModel
 
 # Where a completion stops being the function's body (the set the HumanEval paper and lm-evaluation-harness use).
 STOP_SEQUENCES = ("\ndef ", "\nclass ", "\nif __name__", "\nprint(", "\n#")

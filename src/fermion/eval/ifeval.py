@@ -29,15 +29,18 @@ import re
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from langdetect import DetectorFactory, detect
 from langdetect.lang_detect_exception import LangDetectException
 
 from fermion.data.sources import DataError, file_records
-from fermion.eval.lm import EvalModel
 from fermion.eval.multiple_choice import field, from_hub
 from fermion.eval.results import Metric, TaskOptions, TaskResult, mean_metric
-from fermion.infer.engine import SamplingParams
+from fermion.infer.sampling import SamplingParams
+
+if TYPE_CHECKING:
+    from fermion.infer.lm import EvalModel
 
 
 @dataclass

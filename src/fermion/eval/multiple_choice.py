@@ -27,11 +27,14 @@ import re
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from fermion.config import SourceConfig
 from fermion.data.sources import DataError, file_records, iter_records
-from fermion.eval.lm import EvalModel
 from fermion.eval.results import TaskOptions, TaskResult, mean_metric
+
+if TYPE_CHECKING:
+    from fermion.infer.lm import EvalModel
 
 
 @dataclass

@@ -11,13 +11,13 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
-
-import torch
-import torch.nn.functional as F
+from typing import TYPE_CHECKING
 
 from fermion.data.sources import DataError
-from fermion.eval.lm import EvalModel
 from fermion.eval.results import Metric, TaskResult
+
+if TYPE_CHECKING:
+    from fermion.infer.lm import EvalModel
 
 
 def windows(n_tokens: int, length: int, stride: int) -> list[tuple[int, int, int]]:
@@ -32,7 +32,6 @@ def windows(n_tokens: int, length: int, stride: int) -> list[tuple[int, int, int
     return out
 
 
-@torch.no_grad()
 def text_nll(lm: EvalModel, text: str, limit_windows: int | None = None) -> tuple[float, int, int]:
     """(total negative log-likelihood in nats, tokens scored, bytes of the text scored)."""
     ids = [lm.tokenizer.eos_id] + lm.tokenizer.encode(text)
@@ -40,14 +39,9 @@ def text_nll(lm: EvalModel, text: str, limit_windows: int | None = None) -> tupl
     spans = windows(len(ids) - 1, length, max(1, length // 2))[:limit_windows]
     total, scored, n_bytes = 0.0, 0, 0
     for start, end, first in spans:
-        chunk = torch.tensor(ids[start:end], device=lm.device)[None]
-        hidden, _ = lm.model.hidden(chunk[:, :-1])
-        offset = first - start - 1  # hidden position that predicts token `first`
-        logits = lm.model.logits(hidden[0, offset:]).float()
-        targets = chunk[0, first - start:]
-        total += float(F.cross_entropy(logits, targets, reduction="sum"))
-        scored += targets.numel()
-        n_bytes += lm.tokenizer.count_bytes(targets.tolist())
+        total += lm.token_nll(ids[start:end], first - start)
+        scored += end - first
+        n_bytes += lm.tokenizer.count_bytes(ids[first:end])
     return total, scored, n_bytes
 
 

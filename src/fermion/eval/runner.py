@@ -13,10 +13,13 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from fermion.eval import generative, multiple_choice
-from fermion.eval.lm import EvalModel
 from fermion.eval.results import TaskOptions, TaskResult
+
+if TYPE_CHECKING:
+    from fermion.infer.lm import EvalModel
 
 MULTIPLE_CHOICE = ["hellaswag", "arc_easy", "arc_challenge", "piqa", "mmlu"]
 GENERATIVE = ["gsm8k", "bbh", "ifeval", "humaneval", "tinytask", "tinytask_constrained", "arithmetic", "smoke"]

@@ -13,14 +13,17 @@ from __future__ import annotations
 import re
 from collections import Counter
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from rich.table import Table
 from rich.text import Text
 
 from fermion.config import SmokeSettings
-from fermion.eval.lm import EvalModel
 from fermion.eval.results import TaskOptions, TaskResult, mean_metric
-from fermion.infer.engine import SamplingParams
+from fermion.infer.sampling import SamplingParams
+
+if TYPE_CHECKING:
+    from fermion.infer.lm import EvalModel
 
 KINDS = ("story", "code", "factual", "instruction")
 LABELS = ("OK", "WEAK", "FAIL")

@@ -17,12 +17,15 @@ from __future__ import annotations
 
 import json
 import re
+from typing import TYPE_CHECKING
 
 from fermion.data.synthetic.tinytask import BASE_CUE, SYSTEM, Problem, call_schema, one_line, problems, user_text
-from fermion.eval.lm import EvalModel, Prompt
 from fermion.eval.results import TaskOptions, TaskResult, mean_metric
 from fermion.infer.constrain import SEPARATORS
-from fermion.infer.engine import Completion, SamplingParams
+from fermion.infer.sampling import Completion, Prompt, SamplingParams
+
+if TYPE_CHECKING:
+    from fermion.infer.lm import EvalModel
 
 TASK = "tinytask"
 DEFAULT_PROBLEMS = 200

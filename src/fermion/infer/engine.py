@@ -20,71 +20,15 @@ from __future__ import annotations
 
 import random
 from collections.abc import Iterator
-from dataclasses import dataclass, field
-from typing import Protocol
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from fermion.data.tokenizer import Tokenizer
+from fermion.infer.sampling import Completion, Constraint, SamplingParams
 from fermion.model.attention import KVCache
 from fermion.model.transformer import Transformer
-
-
-@dataclass
-class SamplingParams:
-    max_new_tokens: int = 128
-    temperature: float = 0.8  # 0: greedy
-    top_k: int = 0  # 0: off
-    top_p: float = 1.0
-    min_p: float = 0.0
-    repetition_penalty: float = 1.0  # CTRL-style, over the prompt and the generated tokens
-    presence_penalty: float = 0.0  # OpenAI-style, over the generated tokens: minus this once per distinct token
-    frequency_penalty: float = 0.0  # ... and minus this per occurrence
-    stop: list[str] = field(default_factory=list)
-    stop_token_ids: list[int] = field(default_factory=list)
-    ignore_eos: bool = False
-    seed: int | None = None
-
-    def __post_init__(self) -> None:
-        checks = [
-            ("max_new_tokens", isinstance(self.max_new_tokens, int) and self.max_new_tokens >= 1, "an integer >= 1"),
-            ("temperature", self.temperature >= 0, ">= 0"),
-            ("top_k", isinstance(self.top_k, int) and self.top_k >= 0, "an integer >= 0"),
-            ("top_p", 0 < self.top_p <= 1, "in (0, 1]"),
-            ("min_p", 0 <= self.min_p < 1, "in [0, 1)"),
-            ("repetition_penalty", self.repetition_penalty > 0, "> 0"),
-            ("presence_penalty", -2 <= self.presence_penalty <= 2, "in [-2, 2]"),
-            ("frequency_penalty", -2 <= self.frequency_penalty <= 2, "in [-2, 2]"),
-        ]
-        for name, ok, wanted in checks:
-            if not ok:
-                raise ValueError(f"{name} = {getattr(self, name)!r} must be {wanted}")
-        if isinstance(self.stop, str):
-            self.stop = [self.stop]
-        if any(not s for s in self.stop):
-            raise ValueError("stop strings must be non-empty")
-
-
-class Constraint(Protocol):
-    """Limits which tokens a sequence may take next (a JSON schema, a grammar). One object per sequence."""
-
-    def allowed(self) -> torch.Tensor:
-        """A bool mask over the vocabulary (the tokenizer's; model rows past its end are never allowed)."""
-        ...
-
-    def accept(self, token: int) -> None:
-        """The token that was sampled."""
-        ...
-
-
-@dataclass
-class Completion:
-    prompt_ids: list[int]
-    token_ids: list[int]
-    text: str
-    finish_reason: str  # "stop" (eos, a stop token or a stop string) or "length"
 
 
 class Sequence:

@@ -9,9 +9,9 @@ from fermion import layout
 from fermion.chat.templates import ChatTemplate
 from fermion.config import Recipe
 from fermion.data.tokenizer import Tokenizer
-from fermion.eval import lm as eval_lm
 from fermion.eval import runner
 from fermion.eval.results import TaskOptions, write
+from fermion.infer import lm as eval_lm
 from fermion.train.trainer import Callback, Trainer, due
 
 

@@ -1,4 +1,5 @@
-"""The model under evaluation: log-likelihoods of continuations, and generation, plain or through a chat template.
+"""The model under evaluation (`EvalModel`): log-likelihoods of continuations and of text, and generation, plain or
+through a chat template. The benchmarks in eval/ call only these methods, so they import no model code.
 
 Scoring follows lm-evaluation-harness's conventions exactly, so that accuracies agree with it on the same examples:
 a context's trailing whitespace moves to the front of the continuation; the continuation's tokens are those of
@@ -20,10 +21,9 @@ from fermion import checkpoint
 from fermion.chat.templates import ChatTemplate
 from fermion.config import Recipe
 from fermion.data.tokenizer import Tokenizer
-from fermion.infer.engine import Completion, Constraint, Engine, SamplingParams
+from fermion.infer.engine import Engine
+from fermion.infer.sampling import Completion, Constraint, Prompt, SamplingParams
 from fermion.model.transformer import Transformer
-
-Prompt = str | list[dict]  # plain text, or chat messages to render through the template
 
 
 @dataclass
@@ -142,6 +142,15 @@ class EvalModel:
             out.append((i, cont, (float(picked[first:last].sum()), bool(hits[first:last].all()))))
             first = last
         return out
+
+    @torch.no_grad()
+    def token_nll(self, ids: list[int], first: int) -> float:
+        """The summed negative log-likelihood (nats) of ids[first:], each predicted from the ids before it (one
+        forward over ids[:-1], at most the context length; `first` >= 1)."""
+        chunk = torch.tensor(ids, device=self.device)[None]
+        hidden, _ = self.model.hidden(chunk[:, :-1])
+        logits = self.model.logits(hidden[0, first - 1:]).float()
+        return float(F.cross_entropy(logits, chunk[0, first:], reduction="sum"))
 
     # -------------------------------------------------------------------------------------------- generation
 
