@@ -13,6 +13,7 @@ from fermion.data.shards import ShardSet, TokenLoader, check_tokenizer, load_ind
 from fermion.data.sources import interleave_documents
 from fermion.data.tokenizer import Tokenizer
 from fermion.device import DistInfo
+from fermion.model.counting import check_fits
 from fermion.model.transformer import Transformer
 from fermion.train.objectives import Pretrain
 from fermion.train.stage import Parts, StageSetup, run_stage
@@ -126,6 +127,10 @@ class Pretraining(StageSetup):
         self.recipe, self.weights, self.source_tokenizer = start_from(recipe)
         self.kind = "continued" if self.recipe.train.init_from else "pretrain"
         self.tokenizer_path = self.recipe.tokenizer_file
+
+    def plan(self, info: DistInfo, console: Console) -> None:
+        if info.device.type == "cuda":  # refused before any file is written or any weight allocated
+            check_fits(self.recipe, "cuda", info.world_size)
 
     def write_files(self, console: Console) -> None:
         recipe = self.recipe
