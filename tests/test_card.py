@@ -10,8 +10,9 @@ from conftest import REPO, SHARED_DATA, cli
 from rich.console import Console
 
 from fermion.card import StageRecord, build_card, training_section
+from fermion.card import front_matter as card_metadata
 from fermion.checkpoint import find, trainer_state_of
-from fermion.config import load_recipe, recipe_from_dict
+from fermion.config import DataConfig, MoEConfig, SourceConfig, load_recipe, recipe_from_dict
 from fermion.errors import ExportError
 from fermion.eval import runner
 from fermion.eval.results import TaskOptions, write
@@ -261,3 +262,50 @@ def test_training_rows_of_a_checkpoint_without_hardware_records_say_so(tiny_run)
     assert "| hardware | not recorded (the checkpoint predates hardware records) |" in text
     assert "| precision | not recorded (train.precision: fp32) |" in text
     assert "| compiled | not recorded (train.compile: false) |" in text
+
+
+# ------------------------------------------------------------------------------------- provenance and metadata
+
+
+@pytest.mark.parametrize("shape, family", [({}, "llama"), ({"sliding_window": 16}, "mistral"),
+                                           ({"moe": MoEConfig(n_experts=4, top_k=2)}, "mixtral"),
+                                           ({"qk_norm": True}, "qwen3")])
+def test_metadata_tags_the_family_the_hf_export_writes_and_lists_each_dataset(tiny_run, shape, family):
+    recipe = load_recipe(tiny_run / "recipe.yaml", check_paths=False)
+    shaped = recipe.model_copy(update={"model": recipe.model.model_copy(update=shape)})
+    data = DataConfig(sources=[SourceConfig(name="two", paths=["web/a.jsonl", "web/b/*.jsonl"]),
+                               SourceConfig(name="hub", dataset="nampdn-ai/tiny-textbooks", subset="default"),
+                               SourceConfig(name="made", builtin="stories", max_documents=5)])
+    stage = StageRecord("pretrain", "pretrain", tiny_run, shaped, data, find(tiny_run), {})
+    meta = front_matter(card_metadata([stage], "mit", "en"))
+    assert family in meta["tags"] and "llama-style" not in meta["tags"]
+    assert ("mixture-of-experts" in meta["tags"]) == (family == "mixtral")
+    assert meta["datasets"] == ["web/a.jsonl", "web/b/*.jsonl", "nampdn-ai/tiny-textbooks", "stories"]
+    assert meta["license"] == "mit"
+
+
+def test_a_run_started_from_another_model_says_where_it_continued_from(tiny_run, tmp_path):
+    raw = yaml.safe_load((REPO / "configs" / "tiny.yaml").read_text())
+    raw["run"]["dir"] = str(tmp_path / "continued")
+    raw["data"]["sources"][0].update(paths=[str(STORIES)], max_documents=100)
+    raw["train"].update(init_from=str(tiny_run), steps=2, warmup_steps=1, eval_every=2, checkpoint_every=2)
+    pretrain(recipe_from_dict(raw), console=Console(file=io.StringIO()))
+    text = build_card(tmp_path / "continued", tmp_path / "card", generate=False).read_text()
+    assert f"trained with fermion, continued from `{tiny_run}` (pretrain)." in text
+    assert "from scratch" not in text
+
+
+def test_the_license_is_the_recipes_unless_the_command_line_names_one(run_copy):
+    text = build_card(run_copy, generate=False).read_text()
+    assert front_matter(text)["license"] == "apache-2.0"
+    assert "apache-2.0 (the recipe records no license, so the card falls back to fermion's own" in text
+    recipe = run_copy / "recipe.yaml"
+    raw = yaml.safe_load(recipe.read_text())
+    raw["run"]["license"] = "mit"  # as a recipe that records its license writes it
+    recipe.write_text(yaml.safe_dump(raw))
+    text = build_card(run_copy, generate=False).read_text()
+    assert front_matter(text)["license"] == "mit" and "mit (the recipe's run.license)." in text
+    result = cli("card", str(run_copy), "--license", "cc-by-4.0", "--no-samples")
+    assert result.returncode == 0, result.stderr
+    text = (run_copy / "export" / "hf" / "README.md").read_text()
+    assert front_matter(text)["license"] == "cc-by-4.0" and "cc-by-4.0 (set with `fermion card --license`)." in text

@@ -270,7 +270,7 @@ def test_vocabulary_larger_than_the_embedding_is_refused(tokenizer, tmp_path):
 def test_tokenizer_llama_cpp_would_split_differently_is_refused(pre_tokenizer, tokenizer, tmp_path):
     inner = tokenizers.Tokenizer.from_str(tokenizer.inner.to_str())
     inner.pre_tokenizer = pre_tokenizer
-    with pytest.raises(ExportError, match=r"tokenizer\.path"):
+    with pytest.raises(ExportError, match=r"GGUF export supports byte-level BPE .* this tokenizer has a BPE model"):
         export_gguf(build(), Tokenizer(inner), tmp_path)
 
 

@@ -489,8 +489,8 @@ def card(
     out: Annotated[Path | None, typer.Option(help="Output folder (default: the final stage's export/hf: "
                                                   "<run>/export/hf, <run>/sft/export/hf or <run>/dpo/export/hf).")]
     = None,
-    license: Annotated[str, typer.Option(help="The license in the card's metadata (recipes record none).")]
-    = "apache-2.0",
+    license: Annotated[str | None, typer.Option(help="The license in the card's metadata; default: the recipe's "
+                                                     "run.license, else apache-2.0.")] = None,
     language: Annotated[str, typer.Option(help="The language tag in the card's metadata.")] = "en",
     samples: Annotated[bool, typer.Option("--samples/--no-samples", help="Generate sample answers (seeded) when "
                                           "the run has no recorded smoke test.")] = True,

@@ -297,6 +297,9 @@ class RunConfig(Section):
     name: str = "run"
     dir: str | None = None  # default: runs/<name>
     seed: int = 1337
+    # The model's license (an SPDX-style id as the Hugging Face Hub takes it: mit, apache-2.0, ...): the model card's
+    # metadata. None: the recipe records none, and the card says it falls back to apache-2.0.
+    license: str | None = None
 
 
 def _post_train(lr: float, steps: int = 200) -> TrainConfig:
@@ -371,10 +374,24 @@ class StageConfig(Section):
     dir: str | None = None  # default: <run dir>/stages/<name>
 
 
+class FormatExport(Section):
+    # None: the format's default (hf bf16, gguf f16, onnx fp32); the exporter names the valid ones (fermion.export).
+    dtype: str | None = None
+
+
 class ExportConfig(Section):
-    """What `fermion run` ships: the final stage exported to these formats (the model card goes beside hf)."""
+    """What `fermion run` ships: the final stage exported to these formats (the model card goes beside hf), each
+    in its dtype: `export: {formats: [hf, onnx], onnx: {dtype: fp16}}`. `fermion run` checks every format against
+    the model and tokenizer before it trains anything."""
 
     formats: list[Literal["hf", "gguf", "onnx"]] = Field(default_factory=lambda: ["hf", "gguf"], min_length=1)
+    hf: FormatExport = Field(default_factory=FormatExport)
+    gguf: FormatExport = Field(default_factory=FormatExport)
+    onnx: FormatExport = Field(default_factory=FormatExport)
+
+    def dtypes(self) -> dict[str, str | None]:
+        """format -> the dtype the recipe asks for (None: the format's default), for every format it exports."""
+        return {fmt: getattr(self, fmt).dtype for fmt in self.formats}
 
 
 RUN_STEPS = ("prepare", "tokenizer", "pretrain", "sft", "dpo", "eval", "export", "card")

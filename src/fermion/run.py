@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import shutil
 import time
 from collections.abc import Callable
@@ -36,7 +37,8 @@ from rich.table import Table
 
 from fermion import layout
 from fermion.atomic import replaced_file
-from fermion.config import Recipe, RecipeError, SourceConfig, matching_files
+from fermion.config import ModelConfig, Recipe, RecipeError, SourceConfig, TrainConfig, matching_files
+from fermion.errors import ExportError
 
 # Training settings that change how a run is watched or saved, not the weights it makes.
 WATCHING = {"progress", "log_every", "tensorboard", "wandb", "keep_checkpoints", "checkpoint_every",
@@ -168,6 +170,7 @@ def plan(recipe: Recipe, console: Console) -> list[Step]:
     if recipe.data is None:
         raise RecipeError("fermion run needs a data section to pretrain on (data.sources); to post-train an "
                           "existing model, run fermion sft and fermion dpo with sft.train.init_from set")
+    check_before_training(recipe, console)
 
     def trained(directory: Path) -> Callable[[], bool]:
         return lambda: find(directory, warn=lambda *_: None, required=False) is not None
@@ -273,7 +276,7 @@ def plan(recipe: Recipe, console: Console) -> list[Step]:
     def export(restart: bool, forced: bool) -> str:
         from fermion.export import export as run_export
 
-        paths = run_export(final_dir, list(recipe.export.formats), warn=console.print)
+        paths = run_export(final_dir, list(recipe.export.formats), warn=console.print, dtypes=recipe.export.dtypes())
         return " · ".join(str(p) for p in paths)
 
     def exported() -> bool:
@@ -295,6 +298,83 @@ def plan(recipe: Recipe, console: Console) -> list[Step]:
         upstream = step.fingerprint
         fingerprints[step.name] = step.fingerprint
     return steps
+
+
+# ------------------------------------------------------------------------------------ checked before training
+
+
+def final_model(recipe: Recipe) -> tuple[ModelConfig, dict | None, str]:
+    """The model configuration and tokenizer.json the run's final stage exports, and where they come from. With
+    train.init_from they are the source's (its configuration is the model's, its tokenizer the run's); else the
+    recipe's model, with tokenizer.path's file or None: the byte-level BPE tokenizer the run trains."""
+    source = recipe.train.init_from
+    if source:
+        from fermion.checkpoint import find, load_recipe_of
+        from fermion.model.hf import is_hf_folder, read_config
+
+        origin = f"the model and tokenizer of train.init_from ({source})"
+        if is_hf_folder(source):
+            return read_config(source), _tokenizer_json(Path(source) / "tokenizer.json"), origin
+        ckpt = find(source)
+        return load_recipe_of(ckpt).model, _tokenizer_json(layout.tokenizer_file(ckpt)), origin
+    if recipe.tokenizer.path:
+        path = recipe.tokenizer.path
+        return recipe.model, _tokenizer_json(Path(path)), f"the recipe's model and tokenizer.path ({path})"
+    return recipe.model, None, "the recipe's model and the tokenizer the run trains"
+
+
+def _tokenizer_json(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError) as err:
+        raise RecipeError(f"{path}: not a readable tokenizer.json ({err})") from None
+
+
+def training_sections(recipe: Recipe) -> list[tuple[str, TrainConfig]]:
+    """(recipe field, train section) of every stage whose step `fermion model info` predicts: pretraining, each
+    continued stage and SFT. DPO's step (chosen and rejected together, a reference model) is not modelled."""
+    sections = [("train", recipe.train)]
+    sections += [(f"stages[{i}].train", recipe.stage_train(i)) for i in range(len(recipe.stages))]
+    if recipe.sft is not None:
+        sections.append(("sft.train", recipe.sft.train))
+    return sections
+
+
+def check_before_training(recipe: Recipe, console: Console | None = None, device: str | None = None,
+                          world_size: int | None = None) -> None:
+    """Refuse, before any step runs, a recipe that would fail after training: an export it asks for that cannot be
+    made from its model and tokenizer, or (on a GPU: this machine's, or the one `device` names, over `world_size`
+    processes, default $WORLD_SIZE) a training stage that `fermion model info` predicts will not fit."""
+    from fermion.export import DEFAULT_DTYPES, check
+    from fermion.model.counting import fit_problem, resolve_device
+
+    cfg, tokenizer, origin = final_model(recipe)
+    dtypes = recipe.export.dtypes()
+    for fmt, dtype in dtypes.items():
+        try:
+            check(fmt, cfg, None, tokenizer)  # the format itself, in its default dtype
+        except ExportError as err:
+            raise RecipeError(f"export.formats: {fmt} cannot be made from {origin}: {err}; or drop {fmt} from "
+                              "export.formats") from None
+        try:
+            check(fmt, cfg, dtype, tokenizer)
+        except ExportError as err:
+            raise RecipeError(f"export.{fmt}.dtype: {err}") from None
+    if console is not None:
+        shipped = ", ".join(f"{fmt} ({dtype or DEFAULT_DTYPES[fmt]})" for fmt, dtype in dtypes.items())
+        console.print(f"exports checked before training: {shipped}")
+    try:
+        _, device_type, _ = resolve_device(device, recipe.train.device)
+    except ValueError as err:
+        raise RecipeError(str(err)) from None
+    if device_type != "cuda":
+        return
+    sized = recipe.model_copy(update={"model": cfg})
+    world_size = world_size or int(os.environ.get("WORLD_SIZE", "1"))
+    for section, train in training_sections(sized):
+        problem = fit_problem(sized, device, world_size, train, section)
+        if problem is not None:
+            raise RecipeError(problem)
 
 
 def _read_results(path: Path) -> dict | None:

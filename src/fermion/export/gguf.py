@@ -75,10 +75,11 @@ def export_gguf(model: Transformer, tokenizer: Tokenizer, out_dir: Path, *, dtyp
     llama.cpp; `template_name` picks the Modelfile's Go template when it is one of fermion's named templates.
     """
     cfg = model.cfg
-    if dtype not in DTYPES:
-        raise ExportError(f"GGUF dtype {dtype!r} is not supported; choose one of {', '.join(DTYPES)}")
     spec = json.loads(tokenizer.inner.to_str())  # the tokenizer.json: pipeline and merges
-    _check_representable(cfg, tokenizer, spec)
+    check_exportable(cfg, dtype, spec)
+    if tokenizer.vocab_size > cfg.vocab_size:
+        raise ExportError(f"model.vocab_size ({cfg.vocab_size}) is smaller than the tokenizer's vocabulary "
+                          f"({tokenizer.vocab_size}); the GGUF needs an embedding row for every token")
     matrix_type, file_type = DTYPES[dtype]
     arch = "qwen3" if cfg.qk_norm else "llama"
     if cfg.qk_norm and cfg.moe:
@@ -111,24 +112,33 @@ def export_gguf(model: Transformer, tokenizer: Tokenizer, out_dir: Path, *, dtyp
     return path
 
 
-def _check_representable(cfg: ModelConfig, tokenizer: Tokenizer, spec: dict) -> None:
-    """Refuse what llama.cpp would load but compute differently."""
+def check_exportable(cfg: ModelConfig, dtype: str = "f16", tokenizer: dict | None = None) -> None:
+    """Refuse what llama.cpp would load but compute differently, or this writer cannot write, knowing only the
+    model's configuration, the dtype and the tokenizer.json (None: a tokenizer fermion trains, byte-level BPE with
+    the GPT-2 split, which GGUF takes). `export_gguf` runs it first; `fermion run` runs it before training."""
+    if dtype not in DTYPES:
+        raise ExportError(f"GGUF dtype {dtype!r} is not supported; choose one of {', '.join(DTYPES)}")
     check_mapped(cfg, "llama.cpp's architectures")
     if cfg.sliding_window is not None and cfg.sliding_window < cfg.context_length:
         raise ExportError(
             f"model.sliding_window ({cfg.sliding_window}) < model.context_length ({cfg.context_length}): llama.cpp's "
             "llama/qwen3 architectures have no sliding-window attention; export to hf or onnx instead"
         )
-    if tokenizer.vocab_size > cfg.vocab_size:
-        raise ExportError(f"model.vocab_size ({cfg.vocab_size}) is smaller than the tokenizer's vocabulary "
-                          f"({tokenizer.vocab_size}); the GGUF needs an embedding row for every token")
-    pre = spec.get("pre_tokenizer") or {}
-    gpt2_split = (spec["model"].get("type") == "BPE" and spec.get("normalizer") is None
+    if tokenizer is None:
+        return
+    pre = tokenizer.get("pre_tokenizer") or {}
+    model = tokenizer.get("model") or {}
+    gpt2_split = (model.get("type") == "BPE" and tokenizer.get("normalizer") is None
                   and pre.get("type") == "ByteLevel" and pre.get("use_regex", True)
                   and not pre.get("add_prefix_space", False))
     if not gpt2_split:
-        raise ExportError("tokenizer.path: GGUF export supports byte-level BPE with the GPT-2 split (no normaliser, "
-                          "no prefix space), as fermion trains; this tokenizer.json differs")
+        found = [f"a {model.get('type')} model", f"{pre.get('type') or 'no'} pre-tokenizer"]
+        if pre.get("type") == "ByteLevel":
+            found[-1] += " with a prefix space" if pre.get("add_prefix_space", False) else " without the GPT-2 split"
+        if tokenizer.get("normalizer"):
+            found.append(f"a {tokenizer['normalizer'].get('type')} normaliser")
+        raise ExportError("GGUF export supports byte-level BPE tokenizers with the GPT-2 split (no normaliser, no "
+                          f"prefix space), as fermion trains; this tokenizer has {', '.join(found)}")
 
 
 def _add_hyperparameters(writer: gguf.GGUFWriter, cfg: ModelConfig) -> None:

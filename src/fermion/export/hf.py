@@ -13,13 +13,23 @@ from safetensors.torch import save_file
 
 from fermion.atomic import replaced_dir
 from fermion.chat.templates import ChatTemplate
+from fermion.config import ModelConfig
 from fermion.data.tokenizer import CONFIG_NAME, Tokenizer
 from fermion.errors import ExportError
 from fermion.layout import CARD_FILES
-from fermion.model.hf import WEIGHTS_INDEX, hf_config, to_hf_state_dict
+from fermion.model.hf import WEIGHTS_INDEX, architecture, hf_config, to_hf_state_dict
 from fermion.model.transformer import Transformer
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def check_exportable(cfg: ModelConfig, dtype: str = "bf16", tokenizer: dict | None = None) -> None:
+    """What the Hugging Face export refuses, known before there is a model: a dtype it does not write, or a model
+    no transformers architecture computes (`architecture` names the option). Any tokenizer.json loads as
+    PreTrainedTokenizerFast. `export_hf` runs it first; `fermion run` runs it before training."""
+    if dtype not in DTYPES:
+        raise ExportError(f"export dtype {dtype!r} is not one of {', '.join(DTYPES)}")
+    architecture(cfg)
 
 
 def tokenizer_config(tokenizer: Tokenizer, template: ChatTemplate, context_length: int) -> dict:
@@ -45,8 +55,7 @@ def generation_config(tokenizer: Tokenizer, template: ChatTemplate) -> dict:
 def export_hf(model: Transformer, tokenizer: Tokenizer, out_dir: str | os.PathLike, *, template: ChatTemplate,
               dtype: str = "bf16", max_shard_bytes: int = 2 * 1024**3) -> Path:
     """Write the folder under a temporary name, then rename it into place (an old export there is replaced)."""
-    if dtype not in DTYPES:
-        raise ExportError(f"export dtype {dtype!r} is not one of {', '.join(DTYPES)}")
+    check_exportable(model.cfg, dtype)
     if model.cfg.vocab_size < tokenizer.vocab_size:
         raise ExportError(f"model.vocab_size ({model.cfg.vocab_size}) is smaller than the tokenizer's "
                           f"{tokenizer.vocab_size} tokens")

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import importlib.util
 import logging
 import warnings
 from collections.abc import Iterator
@@ -27,6 +28,7 @@ import torch
 from torch import nn
 
 from fermion.atomic import replaced_dir
+from fermion.config import ModelConfig
 from fermion.errors import ExportError
 from fermion.layout import CARD_FILES
 from fermion.model.moe import MoEFeedForward
@@ -45,8 +47,7 @@ def export_onnx(model: Transformer, out_dir: Path, *, dtype: str = "fp32", opset
     The graph accepts any batch size and any sequence length up to the model's context length. `opset` None takes
     the exporter's default (20 with torch 2.13).
     """
-    if dtype not in DTYPES:
-        raise ExportError(f"unsupported ONNX dtype {dtype!r}; valid: {', '.join(DTYPES)}")
+    check_exportable(model.cfg, dtype)
     if opset is not None and opset < MIN_OPSET:
         raise ExportError(f"ONNX opset {opset} is older than the exporter supports; use {MIN_OPSET} or later")
     # Converting a copy leaves the caller's weights alone; without a conversion the model itself is exported.
@@ -62,6 +63,18 @@ def export_onnx(model: Transformer, out_dir: Path, *, dtype: str = "fp32", opset
         )
     weight_bytes = sum(p.numel() * p.element_size() for p in subject.parameters())
     return _save_atomically(program, Path(out_dir), external_data=weight_bytes > EXTERNAL_DATA_BYTES)
+
+
+def check_exportable(cfg: ModelConfig, dtype: str = "fp32", tokenizer: dict | None = None) -> None:
+    """What the ONNX export refuses, known before there is a model: a dtype it does not write, or the packages
+    torch's exporter needs. Any fermion architecture traces (see the module's docstring); the graph takes token
+    ids, so the tokenizer does not matter. `export_onnx` runs it first; `fermion run` runs it before training."""
+    if dtype not in DTYPES:
+        raise ExportError(f"unsupported ONNX dtype {dtype!r}; valid: {', '.join(DTYPES)}")
+    missing = [name for name in ("onnx", "onnxscript") if importlib.util.find_spec(name) is None]
+    if missing:
+        raise ExportError(f"the ONNX export needs the {' and '.join(missing)} package(s): "
+                          "pip install 'fermion[export]'")
 
 
 class _LogitsOnly(nn.Module):

@@ -4,7 +4,8 @@ Parameters are counted on a model built on the meta device, so a 7B recipe costs
 PaLM / nanoGPT convention used for MFU: 6 x (active matmul parameters, output head included, input embedding
 excluded) + 12 x layers x heads x head_dim x attended tokens per token of training; a forward pass is a third.
 `training_memory` predicts the peak memory of a training step per device (weights, gradients, AdamW, activations
-under the chosen checkpointing, logits, DDP/FSDP buffers) and `plan_memory` does it for a recipe on a device.
+under the chosen checkpointing, logits, DDP/FSDP buffers), `plan_memory` does it for a recipe on a device, and
+`check_fits` refuses a plan that will not fit, naming the setting that would make it fit.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from fermion.config import ModelConfig
+from fermion.config import ModelConfig, RecipeError
 from fermion.device import resolve_cross_entropy, resolve_precision
 from fermion.model.transformer import Transformer
 
@@ -249,7 +250,7 @@ def training_memory(cfg: ModelConfig, batch: int, seq_len: int, precision: str =
 DEVICE_MEMORY_GIB = {
     "h200": 140.4, "h100": 79.2, "h100-80gb": 79.2, "a100": 79.2, "a100-80gb": 79.2, "a100-40gb": 39.4,
     "l40s": 44.4, "l4": 22.0, "a10g": 22.0, "rtx4090": 23.6, "rtx3090": 23.6, "v100": 15.8, "v100-32gb": 31.7,
-    "t4": 14.6,
+    "t4": 14.6, "rtx-pro-6000": 95.0,  # the RTX PRO 6000 Blackwell's 96 GB, less the driver's share (approximate)
 }
 NO_BF16 = {"v100", "v100-32gb", "t4"}  # pre-Ampere: precision auto trains them in fp32
 CUDA_RESERVE = 1 << 30  # CUDA context, cuBLAS/cuDNN workspaces: device memory the allocator does not count
@@ -308,9 +309,11 @@ def resolve_device(device: str | None, configured: str = "auto") -> tuple[str, s
 def plan_memory(recipe, device: str | None = None, world_size: int = 1, micro_batch: int | None = None,
                 checkpointing: str | None = None, device_memory_gib: float | None = None,
                 train=None) -> MemoryPlan:
-    """Predicted peak training memory per device for a recipe (its `train` section unless another is given), with
-    its precision and cross-entropy "auto" settings resolved for the device as the trainer would."""
+    """Predicted peak training memory per device for a recipe (its `train` section unless another is given, such as
+    a continued stage's or sft.train), with its precision and cross-entropy "auto" settings resolved for the device
+    as the trainer would."""
     train = train or recipe.train
+    seq_len = train.seq_len or recipe.model.context_length
     name, device_type, memory = resolve_device(device, train.device)
     if device_memory_gib is not None:
         memory = round(device_memory_gib * 2**30)
@@ -324,10 +327,58 @@ def plan_memory(recipe, device: str | None = None, world_size: int = 1, micro_ba
     checkpointing = checkpointing or getattr(train, "activation_checkpointing", "none")
     micro_batch = micro_batch or train.micro_batch_size
     distributed = train.distributed
-    estimate = training_memory(recipe.model, micro_batch, recipe.seq_len, precision, checkpointing=checkpointing,
+    estimate = training_memory(recipe.model, micro_batch, seq_len, precision, checkpointing=checkpointing,
                                cross_entropy=cross_entropy, world_size=world_size, distributed=distributed)
-    return MemoryPlan(estimate, name, device_type, memory, world_size, distributed, micro_batch, recipe.seq_len,
+    return MemoryPlan(estimate, name, device_type, memory, world_size, distributed, micro_batch, seq_len,
                       precision, checkpointing, cross_entropy, bool(train.compile))
+
+
+def _gib(n_bytes: int) -> str:
+    return f"{n_bytes / 2**30:,.1f} GiB"
+
+
+def _remedies(train, world_size: int) -> list[dict]:
+    """Settings of a train section that lower the peak: more activation checkpointing at the same micro-batch, then
+    halved micro-batches (grad_accum raised to keep the batch) with each checkpointing level; FSDP where DDP
+    replicates the model on every device."""
+    levels = CHECKPOINTING[CHECKPOINTING.index(train.activation_checkpointing):]
+    remedies = [{"activation_checkpointing": level} for level in levels[1:]]
+    size = train.micro_batch_size
+    while size > 1:
+        size //= 2
+        remedies += [{"micro_batch_size": size}]
+        remedies += [{"activation_checkpointing": level, "micro_batch_size": size} for level in levels[1:]]
+    if train.distributed == "ddp" and world_size > 1:
+        remedies += [{"distributed": "fsdp"}, {"distributed": "fsdp", "activation_checkpointing": "full"}]
+    return remedies
+
+
+def fit_problem(recipe, device: str | None = None, world_size: int = 1, train=None,
+                section: str = "train") -> str | None:
+    """None when a training step of the recipe (`train`: another of its train sections, named `section` in the
+    message) fits the device, or its memory is unknown; else one line: the memory needed against the device's, and
+    the first setting that would fit. The prediction is `plan_memory`'s, as `fermion model info` shows it."""
+    train = train or recipe.train
+    plan = plan_memory(recipe, device, world_size, train=train)
+    if plan.fits is not False:
+        return None
+    devices = f"{plan.world_size} × {plan.device}" if plan.world_size > 1 else plan.device
+    line = (f"{section}: a training step needs {_gib(plan.needed)} per device and the {devices} has "
+            f"{_gib(plan.device_memory)} (fermion model info's prediction, allocator slack included)")
+    for change in _remedies(train, world_size):
+        fixed = plan_memory(recipe, device, world_size, train=train.model_copy(update=change))
+        if fixed.fits:
+            settings = ", ".join(f"{section}.{key}: {value}" for key, value in change.items())
+            keep = " (raise grad_accum to keep the batch)" if "micro_batch_size" in change else ""
+            return f"{line}; set {settings}{keep}, which needs {_gib(fixed.needed)}"
+    return f"{line}; no checkpointing or micro-batch setting fits it: train on more devices with FSDP, or larger ones"
+
+
+def check_fits(recipe, device: str | None = None, world_size: int = 1, train=None, section: str = "train") -> None:
+    """Raise RecipeError (the line `fit_problem` writes) when the training step will not fit the device."""
+    problem = fit_problem(recipe, device, world_size, train, section)
+    if problem is not None:
+        raise RecipeError(problem)
 
 
 def inference_memory(cfg: ModelConfig, batch: int = 1, bytes_per_value: int = 2) -> dict[str, int]:

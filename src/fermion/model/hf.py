@@ -154,14 +154,20 @@ def is_hf_folder(path: str | os.PathLike) -> bool:
 def import_hf(folder: str | os.PathLike) -> Imported:
     """A local Llama / Mistral / Qwen3 / Mixtral / Qwen3-MoE folder -> fermion config, weights and tokenizer."""
     folder = Path(folder)
-    if not (folder / "config.json").is_file():
-        raise ExportError(f"{folder}: no config.json; expected a Hugging Face model folder")
+    cfg = read_config(folder)
     hf = json.loads((folder / "config.json").read_text(encoding="utf-8"))
-    cfg = _config_from_hf(hf, folder)
     weights = _read_weights(folder)
     state = _from_hf_state_dict(weights, cfg, hf["model_type"], folder)
     tokenizer = Tokenizer.load(folder / "tokenizer.json")  # with the chat template of its tokenizer_config.json
     return Imported(cfg, state, tokenizer, tokenizer.chat_template)
+
+
+def read_config(folder: str | os.PathLike) -> ModelConfig:
+    """The fermion configuration of a Hugging Face folder's model, from its config.json alone (no weights read)."""
+    folder = Path(folder)
+    if not (folder / "config.json").is_file():
+        raise ExportError(f"{folder}: no config.json; expected a Hugging Face model folder")
+    return _config_from_hf(json.loads((folder / "config.json").read_text(encoding="utf-8")), folder)
 
 
 def _config_from_hf(hf: dict, folder: Path) -> ModelConfig:

@@ -16,6 +16,7 @@ from fermion.data.shards import ShardSet, TokenLoader, check_tokenizer, load_ind
 from fermion.data.sources import interleave_documents
 from fermion.data.tokenizer import Tokenizer
 from fermion.device import DistInfo
+from fermion.model.counting import check_fits
 from fermion.model.transformer import Transformer
 from fermion.train.objectives import Pretrain
 from fermion.train.stage import Parts, StageSetup, run_stage
@@ -205,6 +206,8 @@ class Pretraining(StageSetup):
 
     def plan(self, info: DistInfo, console: Console) -> None:
         self.world_size = info.world_size  # train.epochs become steps at the global batch
+        if info.device.type == "cuda":  # refused before any file is written or any weight allocated
+            check_fits(self.recipe, "cuda", info.world_size)
 
     def write_files(self, console: Console) -> None:
         recipe = self.recipe
