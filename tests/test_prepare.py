@@ -26,7 +26,8 @@ from rich.console import Console
 
 from fermion import prepare as preparation
 from fermion.checkpoint import save_weights
-from fermion.config import LengthRules, Recipe, RecipeError, load_recipe, recipe_from_dict
+from fermion.config import Recipe, RecipeError, load_recipe, recipe_from_dict
+from fermion.config.prepare import LengthRules
 from fermion.data.shards import load_index
 from fermion.data.sources import DataError
 from fermion.data.tokenizer import Tokenizer
