@@ -103,6 +103,8 @@ def test_run_judges_every_prompt_at_both_temperatures(shakespeare_tokenizer):
     counts = [int(part.split()[0]) for part in smoke.summary(result).split(" / ")]
     assert sum(counts) == 24
     assert [s["prompt"] for s in result.samples[:12]] == [p.plain_text for p in smoke.PROMPTS]  # a base model
+    limited = smoke.run(lm, TaskOptions(data_dir=SHARED_DATA / "eval", max_new_tokens=8, limit=3))
+    assert limited.n == 6 and [s["prompt"] for s in limited.samples[:3]] == [p.plain_text for p in smoke.PROMPTS[:3]]
 
 
 def test_markers_add_the_templates_stops_and_special_tokens(shakespeare_tokenizer):

@@ -215,10 +215,10 @@ def prompts_of(settings: SmokeSettings) -> tuple[SmokePrompt, ...]:
 
 
 def run(lm: EvalModel, options: TaskOptions) -> TaskResult:
-    """Every prompt at every temperature (the model's recipe's eval.smoke, else the built-in dozen at 0.3 and
-    1.0), one batch per temperature, each answer with its verdict."""
+    """Every prompt (the first `limit`, as for every task) at every temperature (the model's recipe's eval.smoke,
+    else the built-in dozen at 0.3 and 1.0), one batch per temperature, each answer with its verdict."""
     settings = lm.recipe.eval.smoke
-    prompts = prompts_of(settings)
+    prompts = prompts_of(settings)[:options.limit]
     texts = [p.chat_text if lm.chat else p.plain_text for p in prompts]
     markers = markers_for(lm)
     samples = []
