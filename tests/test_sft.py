@@ -37,6 +37,7 @@ EXPECTED_TRAINED = {
     "chatml": ["A small model.<|im_end|>", "One, two, three.<|im_end|>"],
     "alpaca": ["A small model.<|eos|>", "One, two, three.<|eos|>"],
     "tagged": ["A small model.</assistant>", "One, two, three.</assistant>"],
+    "tagged-lines": ["A small model.\n</assistant>", "One, two, three.\n</assistant>"],
 }
 
 

@@ -306,8 +306,8 @@ def generate(
 @app.command()
 def chat(
     run: ModelArg,
-    template: Annotated[str | None, typer.Option(help="chatml, alpaca, tagged or a .jinja file; default: the "
-                                                      "run's own template.")] = None,
+    template: Annotated[str | None, typer.Option(help="chatml, alpaca, tagged, tagged-lines or a .jinja file; "
+                                                      "default: the run's own template.")] = None,
     system: Annotated[str | None, typer.Option(help="The system prompt to start with.")] = None,
     temperature: Annotated[float, typer.Option(min=0.0, help="0 means greedy; /temp changes it.")] = 0.7,
     top_p: Annotated[float, typer.Option(min=0.0, max=1.0)] = 0.95,

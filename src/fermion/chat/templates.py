@@ -91,9 +91,26 @@ TAGGED = _CHECK + (
     "{% if add_generation_prompt %}{{ '<assistant>' }}{% endif %}"
 )
 
-BUILTIN = {"chatml": CHATML, "alpaca": ALPACA, "tagged": TAGGED}
+# The neo-3 model card's format: each tag on its own line, the text between them. A reply is trimmed when rendered:
+# generation stops at </assistant> and keeps the newline before it, so a conversation re-rendered with that reply
+# is the text the model wrote.
+TAGGED_LINES = _CHECK + (
+    "{% for m in messages %}"
+    "{% if m['role'] == 'assistant' %}"
+    "{{ '<assistant>\n' }}{% generation %}{{ m['content'] | trim }}{{ '\n</assistant>' }}{% endgeneration %}"
+    "{{ '\n' }}"
+    "{% elif m['role'] == 'user' %}"
+    "{{ '<user>\n' }}" + _USER_TEXT + "{{ '\n</user>\n' }}"
+    "{% else %}"
+    "{{ '<system>\n' }}{{ m['content'] }}{{ '\n</system>\n' }}"
+    "{% endif %}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<assistant>\n' }}{% endif %}"
+)
+
+BUILTIN = {"chatml": CHATML, "alpaca": ALPACA, "tagged": TAGGED, "tagged-lines": TAGGED_LINES}
 # What ends an assistant turn when generating, per template (the eos token always does).
-STOP_STRINGS = {"chatml": ["<|im_end|>"], "alpaca": [], "tagged": ["</assistant>"]}
+STOP_STRINGS = {"chatml": ["<|im_end|>"], "alpaca": [], "tagged": ["</assistant>"], "tagged-lines": ["</assistant>"]}
 
 
 class TemplateError(ValueError):
@@ -144,7 +161,8 @@ class ChatTemplate:
 
     @classmethod
     def get(cls, spec: str | None) -> ChatTemplate:
-        """A built-in name (chatml, alpaca, tagged), a path to a .jinja file, or a Jinja string; None is chatml."""
+        """A built-in name (chatml, alpaca, tagged, tagged-lines), a path to a .jinja file, or a Jinja string; None
+        is chatml."""
         spec = spec or "chatml"
         if spec in BUILTIN:
             return cls(spec, BUILTIN[spec], STOP_STRINGS[spec])

@@ -90,7 +90,8 @@ class TokenizerConfig(Section):
     min_frequency: int = Field(2, ge=1)
     special_tokens: list[str] = Field(default_factory=lambda: list(DEFAULT_SPECIAL_TOKENS))
     train_bytes: int = Field(20_000_000, ge=1000)  # how much of the corpus the BPE trainer reads
-    # The chat template SFT renders with and export writes: chatml, alpaca, tagged, a .jinja file or a Jinja string.
+    # The chat template SFT renders with and export writes: chatml, alpaca, tagged, tagged-lines, a .jinja file or a
+    # Jinja string.
     chat_template: str = "chatml"
 
     @model_validator(mode="after")

@@ -63,6 +63,10 @@ OLLAMA_TEMPLATES = {
         "{{- range .Messages }}<{{ .Role }}>{{ .Content }}</{{ .Role }}>\n"
         "{{ end }}<assistant>"
     ),
+    "tagged-lines": (
+        "{{- range .Messages }}<{{ .Role }}>\n{{ .Content }}\n</{{ .Role }}>\n"
+        "{{ end }}<assistant>\n"
+    ),
 }
 
 

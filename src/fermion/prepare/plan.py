@@ -111,12 +111,14 @@ def make_plan(recipe: Recipe) -> Plan:
 
 
 def plan_id(recipe: Recipe) -> str:
-    """A hash of what the prepared documents depend on: the sources as written (weights aside: they only mix) and
-    the step settings (where and how it runs aside)."""
+    """A hash of what the prepared documents depend on: the sources as written (weights aside: they only mix; fields
+    left at their defaults aside, so a field added to SourceConfig later changes no existing plan) and the step
+    settings (where and how it runs aside)."""
     settings = recipe.data.prepare
     made_from = {
         "format": FORMAT,
-        "sources": [source.model_dump(mode="json", exclude={"weight"}) for source in recipe.data.sources],
+        "sources": [source.model_dump(mode="json", exclude={"weight"}, exclude_defaults=True)
+                    for source in recipe.data.sources],
         "steps": settings.model_dump(mode="json", exclude={"dir", "workers", "executor", "executor_options"}),
         "eval_dir": str(settings.decontaminate.resolved_eval_dir().absolute()) if settings.decontaminate else None,
     }

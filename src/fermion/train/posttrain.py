@@ -28,10 +28,14 @@ from fermion.data.tokenizer import Tokenizer
 from fermion.train.stage import StageSetup
 
 
-def load_source(source: str) -> tuple[Recipe, dict[str, torch.Tensor], Tokenizer]:
-    """Weights to start from: a fermion run or checkpoint directory, or a Hugging Face folder (checkpoint.load)."""
+def load_source(source: str, field_name: str | None = None) -> tuple[Recipe, dict[str, torch.Tensor], Tokenizer]:
+    """Weights to start from: a fermion run or checkpoint directory, or a Hugging Face folder (checkpoint.load).
+    `field_name`: the recipe field that named it, for the error when there is nothing there."""
     from fermion import checkpoint
 
+    if field_name and not Path(source).exists():
+        raise RecipeError(f"{field_name}: {source} does not exist; give a fermion run or checkpoint directory, or a "
+                          f"Hugging Face model folder (config.json, *.safetensors, tokenizer.json) downloaded first")
     loaded = checkpoint.load(source)
     return loaded.recipe, loaded.model.state_dict(), loaded.tokenizer
 
@@ -67,7 +71,7 @@ def setup_stage(recipe: Recipe, name: str) -> Stage:
     if section is None:
         raise RecipeError(f"the recipe has no '{name}' section: add {name}.sources (the {name.upper()} data)")
     init_from = section.train.init_from or default_init(recipe, name)
-    source_recipe, weights, tokenizer = load_source(init_from)
+    source_recipe, weights, tokenizer = load_source(init_from, section.train.init_from and f"{name}.train.init_from")
     check_same_model(recipe, source_recipe, init_from, f"{name}.train.init_from")
     template_spec = (recipe.tokenizer.chat_template if "chat_template" in recipe.tokenizer.model_fields_set
                      else source_recipe.tokenizer.chat_template)

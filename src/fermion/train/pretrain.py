@@ -128,7 +128,7 @@ def start_from(recipe: Recipe) -> tuple[Recipe, dict | None, Tokenizer | None]:
         return recipe, None, None
     from fermion.train.posttrain import check_same_model, load_source
 
-    source_recipe, weights, tokenizer = load_source(source)
+    source_recipe, weights, tokenizer = load_source(source, "train.init_from")
     check_same_model(recipe, source_recipe, source, "train.init_from")
     update = {"model": source_recipe.model}
     if "chat_template" not in recipe.tokenizer.model_fields_set:
