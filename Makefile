@@ -28,7 +28,7 @@ demo: install
 	$(VENV)/bin/fermion demo
 
 test: install browser
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q --durations=15
 
 bench: install
 	$(PY) bench/train_throughput.py

@@ -238,8 +238,8 @@ def gpt2_shaped(tmp_path_factory) -> Path:
 
 
 def test_auto_g_nano_in_miniature(gpt2_shaped, tmp_path):
-    """GPT-2's tokenizer, the three-way mix, SFT on Dolly in the Alpaca template for 3 epochs, the card's smoke test.
-    Exported as hf only: the card's fp16 ONNX needs the export section's per-format dtype."""
+    """GPT-2's tokenizer, the three-way mix, SFT on Dolly in the Alpaca template for 3 epochs, the card's smoke test,
+    and the card's files: bf16 safetensors and fp16 ONNX."""
     run_dir = tmp_path / "auto-g"
     steps = run_miniature(
         "auto-g-nano-1b", run_dir, *sets("model", {**TINY_MODEL, "vocab_size": 512}),
@@ -250,17 +250,21 @@ def test_auto_g_nano_in_miniature(gpt2_shaped, tmp_path):
         *sets("data", {"num_workers": 1, "val_fraction": 0.1}), *sets("train", QUICK),
         *local("sft.sources.0", paths=[str(DOLLY)], format="auto", max_documents=24),
         *sets("sft", {"val_fraction": 0.2}), *sets("sft.train", BY_EPOCH),
-        "--set", "eval.limit=1", "--set", "export.formats=[hf]")
+        "--set", "eval.limit=1")
     check_shipped(run_dir, steps, ["tokenizer", "pretrain", "sft", "eval", "export", "card"],
-                  [run_dir, run_dir / "sft"], ["hf"], ["smoke", "hellaswag", "arc_easy", "arc_challenge", "piqa",
-                                                       "mmlu", "humaneval"])
+                  [run_dir, run_dir / "sft"], ["hf", "onnx"],
+                  ["smoke", "hellaswag", "arc_easy", "arc_challenge", "piqa", "mmlu", "humaneval"])
     assert not (run_dir / "dpo").exists()
     tokenizer = Tokenizer.load(find(run_dir / "sft") / "tokenizer.json")
     assert (tokenizer.bos_token, tokenizer.eos_token) == ("<|endoftext|>",) * 2
     sft = yaml.safe_load((run_dir / "sft" / "recipe.yaml").read_text())
     assert (sft["tokenizer"]["chat_template"], sft["sft"]["epochs"]) == ("alpaca", 3)
     smoke = json.loads((run_dir / "eval" / "results.json").read_text())["results"][0]
-    assert smoke["n"] == 6 * 2  # 6 prompts x 2 temperatures, as the card's smoke test
+    # eval.limit 1: the first of the card's 6 prompts, at its 2 temperatures (test_auto_g_nano_matches_its_card
+    # checks all six)
+    assert smoke["n"] == 1 * 2 and {s["temperature"] for s in smoke["samples"]} == {0.0, 0.8}
+    hf_config = json.loads((run_dir / "sft" / "export" / "hf" / "config.json").read_text())
+    assert hf_config["torch_dtype"] == "bfloat16"
     config = json.loads((run_dir / "sft" / "export" / "hf" / "tokenizer_config.json").read_text())
     assert config["chat_template"] == ChatTemplate.get("alpaca").source
 
