@@ -27,8 +27,9 @@ browser:
 demo: install
 	$(VENV)/bin/fermion demo
 
+# Two workers (both cores), each test file kept in one worker so its module fixtures are made once.
 test: install browser
-	$(PY) -m pytest -q --durations=15
+	$(PY) -m pytest -q -n 2 --dist loadfile --durations=15
 
 bench: install
 	$(PY) bench/train_throughput.py
