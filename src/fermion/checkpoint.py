@@ -43,11 +43,11 @@ from safetensors.torch import load_file, save_file
 from fermion import layout
 from fermion.atomic import replaced_dir, replaced_file
 from fermion.chat.templates import ChatTemplate
-from fermion.config import Recipe, recipe_from_dict
+from fermion.config import ModelConfig, Recipe, recipe_from_dict
 from fermion.data.tokenizer import Tokenizer
 from fermion.device import DistInfo, barrier
 from fermion.errors import CheckpointError
-from fermion.model.hf import imported_recipe, is_hf_folder
+from fermion.model.hf import imported_recipe, is_hf_folder, read_config
 from fermion.model.transformer import Transformer
 
 # The kinds of training stage a checkpoint can come from, as trainer_state.json records them ("stage"): pretraining
@@ -382,6 +382,15 @@ def find(path: str | os.PathLike, warn=print, required: bool = True) -> Path | N
     if layout.checkpoints_dir(path).is_dir():
         raise CheckpointError(f"{path} has no complete, undamaged checkpoint")
     raise CheckpointError(f"{path} is neither a run directory nor a checkpoint directory")
+
+
+def describe(path: str | os.PathLike) -> tuple[ModelConfig, Path]:
+    """A run, a checkpoint or a Hugging Face folder without reading its weights: its model configuration and the
+    path of its tokenizer.json."""
+    if is_hf_folder(path):
+        return read_config(path), layout.tokenizer_file(Path(path))
+    ckpt = find(path)
+    return load_recipe_of(ckpt).model, layout.tokenizer_file(ckpt)
 
 
 def load_recipe_of(ckpt: Path) -> Recipe:

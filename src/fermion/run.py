@@ -309,14 +309,10 @@ def final_model(recipe: Recipe) -> tuple[ModelConfig, dict | None, str]:
     recipe's model, with tokenizer.path's file or None: the byte-level BPE tokenizer the run trains."""
     source = recipe.train.init_from
     if source:
-        from fermion.checkpoint import find, load_recipe_of
-        from fermion.model.hf import is_hf_folder, read_config
+        from fermion.checkpoint import describe
 
-        origin = f"the model and tokenizer of train.init_from ({source})"
-        if is_hf_folder(source):
-            return read_config(source), _tokenizer_json(Path(source) / "tokenizer.json"), origin
-        ckpt = find(source)
-        return load_recipe_of(ckpt).model, _tokenizer_json(layout.tokenizer_file(ckpt)), origin
+        model, tokenizer_file = describe(source)
+        return model, _tokenizer_json(tokenizer_file), f"the model and tokenizer of train.init_from ({source})"
     if recipe.tokenizer.path:
         path = recipe.tokenizer.path
         return recipe.model, _tokenizer_json(Path(path)), f"the recipe's model and tokenizer.path ({path})"

@@ -63,9 +63,8 @@ def train_tokenizer(recipe: Recipe, console: Console, force: bool = False) -> Pa
 def source_tokenizer(source: str) -> Tokenizer:
     """The tokenizer of a model to start from (a run, a checkpoint or a Hugging Face folder), weights not read."""
     from fermion import checkpoint
-    from fermion.model.hf import is_hf_folder
 
-    return Tokenizer.load(layout.tokenizer_file(Path(source) if is_hf_folder(source) else checkpoint.find(source)))
+    return Tokenizer.load(checkpoint.describe(source)[1])
 
 
 def _adopt_tokenizer(recipe: Recipe, tokenizer: Tokenizer) -> None:
