@@ -130,7 +130,8 @@ def test_sampling_controls():
     assert draws(SamplingParams(temperature=1.0, top_p=0.7)) == {0, 1}
     assert draws(SamplingParams(temperature=1.0, top_p=0.3)) == {0}
     assert draws(SamplingParams(temperature=1.0, min_p=0.5)) == {0, 1}
-    assert draws(SamplingParams(temperature=5.0, min_p=0.5)) == {0, 1, 2, 3}  # a flatter distribution keeps more
+    assert draws(SamplingParams(temperature=1.0, min_p=0.25)) == {0, 1}
+    assert draws(SamplingParams(temperature=2.0, min_p=0.25)) == {0, 1, 2, 3}  # a flatter distribution keeps more
     penalised = sample(logits.clone(), SamplingParams(temperature=0.0, repetition_penalty=2.0),
                        torch.tensor([0]), torch.Generator())
     assert penalised == 1
@@ -147,9 +148,25 @@ def test_sampling_controls():
     assert len(set(seeded)) == 1
 
 
-@pytest.mark.parametrize("field, value", [("max_new_tokens", 0), ("temperature", -1.0), ("top_p", 0.0),
-                                          ("top_k", -2), ("min_p", 1.0), ("repetition_penalty", 0.0),
-                                          ("presence_penalty", 2.5), ("frequency_penalty", -3.0)])
+@pytest.mark.parametrize("field, value", [
+    ("max_new_tokens", 0), ("temperature", -1.0), ("top_p", 0.0), ("top_k", -2), ("min_p", 1.0),
+    ("repetition_penalty", 0.0), ("presence_penalty", 2.5), ("frequency_penalty", -3.0),
+    # Each of these passed before and made sampling see inf or NaN, or torch refuse the seed.
+    ("temperature", 2.5), ("temperature", float("nan")), ("temperature", float("inf")), ("top_p", float("nan")),
+    ("min_p", float("nan")), ("repetition_penalty", 1e-300), ("repetition_penalty", 1e300),
+    ("repetition_penalty", float("inf")), ("repetition_penalty", float("nan")), ("presence_penalty", float("nan")),
+    ("frequency_penalty", float("inf")), ("top_k", 2**31), ("seed", 2**64), ("seed", -(2**63) - 1), ("seed", 1.5)])
 def test_bad_sampling_parameters_name_the_field(field, value):
-    with pytest.raises(ValueError, match=field):
+    with pytest.raises(ValueError, match=f"^{field} = .* must be"):
         SamplingParams(**{field: value})
+
+
+def test_tiny_positive_temperature_and_top_p_sample_the_top_token():
+    """1e-300 is a valid temperature and 5e-324 a valid top_p; in float32 the one made logits inf and probabilities
+    NaN, the other was 0 and dropped every token: torch.multinomial raised."""
+    logits = torch.tensor([3.0, 2.9, 1.0, 0.5, -1.0])
+    for params in (SamplingParams(temperature=1e-300), SamplingParams(temperature=1e-30),
+                   SamplingParams(temperature=1.0, top_p=5e-324)):
+        draws = {sample(logits.clone(), params, torch.tensor([], dtype=torch.long), torch.Generator().manual_seed(s))
+                 for s in range(50)}
+        assert draws == {0}, params

@@ -60,8 +60,9 @@ def test_system_reset_and_temperature_commands(engine):
 
     assert say(session, "/temp 1.3")[1] == ["temperature set to 1.3"] and session.params.temperature == 1.3
     assert say(session, "/temp 0")[1] == ["temperature set to 0 (greedy)"]
-    for bad, message in [("warm", "/temp takes a number >= 0, not 'warm'"), ("", "/temp takes a number >= 0, not ''"),
-                         ("-1", "temperature = -1.0 must be >= 0"), ("nan", "/temp takes a finite number >= 0")]:
+    for bad, message in [("warm", "/temp takes a number in [0, 2], not 'warm'"), ("", "/temp takes a number in [0, 2]"),
+                         ("-1", "temperature = -1.0 must be in [0, 2]"), ("nan", "temperature = nan must be in [0, 2]"),
+                         ("2.5", "temperature = 2.5 must be in [0, 2]")]:
         assert say(session, f"/temp {bad}")[1][0].startswith(message)
     assert session.params.temperature == 0
     assert session.params.stop == ["<|im_end|>"]  # the template's end of turn stops an answer

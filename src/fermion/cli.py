@@ -346,6 +346,9 @@ def serve(
     template: Annotated[str | None, typer.Option(help="Chat template (default: the run's own).")] = None,
     max_batch: Annotated[int, typer.Option(min=1, help="Sequences decoded together (engine slots).")] = 16,
     max_waiting: Annotated[int, typer.Option(min=1, help="Requests that may wait for a slot before 429.")] = 256,
+    max_request_bytes: Annotated[int | None, typer.Option(min=1024, help="Largest request body before 413 (default: "
+                                                          "what a full context of text can take, at least 1 MiB).")]
+    = None,
     quant: QuantOption = "none",
     dtype: DtypeOption = "auto",
     device: Annotated[str, typer.Option(help="cpu, cuda, ...")] = "cpu",
@@ -373,7 +376,8 @@ def serve(
     console.print(f"serving [bold]{escape(name)}[/] ({engine.max_batch} slots, context {engine.max_seq}) on "
                   f"http://{shown}:{port} · OpenAI API at /v1 · chat page at /", highlight=False)
     try:
-        run_server(engine, ServerConfig(name, chat_template, api_key=api_key, max_waiting=max_waiting), host, port)
+        run_server(engine, ServerConfig(name, chat_template, api_key=api_key, max_waiting=max_waiting,
+                                        max_request_bytes=max_request_bytes), host, port)
     except OSError as err:
         fail(str(err))
 

@@ -9,7 +9,8 @@ Sequences of different lengths share a step: each row carries its own positions 
 cache), and the cache's mask lets a query see only its own row's keys at positions <= its own (and within the
 sliding window, if the model has one). Finished sequences leave at once and the last row moves into the freed slot,
 so live rows stay contiguous and a step touches no dead rows. This is what lets the server batch requests
-continuously. MoE blocks route whatever tokens the step has.
+continuously. MoE blocks route whatever tokens the step has. A sequence whose next token cannot be chosen (NaN
+logits, a grammar left with no allowed token) ends alone, with finish_reason "error"; the rest of the step goes on.
 
 On CUDA, `compile=True` compiles the decode step with static shapes (all slots, the whole cache length, masks doing
 the rest) so it can be captured as a CUDA graph; on CPU the eager step, which only reads the cache up to the
@@ -26,7 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from fermion.data.tokenizer import Tokenizer
-from fermion.infer.sampling import Completion, Constraint, SamplingParams
+from fermion.infer.sampling import MIN_TEMPERATURE, Completion, Constraint, SamplingParams
 from fermion.model.attention import KVCache
 from fermion.model.transformer import Transformer
 
@@ -42,6 +43,7 @@ class Sequence:
         self.position = len(prompt) - 1  # where `pending` goes in the cache
         self.stop_ids = stop_ids
         self.finish_reason: str | None = None
+        self.error: Exception | None = None  # why sampling failed, when finish_reason is "error"
         self.generator = torch.Generator().manual_seed(params.seed if params.seed is not None
                                                        else random.SystemRandom().getrandbits(63))
         self.seen = torch.tensor(sorted(set(prompt)), dtype=torch.long)
@@ -74,6 +76,11 @@ class Sequence:
         end = len(self.text) - _held_back(self.text, stops)
         delta, self._emitted = self.text[self._emitted:end], max(self._emitted, end)
         return delta
+
+    def fail(self, error: Exception) -> str:
+        """End the sequence because choosing its next token failed; nothing more is shown."""
+        self.finish_reason, self.error = "error", error
+        return ""
 
     def _finish(self, reason: str, flush: bool) -> str:
         """End the sequence; hand out everything not yet shown (a held-back tail that never became a stop)."""
@@ -147,15 +154,17 @@ def sample(logits: torch.Tensor, params: SamplingParams, seen: torch.Tensor, gen
         logits[ids.unique()] -= params.presence_penalty
     if params.temperature == 0:
         return int(logits.argmax())
-    logits = logits / params.temperature
+    logits = logits / max(params.temperature, MIN_TEMPERATURE)
     if params.top_k and params.top_k < logits.numel():
         kth = torch.topk(logits, params.top_k).values[-1]
         logits = logits.masked_fill(logits < kth, float("-inf"))
     probs = logits.softmax(-1)
     if params.top_p < 1.0:
         sorted_probs, order = probs.sort(descending=True)
-        # Keep the smallest set whose mass reaches top_p: drop a token when the mass before it already does.
+        # Keep the smallest set whose mass reaches top_p: drop a token when the mass before it already does. The
+        # most likely token always stays (a top_p below float32's smallest number would otherwise drop them all).
         drop = (sorted_probs.cumsum(-1) - sorted_probs) >= params.top_p
+        drop[0] = False
         probs = probs.scatter(0, order, sorted_probs.masked_fill(drop, 0.0))
     if params.min_p > 0:
         probs = probs.masked_fill(probs < params.min_p * probs.max(), 0.0)
@@ -249,15 +258,22 @@ class Engine:
         logits = logits.float().cpu()
         events = []
         for seq, row in zip(self.active, logits, strict=True):
-            if seq.constraint is not None:
-                row = _constrained(row, seq.constraint.allowed())
-            token = sample(row, seq.params, seq.seen, seq.generator, seq.generated)
-            if seq.constraint is not None:
-                seq.constraint.accept(token)
-            events.append((seq, seq.accept(token, self.max_seq - 1 - seq.position)))
+            try:
+                events.append((seq, self._next(seq, row)))
+            except Exception as err:  # noqa: BLE001 - one sequence's failure (NaN, a dead-end grammar) ends it alone
+                events.append((seq, seq.fail(err)))
         for seq in [s for s in self.active if s.finished]:
             self.release(seq)
         return events
+
+    def _next(self, seq: Sequence, row: torch.Tensor) -> str:
+        """Choose a sequence's next token from its row of logits and take it; the new text to show."""
+        if seq.constraint is not None:
+            row = _constrained(row, seq.constraint.allowed())
+        token = sample(row, seq.params, seq.seen, seq.generator, seq.generated)
+        if seq.constraint is not None:
+            seq.constraint.accept(token)
+        return seq.accept(token, self.max_seq - 1 - seq.position)
 
     def release(self, seq: Sequence) -> None:
         """Free a sequence's slot (finished or abandoned): the last row moves into it."""
@@ -286,6 +302,10 @@ class Engine:
                 added = self.add_many(*map(list, zip(*(job for _, job in joining), strict=True)))
                 index_of.update((id(seq), i) for seq, (i, _) in zip(added, joining, strict=True))
             for seq, _ in self.step():
+                if seq.error is not None:
+                    for other in [s for s in self.active if id(s) in index_of]:
+                        self.release(other)
+                    raise RuntimeError(f"generation failed: {seq.error}") from seq.error
                 if seq.finished:
                     results[index_of.pop(id(seq))] = seq.completion()
         return [results[i] for i in range(len(prompts))]
@@ -298,6 +318,8 @@ class Engine:
                 for other, delta in self.step():
                     if other is seq and delta:
                         yield delta
+            if seq.error is not None:
+                raise RuntimeError(f"generation failed: {seq.error}") from seq.error
         finally:
             if not seq.finished:
                 self.release(seq)

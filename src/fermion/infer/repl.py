@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
 import time
 from collections.abc import Iterator
 from contextlib import closing, suppress
@@ -22,6 +21,7 @@ from rich.markup import escape
 from fermion.atomic import replaced_file
 from fermion.chat.templates import ChatTemplate, TemplateError
 from fermion.infer.engine import Engine, SamplingParams
+from fermion.infer.sampling import LIMITS
 
 try:
     import readline
@@ -101,9 +101,7 @@ class ChatSession:
         try:
             temperature = float(value)
         except ValueError:
-            return f"/temp takes a number >= 0, not {value!r}"
-        if not math.isfinite(temperature):
-            return f"/temp takes a finite number >= 0, not {value!r}"
+            return f"/temp takes a number {LIMITS['temperature']}, not {value!r}"
         try:
             self.params = dataclasses.replace(self.params, temperature=temperature)
         except ValueError as err:

@@ -4,12 +4,59 @@ server build these without importing any model code."""
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Protocol
 
 import torch
 
 Prompt = str | list[dict]  # plain text, or chat messages to render through the model's chat template
+
+
+@dataclass(frozen=True)
+class Bounds:
+    """An interval of finite numbers (or of integers), closed unless said otherwise."""
+
+    low: float
+    high: float
+    open_low: bool = False
+    open_high: bool = False
+    integer: bool = False
+
+    def __contains__(self, value: object) -> bool:
+        if isinstance(value, bool) or not isinstance(value, int if self.integer else int | float):
+            return False
+        if isinstance(value, float) and not math.isfinite(value):  # NaN compares false, inf would pass a bound
+            return False
+        above = value > self.low if self.open_low else value >= self.low
+        below = value < self.high if self.open_high else value <= self.high
+        return above and below
+
+    def __str__(self) -> str:
+        ends = f"{self.low:g}, {self.high:g}" if not self.integer else f"{self.low}, {self.high}"
+        interval = f"{'(' if self.open_low else '['}{ends}{')' if self.open_high else ']'}"
+        return f"an integer in {interval}" if self.integer else f"in {interval}"
+
+
+# What each sampling parameter may be: the engine refuses anything else (SamplingParams), and the server's request
+# models take their limits from here. Temperature, top_p, min_p and the OpenAI penalties are OpenAI's and vLLM's
+# ranges. The repetition penalty divides (or multiplies) logits: vLLM only asks > 0, which lets 1e-300 through
+# (a logit divided by it is inf in float32, and sampling sees NaN); values in use are 1.0-1.5 (CTRL's paper 1.2,
+# llama.cpp's default 1.1), so [0.01, 100] leaves every sensible choice and keeps a scaled logit finite. top_k 0 is
+# off and any k at or past the vocabulary is too; the bound only keeps it a machine integer. A seed is what
+# torch.Generator.manual_seed takes (negative seeds wrap modulo 2^64).
+LIMITS = {
+    "temperature": Bounds(0.0, 2.0),
+    "top_p": Bounds(0.0, 1.0, open_low=True),
+    "min_p": Bounds(0.0, 1.0, open_high=True),
+    "repetition_penalty": Bounds(0.01, 100.0),
+    "presence_penalty": Bounds(-2.0, 2.0),
+    "frequency_penalty": Bounds(-2.0, 2.0),
+    "top_k": Bounds(0, 2**31 - 1, integer=True),
+    "seed": Bounds(-(2**63), 2**64 - 1, integer=True),
+}
+# Below this a positive temperature is raised to it (as vLLM does): logits divided by 1e-30 overflow float32.
+MIN_TEMPERATURE = 0.01
 
 
 @dataclass
@@ -28,19 +75,12 @@ class SamplingParams:
     seed: int | None = None
 
     def __post_init__(self) -> None:
-        checks = [
-            ("max_new_tokens", isinstance(self.max_new_tokens, int) and self.max_new_tokens >= 1, "an integer >= 1"),
-            ("temperature", self.temperature >= 0, ">= 0"),
-            ("top_k", isinstance(self.top_k, int) and self.top_k >= 0, "an integer >= 0"),
-            ("top_p", 0 < self.top_p <= 1, "in (0, 1]"),
-            ("min_p", 0 <= self.min_p < 1, "in [0, 1)"),
-            ("repetition_penalty", self.repetition_penalty > 0, "> 0"),
-            ("presence_penalty", -2 <= self.presence_penalty <= 2, "in [-2, 2]"),
-            ("frequency_penalty", -2 <= self.frequency_penalty <= 2, "in [-2, 2]"),
-        ]
-        for name, ok, wanted in checks:
-            if not ok:
-                raise ValueError(f"{name} = {getattr(self, name)!r} must be {wanted}")
+        if not (isinstance(self.max_new_tokens, int) and self.max_new_tokens >= 1):
+            raise ValueError(f"max_new_tokens = {self.max_new_tokens!r} must be an integer >= 1")
+        for name, bounds in LIMITS.items():
+            value = getattr(self, name)
+            if value not in bounds and not (name == "seed" and value is None):
+                raise ValueError(f"{name} = {value!r} must be {bounds}")
         if isinstance(self.stop, str):
             self.stop = [self.stop]
         if any(not s for s in self.stop):
@@ -64,4 +104,4 @@ class Completion:
     prompt_ids: list[int]
     token_ids: list[int]
     text: str
-    finish_reason: str  # "stop" (eos, a stop token or a stop string) or "length"
+    finish_reason: str  # "stop" (eos, a stop token or a stop string), "length", or "error" (sampling failed)

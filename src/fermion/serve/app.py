@@ -1,17 +1,21 @@
 """`fermion serve`: an OpenAI-compatible HTTP server over the engine, and a chat page at `/`.
 
 Endpoints: GET /v1/models, POST /v1/completions, POST /v1/chat/completions (streamed as server-sent events when
-`stream` is true, ending with `data: [DONE]`), GET /health, GET / (the chat page). Every request is checked in full
-before any work: the body parsed and validated, the model name matched, the prompt rendered and tokenized, and the
-prompt plus max_tokens held against the context window; anything wrong is answered 4xx in OpenAI's error format
-and the engine never sees it:
+`stream` is true, ending with `data: [DONE]`), GET /health, GET / (the chat page), GET /openapi.json (the request
+bodies and errors of each route, schema.py). Every request is checked in full before any work: the body's type and
+size (guard.py), the body parsed and validated, the model name matched, the prompt rendered and tokenized (in a
+worker thread, after a check of its length in bytes), and the prompt plus max_tokens held against the context
+window; anything wrong is answered 4xx in OpenAI's error format and the engine never sees it:
 
     400 invalid_request_error  malformed JSON, a wrong type or value, an unsupported parameter, a prompt that
                                does not fit the context (code context_length_exceeded)
     401 invalid_request_error  a missing or wrong bearer key when the server has one (code invalid_api_key)
     404 invalid_request_error  an unknown model (code model_not_found) or path
+    405 invalid_request_error  a method the path does not answer (with an Allow header)
+    413 invalid_request_error  a body over the size limit (code request_too_large)
+    415 invalid_request_error  a POST body not sent as application/json
     429 rate_limit_error       the waiting line is full
-    500 server_error           generation itself failed
+    500 server_error           generation itself failed (of one choice: the others in its step go on)
 
 Generation goes through the continuous-batching scheduler (scheduler.py). A streaming client that disconnects has
 its sequences cancelled at once; a non-streaming one is checked while it waits.
@@ -38,6 +42,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from fermion import __version__
 from fermion.chat.templates import ChatTemplate, TemplateError
 from fermion.infer.engine import Engine, SamplingParams
+from fermion.serve.guard import Guard
 from fermion.serve.protocol import (
     APIError,
     ChatCompletionRequest,
@@ -46,6 +51,7 @@ from fermion.serve.protocol import (
     describe_validation_error,
 )
 from fermion.serve.scheduler import Busy, Event, Job, Scheduler
+from fermion.serve.schema import describe
 
 DEFAULT_COMPLETION_TOKENS = 16  # OpenAI's default for /v1/completions; chat defaults to the rest of the context
 
@@ -56,6 +62,7 @@ class ServerConfig:
     template: ChatTemplate
     api_key: str | None = None
     max_waiting: int = 256
+    max_request_bytes: int | None = None  # None: derived from the context and the tokenizer (guard.py)
     created: int = dataclasses.field(default_factory=lambda: int(time.time()))
 
 
@@ -64,6 +71,7 @@ def create_app(engine: Engine, config: ServerConfig, engine_thread: bool = True)
     with the app; without, the caller runs `app.state.scheduler.run()` itself (as `serve` does)."""
     scheduler = Scheduler(engine, max_waiting=config.max_waiting)
     tokenizer = engine.tokenizer
+    guard = Guard(tokenizer, engine.max_seq, config.max_request_bytes)
     fingerprint = f"fermion-{__version__}"
 
     async def lifespan(app: FastAPI):
@@ -73,13 +81,20 @@ def create_app(engine: Engine, config: ServerConfig, engine_thread: bool = True)
         scheduler.stop()
 
     app = FastAPI(title="fermion", version=__version__, lifespan=lifespan, docs_url="/docs", redoc_url=None)
-    app.state.scheduler, app.state.config = scheduler, config
+    app.state.scheduler, app.state.config, app.state.guard = scheduler, config, guard
+
+    def openapi() -> dict:
+        if app.openapi_schema is None:
+            app.openapi_schema = describe(FastAPI.openapi(app), config.model_name, engine.max_seq)
+        return app.openapi_schema
+
+    app.openapi = openapi
 
     # ------------------------------------------------------------------------------------------------ errors
 
     @app.exception_handler(APIError)
     async def api_error(request: Request, err: APIError):
-        return JSONResponse(err.body(), status_code=err.status)
+        return JSONResponse(err.body(), status_code=err.status, headers=err.headers)
 
     @app.exception_handler(RequestValidationError)
     async def validation_error(request: Request, err: RequestValidationError):
@@ -88,10 +103,12 @@ def create_app(engine: Engine, config: ServerConfig, engine_thread: bool = True)
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, err: StarletteHTTPException):
-        message = f"no such endpoint: {request.method} {request.url.path}" if err.status_code in (404, 405) \
-            else str(err.detail)
+        message = {404: f"no such endpoint: {request.method} {request.url.path}",
+                   405: f"{request.url.path} does not answer {request.method}; it answers "
+                        f"{(err.headers or {}).get('Allow', 'other methods')}"}.get(err.status_code, str(err.detail))
         code = "unknown_url" if err.status_code == 404 else None
-        return JSONResponse(APIError(err.status_code, message, code=code).body(), status_code=err.status_code)
+        return JSONResponse(APIError(err.status_code, message, code=code).body(), status_code=err.status_code,
+                            headers=err.headers)
 
     @app.middleware("http")
     async def bearer_key(request: Request, call_next):
@@ -106,7 +123,7 @@ def create_app(engine: Engine, config: ServerConfig, engine_thread: bool = True)
     # --------------------------------------------------------------------------------------------- helpers
 
     async def parse(request: Request, kind: type[Sampling]) -> Sampling:
-        body = await request.body()
+        body = await guard.body(request)
         try:
             parsed = kind.model_validate_json(body)
         except ValidationError as err:
@@ -144,7 +161,8 @@ def create_app(engine: Engine, config: ServerConfig, engine_thread: bool = True)
         if bad:
             raise APIError(400, f"stop_token_ids: {bad[0]} is outside the vocabulary (0..{tokenizer.vocab_size - 1})",
                            param="stop_token_ids")
-        seed = None if request.seed is None else request.seed + index  # each choice its own draw, reproducibly
+        # Each choice its own draw, reproducibly; modulo 2^64 as torch takes seeds, so seed + index cannot overflow.
+        seed = None if request.seed is None else (request.seed + index) % 2**64
         return SamplingParams(
             max_new_tokens=max_tokens, temperature=1.0 if request.temperature is None else request.temperature,
             top_k=max(request.top_k, 0), top_p=1.0 if request.top_p is None else request.top_p,
@@ -154,13 +172,24 @@ def create_app(engine: Engine, config: ServerConfig, engine_thread: bool = True)
             ignore_eos=request.ignore_eos, seed=seed)
 
     def tokens(prompt: str | list[int]) -> list[int]:
+        """A prompt's token ids (a worker thread's work: tokenizing a long text takes a while)."""
         if isinstance(prompt, str):
+            guard.check_length(prompt, "prompt")
             return tokenizer.encode(prompt)
         bad = [t for t in prompt if not 0 <= t < tokenizer.vocab_size]
         if bad:
             raise APIError(400, f"prompt: token id {bad[0]} is outside the vocabulary (0..{tokenizer.vocab_size - 1})",
                            param="prompt")
         return list(prompt)
+
+    def chat_tokens(request: ChatCompletionRequest) -> list[int]:
+        """The conversation rendered through the chat template and tokenized (a worker thread's work too)."""
+        try:
+            text = config.template.render(request.conversation(), tokenizer, add_generation_prompt=True)
+        except TemplateError as err:
+            raise APIError(400, f"messages: {err}", param="messages") from None
+        guard.check_length(text, "messages")
+        return tokenizer.encode(text)
 
     def schema_constraint(request: ChatCompletionRequest):
         fmt = request.response_format
@@ -281,7 +310,7 @@ def create_app(engine: Engine, config: ServerConfig, engine_thread: bool = True)
         prompts = body.prompt
         if isinstance(prompts, str) or (prompts and isinstance(prompts[0], int)):
             prompts = [prompts]
-        encoded = [tokens(p) for p in prompts]
+        encoded = await asyncio.to_thread(lambda: [tokens(p) for p in prompts])
         limits = [fit(ids, body.max_tokens, DEFAULT_COMPLETION_TOKENS, "prompt") for ids in encoded]
         loop, queue = asyncio.get_running_loop(), asyncio.Queue()
         jobs = [Job(p * body.n + j, ids, sampling(body, limit, [], j), queue, loop)
@@ -314,10 +343,7 @@ def create_app(engine: Engine, config: ServerConfig, engine_thread: bool = True)
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request):
         body: ChatCompletionRequest = await parse(request, ChatCompletionRequest)
-        try:
-            prompt = config.template.encode(tokenizer, body.conversation(), add_generation_prompt=True).ids
-        except TemplateError as err:
-            raise APIError(400, f"messages: {err}", param="messages") from None
+        prompt = await asyncio.to_thread(chat_tokens, body)
         limit = fit(prompt, body.limit, None, "messages")
         grammar = schema_constraint(body)
         loop, queue = asyncio.get_running_loop(), asyncio.Queue()

@@ -4,7 +4,9 @@ Requests are validated in full before any work is done: a wrong type, a value ou
 does not know is a 400 naming the field, as OpenAI's API does. Parameters OpenAI has but a small local model cannot
 honour (tools, logprobs, logit_bias, suffix, best_of > n) are refused with a message saying so, never ignored.
 Sampling extensions that vLLM also accepts (top_k, min_p, repetition_penalty, ignore_eos, stop_token_ids) go in
-the request body; the official client sends them through `extra_body`.
+the request body; the official client sends them through `extra_body`. Every number must be finite (JSON has no
+NaN or Infinity, but Python's json module writes them, and 1e400 parses as infinity) and in the range the engine
+takes (infer/sampling.py's LIMITS, the one table of them); a seed is a signed 64-bit integer, as in vLLM.
 """
 
 from __future__ import annotations
@@ -12,6 +14,9 @@ from __future__ import annotations
 from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, StrictStr, model_validator
+from pydantic.fields import FieldInfo
+
+from fermion.infer.sampling import LIMITS
 
 MAX_N = 16  # choices per request
 MAX_STOP = 4  # stop strings per request, OpenAI's limit
@@ -21,22 +26,29 @@ class APIError(Exception):
     """An error answered in OpenAI's format: {"error": {"message", "type", "param", "code"}} with a status."""
 
     def __init__(self, status: int, message: str, *, param: str | None = None, code: str | None = None,
-                 type: str | None = None):  # noqa: A002 - OpenAI's field name
+                 type: str | None = None, headers: dict[str, str] | None = None):  # noqa: A002 - OpenAI's name
         super().__init__(message)
         self.status, self.message, self.param, self.code = status, message, param, code
         self.type = type or ("invalid_request_error" if status < 500 else "server_error")
+        self.headers = headers  # HTTP headers the answer carries (Allow on a 405, Connection: close on a 413)
 
     def body(self) -> dict:
         return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
 
 
 class Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", strict=True)
+    model_config = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False)
 
 
-Temperature = Annotated[float, Field(ge=0, le=2)]
-TopP = Annotated[float, Field(gt=0, le=1)]
-Penalty = Annotated[float, Field(ge=-2, le=2)]
+def within(name: str) -> FieldInfo:
+    """The pydantic constraint of a sampling parameter's range in LIMITS."""
+    bounds = LIMITS[name]
+    return Field(ge=None if bounds.open_low else bounds.low, gt=bounds.low if bounds.open_low else None,
+                 le=None if bounds.open_high else bounds.high, lt=bounds.high if bounds.open_high else None)
+
+
+Temperature = Annotated[float, within("temperature")]
+TopP = Annotated[float, within("top_p")]
 Stop = StrictStr | Annotated[list[StrictStr], Field(max_length=MAX_STOP)] | None
 
 
@@ -53,17 +65,17 @@ class Sampling(Strict):
     top_p: TopP | None = None
     n: Annotated[StrictInt, Field(ge=1, le=MAX_N)] = 1
     stop: Stop = None
-    seed: StrictInt | None = None
+    seed: Annotated[StrictInt, Field(ge=-(2**63), le=2**63 - 1)] | None = None
     stream: StrictBool = False
     stream_options: StreamOptions | None = None
-    presence_penalty: Penalty = 0.0
-    frequency_penalty: Penalty = 0.0
+    presence_penalty: Annotated[float, within("presence_penalty")] = 0.0
+    frequency_penalty: Annotated[float, within("frequency_penalty")] = 0.0
     logit_bias: dict[str, float] | None = None
     user: StrictStr | None = None
     # extensions, as vLLM names them
-    top_k: Annotated[StrictInt, Field(ge=-1)] = 0
-    min_p: Annotated[float, Field(ge=0, lt=1)] = 0.0
-    repetition_penalty: Annotated[float, Field(gt=0)] = 1.0
+    top_k: Annotated[StrictInt, Field(ge=-1, le=LIMITS["top_k"].high)] = 0  # -1 (vLLM's old "off") is 0
+    min_p: Annotated[float, within("min_p")] = 0.0
+    repetition_penalty: Annotated[float, within("repetition_penalty")] = 1.0
     ignore_eos: StrictBool = False
     stop_token_ids: list[StrictInt] | None = None
 

@@ -8,6 +8,9 @@ short one and a burst of requests shares each forward pass instead of queueing b
 
 A cancelled job (its client went away) is dropped from the waiting line or released from its slot before the next
 step, so a disconnect costs at most one more step of work.
+
+A sequence whose sampling fails (the engine ends it with finish_reason "error") fails its own job only; the other
+sequences of the step go on. Only a failed forward pass, which has no per-sequence result, fails every running job.
 """
 
 from __future__ import annotations
@@ -162,7 +165,7 @@ class Scheduler:
     def _step(self) -> None:
         try:
             events = self.engine.step()
-        except Exception as err:  # noqa: BLE001 - one bad step fails the requests in it, not the server
+        except Exception as err:  # noqa: BLE001 - a failed forward pass fails the requests in it, not the server
             log.exception("decode step failed")
             for job in list(self._running.values()):
                 self._release(job)
@@ -175,7 +178,11 @@ class Scheduler:
             job = self._running.get(id(seq))
             if job is None:
                 continue
-            if seq.finished:
+            if seq.error is not None:  # this sequence alone failed; the engine has released it
+                del self._running[id(seq)]
+                log.error("a sequence failed: %s", seq.error, exc_info=seq.error)
+                job.send(Event(job.index, error=f"generation failed: {seq.error}"))
+            elif seq.finished:
                 del self._running[id(seq)]
                 job.send(Event(job.index, text, done=seq.completion()))
             elif text:
