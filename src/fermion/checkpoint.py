@@ -41,12 +41,12 @@ import yaml
 from safetensors.torch import load_file, save_file
 
 from fermion import layout
-from fermion.atomic import replaced_dir, replaced_file
+from fermion.atomic import discard, free_space, no_space, replaced_dir, replaced_file, storage_errors
 from fermion.chat.templates import ChatTemplate
 from fermion.config import ModelConfig, Recipe, recipe_from_dict
 from fermion.data.tokenizer import Tokenizer
-from fermion.device import DistInfo, barrier
-from fermion.errors import CheckpointError
+from fermion.device import DistInfo, all_reduce, barrier
+from fermion.errors import CheckpointError, StorageError
 from fermion.model.hf import imported_recipe, is_hf_folder, read_config
 from fermion.model.transformer import Transformer
 
@@ -120,7 +120,8 @@ def _set_rng_state(state: dict) -> None:
 
 
 class _Job:
-    """Work that runs now (synchronous saves) or in a daemon thread (asynchronous ones); errors surface in wait()."""
+    """Work that runs now (synchronous saves) or in a daemon thread (asynchronous ones); either way its error
+    surfaces in wait(), on the training thread, where PendingSave.finish cleans up after it."""
 
     def __init__(self, work: Callable[[], None], background: bool):
         self._error: BaseException | None = None
@@ -129,7 +130,7 @@ class _Job:
             self._thread = threading.Thread(target=self._run, args=(work,), name="fermion-checkpoint", daemon=True)
             self._thread.start()
         else:
-            work()
+            self._run(work)
 
     def _run(self, work: Callable[[], None]) -> None:
         try:
@@ -160,9 +161,15 @@ class PendingSave:
         return self.job.done()
 
     def finish(self) -> Path:
+        """Put the checkpoint in place. When writing it failed, its temporary directory goes (a full disk is not
+        kept full) and the error is raised: a StorageError as it is, anything else as a CheckpointError."""
         try:
             self.job.wait()
         except Exception as err:
+            if self.info.is_main:
+                discard(self.tmp)
+            if isinstance(err, StorageError):
+                raise
             raise CheckpointError(f"writing checkpoint {self.final} failed: {err}") from err
         barrier(self.info)
         if self.info.is_main:
@@ -192,6 +199,44 @@ def _write_manifest(tmp: Path, step: int) -> None:
     (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2))
 
 
+def _tensor_bytes(value) -> int:
+    """Bytes of every tensor in a (nested) state dict; of this process's shards where they are DTensors."""
+    if isinstance(value, torch.Tensor):
+        local = value.to_local() if hasattr(value, "to_local") else value
+        return local.numel() * local.element_size()
+    if isinstance(value, dict):
+        return sum(_tensor_bytes(v) for v in value.values())
+    if isinstance(value, list | tuple):
+        return sum(_tensor_bytes(v) for v in value)
+    return 0
+
+
+SMALL_FILES = 256 << 10  # RNG states, JSON, the recipe, the files' headers: a generous allowance
+
+
+def _share_bytes(model, optimizer, info: DistInfo, sharded: bool, tokenizer_path: Path) -> int:
+    """About how many bytes this process writes into a checkpoint: its tensors (all of them on rank 0 of one
+    process or DDP, its shards under FSDP2), the tokenizer on rank 0, and SMALL_FILES."""
+    needed = SMALL_FILES
+    if sharded or info.is_main:
+        needed += _tensor_bytes(model.state_dict()) + _tensor_bytes(optimizer.state_dict()["state"])
+    if info.is_main:
+        needed += Path(tokenizer_path).stat().st_size
+    return needed
+
+
+def _check_space(root: Path, final: Path, needed: int, info: DistInfo) -> None:
+    """Refuse a checkpoint that will not fit before writing any of it, on every rank together (a rank that failed
+    alone would leave the others waiting at the next barrier)."""
+    free = free_space(root)
+    short = all_reduce(torch.tensor([float(needed > free)], device=info.device), info, op="max")
+    if needed > free:
+        raise no_space(final, free, needed)
+    if short.item():
+        raise StorageError(f"no space left on device for {final}: another process has no room for its share "
+                           "(its message says how much it needs); free some space, then run again")
+
+
 def start_save(
     run_dir: Path,
     step: int,
@@ -213,19 +258,27 @@ def start_save(
     root = layout.checkpoints_dir(run_dir)
     final = layout.checkpoint_dir(run_dir, step)
     tmp = root / f".{final.name}.tmp"
-    if info.is_main:
-        root.mkdir(parents=True, exist_ok=True)
-        for stale in root.glob(f".{layout.STEP_PREFIX}*.tmp"):  # left by a run that died while writing
-            shutil.rmtree(stale, ignore_errors=True)
-        tmp.mkdir(parents=True)
-    barrier(info)
-    torch.save(_rng_state(), tmp / f"rng_rank{info.rank}.pt")
-    if info.is_main:
-        state = {**trainer_state, "step": step, "world_size": info.world_size,
-                 "format": "dcp" if sharded else "safetensors"}
-        (tmp / "trainer_state.json").write_text(json.dumps(state, indent=2))
-        layout.recipe_file(tmp).write_text(recipe.to_yaml())
-        Tokenizer.load(tokenizer_path).save(layout.tokenizer_file(tmp))  # with its tokenizer_config.json, if any
+    needed = _share_bytes(model, optimizer, info, sharded, tokenizer_path)
+    _check_space(root, final, needed, info)
+    try:
+        with storage_errors(final, needed, tmp):
+            if info.is_main:
+                root.mkdir(parents=True, exist_ok=True)
+                for stale in root.glob(f".{layout.STEP_PREFIX}*.tmp"):  # left by a run that died while writing
+                    shutil.rmtree(stale, ignore_errors=True)
+                tmp.mkdir(parents=True)
+            barrier(info)
+            torch.save(_rng_state(), tmp / f"rng_rank{info.rank}.pt")
+            if info.is_main:
+                state = {**trainer_state, "step": step, "world_size": info.world_size,
+                         "format": "dcp" if sharded else "safetensors"}
+                (tmp / "trainer_state.json").write_text(json.dumps(state, indent=2))
+                layout.recipe_file(tmp).write_text(recipe.to_yaml())
+                Tokenizer.load(tokenizer_path).save(layout.tokenizer_file(tmp))  # with its tokenizer_config.json
+    except Exception:
+        if info.is_main:
+            discard(tmp)
+        raise
     barrier(info)  # every rank's small files exist before rank 0 may hash them
     write: Callable[[], None] = lambda: None  # noqa: E731
     if sharded:
@@ -238,7 +291,7 @@ def start_save(
             future = dcp.async_save(bundle, checkpoint_id=str(tmp / "dcp"), process_group=process_group)
             write = future.result  # on rank 0 it returns once every rank's shards and the metadata are written
         else:
-            dcp.save(bundle, checkpoint_id=str(tmp / "dcp"))
+            write = lambda: dcp.save(bundle, checkpoint_id=str(tmp / "dcp"))  # noqa: E731
     elif info.is_main:
         weights = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
         optim_state = optimizer.state_dict()
@@ -249,10 +302,11 @@ def start_save(
             save_file({k: v.cpu() for k, v in weights.items()}, tmp / "model.safetensors")
             torch.save(optim_state, tmp / "optimizer.pt")
 
-    def work() -> None:
-        write()
-        if info.is_main:
-            _write_manifest(tmp, step)
+    def work() -> None:  # on the checkpoint thread when asynchronous, so a refused write is named there
+        with storage_errors(final, needed, tmp):
+            write()
+            if info.is_main:
+                _write_manifest(tmp, step)
 
     return PendingSave(run_dir, final, tmp, _Job(work, background=asynchronous), info, keep)
 

@@ -42,12 +42,12 @@ def run_guarded(action):
     """Run a stage, turning the project's own errors into one clear line and an exit code."""
     from fermion.chat.templates import TemplateError
     from fermion.data.sources import DataError
-    from fermion.errors import CheckpointError, ExportError
+    from fermion.errors import CheckpointError, DamagedFileError, ExportError, StorageError
     from fermion.train.trainer import TrainingError
 
     try:
         return action()
-    except (RecipeError, DataError, CheckpointError, ExportError, TemplateError) as err:
+    except (RecipeError, DataError, CheckpointError, ExportError, TemplateError, StorageError, DamagedFileError) as err:
         fail(str(err), code=2)
     except TrainingError as err:
         fail(str(err), code=1)

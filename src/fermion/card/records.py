@@ -10,6 +10,7 @@ from pathlib import Path
 from fermion import layout
 from fermion.config import Recipe, RecipeError, load_recipe
 from fermion.errors import ExportError
+from fermion.train.logging import read_metrics
 
 
 @dataclass
@@ -50,14 +51,10 @@ def _stage(name: str, kind: str, directory: Path, data) -> StageRecord | None:
     recipe = _load_recipe(recipe_path if recipe_path.is_file() else layout.recipe_file(ckpt))
     state = checkpoint.trainer_state_of(ckpt)
     state.setdefault("step", layout.step_of(ckpt))
-    metrics = []
     metrics_path = layout.metrics_file(directory)
+    metrics = []  # a torn last line is left out quietly here: resuming the stage repairs the file, with a warning
     if metrics_path.is_file():
-        for line in metrics_path.read_text().splitlines():
-            if line.strip():
-                record = json.loads(line)
-                if record.get("step", 0) <= state["step"]:
-                    metrics.append(record)
+        metrics = [r for r in read_metrics(metrics_path, warn=lambda *_: None) if r["step"] <= state["step"]]
     report_path = layout.report_file(directory)
     report = json.loads(report_path.read_text()) if report_path.is_file() else None
     return StageRecord(name, kind, directory, recipe, data, ckpt, state, metrics, report)

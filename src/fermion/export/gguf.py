@@ -89,8 +89,7 @@ def export_gguf(model: Transformer, tokenizer: Tokenizer, out_dir: Path, *, dtyp
     if cfg.qk_norm and cfg.moe:
         arch = "qwen3moe"
 
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    out_dir = Path(out_dir)  # made by the first write (atomic.replaced_file), which names it if it cannot be
     path = out_dir / f"{name}-{dtype}.gguf"
 
     def write(temporary: Path) -> None:

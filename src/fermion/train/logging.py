@@ -8,9 +8,12 @@ import sys
 from pathlib import Path
 
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
 from fermion import layout
+from fermion.atomic import replaced_file, storage_errors
+from fermion.errors import DamagedFileError
 
 # Dense bf16 tensor-core peaks (FLOP/s) per device, from the vendors' data sheets; used for MFU.
 PEAK_FLOPS = {
@@ -35,21 +38,57 @@ def peak_flops(device_name: str | None) -> float | None:
     return None
 
 
+def read_metrics(path: Path, warn=print) -> list[dict]:
+    """The records of a metrics.jsonl, in order: the one reader of the file.
+
+    A last line that does not parse (or is no record) is a write cut short by a crash or power loss: it is left out
+    and named to `warn`. A bad line before the last is damage no interrupted append leaves: DamagedFileError names
+    it."""
+    lines = Path(path).read_text(encoding="utf-8", errors="replace").splitlines()
+    last = max((number for number, line in enumerate(lines, start=1) if line.strip()), default=0)
+    records = []
+    for number, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        record = _record(line)
+        if record is not None:
+            records.append(record)
+        elif number == last:
+            warn(f"{path}:{number}: dropped its last line, cut short by an interrupted write: {line[:60]!r}")
+        else:
+            raise DamagedFileError(
+                f"{path}:{number}: not a metrics record ({line[:60]!r}), and not the last line, so not an interrupted "
+                "write: the file is damaged. Delete that line (or the file: it only holds the logged curves) and "
+                "run again")
+    return records
+
+
+def _record(line: str) -> dict | None:
+    try:
+        record = json.loads(line)
+    except ValueError:
+        return None
+    return record if isinstance(record, dict) and isinstance(record.get("step"), int) else None
+
+
 class MetricsLogger:
     def __init__(self, run_dir: Path, resume_step: int, tensorboard: bool, wandb: bool, recipe_dict: dict,
                  console: Console):
         self.path = layout.metrics_file(run_dir)
-        self._truncate_after(resume_step)
         self.console = console
+        self._truncate_after(resume_step)
         self.tb = self._tensorboard(run_dir) if tensorboard else None
         self.wandb = self._wandb(recipe_dict, run_dir) if wandb else None
 
     def _truncate_after(self, step: int) -> None:
-        """Drop records past the step we resume from: a crashed run may have logged steps that will be redone."""
+        """Drop records past the step we resume from (a crashed run may have logged steps that will be redone) and
+        a torn last line, rewriting the file whole or not at all, so appending goes on after a complete line."""
         if not self.path.exists():
             return
-        kept = [line for line in self.path.read_text().splitlines() if line and json.loads(line)["step"] <= step]
-        self.path.write_text("".join(line + "\n" for line in kept))
+        warn = lambda message: self.console.print(f"[yellow]warning:[/] {escape(message)}")  # noqa: E731
+        kept = [record for record in read_metrics(self.path, warn) if record["step"] <= step]
+        with replaced_file(self.path) as tmp:
+            tmp.write_text("".join(json.dumps(record) + "\n" for record in kept))
 
     @staticmethod
     def _tensorboard(run_dir: Path):
@@ -68,7 +107,7 @@ class MetricsLogger:
                           dir=str(run_dir))
 
     def log(self, record: dict) -> None:
-        with open(self.path, "a") as f:
+        with storage_errors(self.path), open(self.path, "a") as f:
             f.write(json.dumps(record) + "\n")
         step = record["step"]
         for key, value in record.items():
