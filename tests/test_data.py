@@ -181,6 +181,7 @@ def test_token_bytes_add_up_to_utf8_length(tokenizer):
     assert not counts[:9].any()  # special tokens
     text = "Tom said: «Ünïcödé — naïve 東京 🙂» and\tleft.\n"
     assert counts[tokenizer.encode(text)].sum() == len(text.encode("utf-8"))
+    assert b"".join(map(tokenizer.piece, tokenizer.encode(text))) == text.encode("utf-8")  # logprobs' `bytes`
 
 
 def test_save_load_keeps_hash_and_is_loadable_elsewhere(tokenizer, tmp_path):

@@ -8,6 +8,7 @@ from conftest import tiny_model
 
 from fermion.chat.conversations import to_messages
 from fermion.chat.templates import ChatTemplate
+from fermion.chat.tools import call_schema
 from fermion.config import SourceConfig
 from fermion.data.sources import iter_records
 from fermion.data.synthetic import tinytask as tinytask_data
@@ -94,7 +95,7 @@ def test_sft_records_train_through_the_chat_template(tmp_path, shakespeare_token
 
 def test_longest_json_bounds_every_answer():
     for problem in tinytask_data.problems(200):
-        assert len(problem.answer_text) <= tinytask.longest_json(tinytask_data.call_schema(problem.tools))
+        assert len(problem.answer_text) <= tinytask.longest_json(call_schema(problem.tools))
 
 
 @needs_llguidance
@@ -103,7 +104,7 @@ def test_constraint_starts_an_object_and_allows_only_eos_once_complete(shakespea
 
     tokenizer = shakespeare_tokenizer
     problem = tinytask_data.problems(1)[0]
-    constraint = JsonSchemaGrammar(tokenizer, tinytask_data.call_schema(problem.tools)).constraint()
+    constraint = JsonSchemaGrammar(tokenizer, call_schema(problem.tools)).constraint()
     first = constraint.allowed().nonzero().flatten().tolist()
     assert first and all(tokenizer.decode([t]).startswith("{") for t in first)
     for token in tokenizer.encode(problem.answer_text):

@@ -154,6 +154,8 @@ def test_token_bytes_are_the_texts_own_utf8_bytes(which, request):
         # a SentencePiece tokenizer puts a space (▁) before a text that does not start with one: that byte counts
         prefix = 1 if metaspace and not text.startswith(" ") else 0
         assert tokenizer.count_bytes(ids) == len(text.encode("utf-8")) + prefix, text
+        # each token's own bytes (logprobs' `bytes`) join into the text's
+        assert b"".join(map(tokenizer.piece, ids)) == (b" " if prefix else b"") + text.encode("utf-8"), text
     text = (SHARED_DATA / "pretrain" / "wikitext-2-raw" / "wiki.test.raw").read_text(encoding="utf-8")[:100_000]
     assert tokenizer.count_bytes(tokenizer.encode(text)) == len(text.encode("utf-8"))  # starts with a space
     if metaspace:  # the characters of <0x0A> and ▁ are not its bytes: the count training used to make

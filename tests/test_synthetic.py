@@ -5,6 +5,7 @@ import re
 
 import pytest
 
+from fermion.chat.tools import call_schema, one_line
 from fermion.data import synthetic
 from fermion.data.synthetic import chat, seeded, stories, textbook, tinytask
 from fermion.eval import tinytask as tinytask_eval
@@ -265,7 +266,7 @@ def test_tinytask_pairs_prefer_the_right_call_over_one_wrong_argument():
         assert converted.prompt == pair["prompt"] and converted.chosen == pair["chosen"]
         chosen, rejected = tinytask_eval.parse_call(pair["chosen"]), tinytask_eval.parse_call(pair["rejected"])
         assert chosen == problem.answer and rejected is not None
-        schema = tinytask.call_schema(problem.tools)
+        schema = call_schema(problem.tools)
         assert tinytask_eval._conforms(chosen, schema) and tinytask_eval._conforms(rejected, schema), pair["rejected"]
         assert rejected["name"] == chosen["name"] and list(rejected["arguments"]) == list(chosen["arguments"])
         differ = [k for k in chosen["arguments"] if chosen["arguments"][k] != rejected["arguments"][k]]
@@ -274,7 +275,7 @@ def test_tinytask_pairs_prefer_the_right_call_over_one_wrong_argument():
         n_args = len(chosen["arguments"])
         assert tinytask_eval.score(problem, pair["rejected"]) == {"valid_json": True, "schema_ok": True, "exact": False,
                                                              "arguments": (n_args - 1) / n_args}
-        assert pair["rejected"] == tinytask.one_line(rejected)
+        assert pair["rejected"] == one_line(rejected)
         if chosen["name"] == "book_flight":
             assert rejected["arguments"]["origin"] != rejected["arguments"]["destination"]
         if chosen["name"] == "convert_units":

@@ -12,6 +12,10 @@ rendered text once, never piece by piece, so BPE merges at the seams cannot make
 
 Messages are dicts with `role` (system, user, assistant) and `content`. A user message may carry `input`, the
 Alpaca "input" field: the alpaca template gives it its own section, the others append it to the content.
+
+Tools (a list of OpenAI function tools) reach a template that reads the `tools` variable as transformers passes them,
+with the conversation's tool turns as they are (role "tool", an assistant's `tool_calls`); a template that does not
+read it, every built-in one included, gets them folded into plain messages in tinytask's format (chat/tools.py).
 """
 
 from __future__ import annotations
@@ -22,10 +26,11 @@ from functools import lru_cache
 from pathlib import Path
 
 import jinja2
-from jinja2 import nodes
+from jinja2 import meta, nodes
 from jinja2.ext import Extension, loopcontrols
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
+from fermion.chat.tools import fold
 from fermion.data.tokenizer import BOS, EOS, Tokenizer
 
 ROLES = ("system", "user", "assistant")
@@ -143,12 +148,13 @@ def _raise(message: str):
 
 
 @lru_cache(maxsize=32)
-def _compile(source: str) -> jinja2.Template:
+def _compile(source: str) -> tuple[jinja2.Template, bool]:
+    """The template, and whether it reads the `tools` variable."""
     # The same settings transformers renders chat templates with, so the two agree on whitespace.
     env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=[_Generation, loopcontrols])
     env.globals["raise_exception"] = _raise
     try:
-        return env.from_string(source)
+        return env.from_string(source), "tools" in meta.find_undeclared_variables(env.parse(source))
     except jinja2.TemplateSyntaxError as err:
         raise TemplateError(f"chat template does not compile: {err.message} (template line {err.lineno})") from None
 
@@ -157,7 +163,7 @@ class ChatTemplate:
     def __init__(self, name: str, source: str, stop_strings: list[str] | None = None):
         self.name, self.source = name, source
         self.stop_strings = list(stop_strings or [])
-        self._template = _compile(source)
+        self._template, self.reads_tools = _compile(source)
 
     @classmethod
     def get(cls, spec: str | None) -> ChatTemplate:
@@ -188,8 +194,11 @@ class ChatTemplate:
                 "(no special tokens needed), the tokenizer's own template, or a tokenizer that has them")
 
     def render_spans(self, messages: list[dict], tokenizer: Tokenizer | None = None,
-                     add_generation_prompt: bool = False) -> tuple[str, list[tuple[int, int]]]:
+                     add_generation_prompt: bool = False,
+                     tools: list[dict] | None = None) -> tuple[str, list[tuple[int, int]]]:
         """The rendered text and the character spans of its generation blocks."""
+        if not self.reads_tools:
+            messages, tools = fold(messages, tools), None
         for i, message in enumerate(messages):
             if not isinstance(message, dict) or not isinstance(message.get("content"), str):
                 raise TemplateError(f"message {i} must be an object with a string 'content'")
@@ -199,7 +208,8 @@ class ChatTemplate:
         if tokenizer is not None:
             specials = {"bos_token": tokenizer.bos_token, "eos_token": tokenizer.eos_token}
         try:
-            marked = self._template.render(messages=messages, add_generation_prompt=add_generation_prompt, **specials)
+            marked = self._template.render(messages=messages, tools=tools, add_generation_prompt=add_generation_prompt,
+                                           **specials)
         except jinja2.TemplateError as err:
             raise TemplateError(f"{self.name} template: {err}") from None
         text, spans, position, start = [], [], 0, 0
@@ -214,11 +224,12 @@ class ChatTemplate:
         return "".join(text), spans
 
     def render(self, messages: list[dict], tokenizer: Tokenizer | None = None,
-               add_generation_prompt: bool = False) -> str:
-        return self.render_spans(messages, tokenizer, add_generation_prompt)[0]
+               add_generation_prompt: bool = False, tools: list[dict] | None = None) -> str:
+        return self.render_spans(messages, tokenizer, add_generation_prompt, tools)[0]
 
-    def encode(self, tokenizer: Tokenizer, messages: list[dict], add_generation_prompt: bool = False) -> Encoded:
-        text, spans = self.render_spans(messages, tokenizer, add_generation_prompt)
+    def encode(self, tokenizer: Tokenizer, messages: list[dict], add_generation_prompt: bool = False,
+               tools: list[dict] | None = None) -> Encoded:
+        text, spans = self.render_spans(messages, tokenizer, add_generation_prompt, tools)
         encoding = tokenizer.inner.encode(text, add_special_tokens=False)
         # A token carries loss when any of its characters is inside a block, as transformers' assistant masks
         # count it: a token that merges template text with the reply's first characters is the reply's.

@@ -40,6 +40,17 @@ _METASPACE = "\u2581"  # ▁, SentencePiece's stand-in for a space
 _BYTE_LEVEL_ALPHABET = frozenset(pre_tokenizers.ByteLevel.alphabet())  # GPT-2's 256 byte symbols
 
 
+def _byte_symbols() -> dict[str, int]:
+    """GPT-2's byte-level alphabet as a map from symbol to byte: printable bytes stand for themselves, the others
+    (control characters, space, 127-160, 173) for the characters from U+0100 on, in byte order."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    others = [b for b in range(256) if b not in printable]
+    return {**{chr(b): b for b in printable}, **{chr(256 + n): b for n, b in enumerate(others)}}
+
+
+_BYTE_OF_SYMBOL = _byte_symbols()
+
+
 class Tokenizer:
     def __init__(self, inner: tokenizers.Tokenizer, bos: str = BOS, eos: str = EOS, pad: str | None = PAD,
                  chat_template: str | None = None):
@@ -149,23 +160,35 @@ class Tokenizer:
         """UTF-8 bytes the tokens stand for, by `token_bytes`."""
         return int(self._token_bytes[np.asarray(list(ids), dtype=np.int64)].sum())
 
+    def piece(self, token_id: int) -> bytes:
+        """The bytes a token stands for in text (a special token: its own name, as decode writes it; an id past the
+        vocabulary, as a model's padded rows are: none), e.g. for the `bytes` of OpenAI's logprobs."""
+        pieces = self._pieces
+        return pieces[token_id][0] if 0 <= token_id < len(pieces) else b""
+
     @cached_property
     def _token_bytes(self) -> np.ndarray:
+        return np.array([0 if special else len(piece) for piece, special in self._pieces], dtype=np.int32)
+
+    @cached_property
+    def _pieces(self) -> list[tuple[bytes, bool]]:
+        """(bytes, is special) per id: a byte-level token's characters are GPT-2 byte symbols, one byte each; a
+        SentencePiece byte token <0xNN> is one byte; a metaspace ▁ is a space; any other token is its own text."""
         spec = json.loads(self.inner.to_str())
         byte_level = "ByteLevel" in _types(spec.get("decoder"))
         byte_fallback = bool((spec.get("model") or {}).get("byte_fallback"))
         added = {token.content: token.special for token in self.inner.get_added_tokens_decoder().values()}
-        counts = np.zeros(self.vocab_size, dtype=np.int32)
+        pieces = [(b"", True)] * self.vocab_size
         for token, i in self.inner.get_vocab(with_added_tokens=True).items():
             if token in added:  # matched in raw text: specials stand for no text, the others for their own
-                counts[i] = 0 if added[token] else len(token.encode("utf-8"))
+                pieces[i] = (token.encode("utf-8"), added[token])
             elif byte_fallback and _BYTE_FALLBACK.fullmatch(token):
-                counts[i] = 1
+                pieces[i] = (bytes([int(token[3:5], 16)]), False)
             elif byte_level and _BYTE_LEVEL_ALPHABET.issuperset(token):
-                counts[i] = len(token)
+                pieces[i] = (bytes(_BYTE_OF_SYMBOL[c] for c in token), False)
             else:
-                counts[i] = len(token.replace(_METASPACE, " ").encode("utf-8"))
-        return counts
+                pieces[i] = (token.replace(_METASPACE, " ").encode("utf-8"), False)
+        return pieces
 
 
 def _read_config(path: Path) -> dict | None:

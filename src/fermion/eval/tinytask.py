@@ -19,7 +19,8 @@ import json
 import re
 from typing import TYPE_CHECKING
 
-from fermion.data.synthetic.tinytask import BASE_CUE, SYSTEM, Problem, call_schema, one_line, problems, user_text
+from fermion.chat.tools import SYSTEM, call_schema, one_line
+from fermion.data.synthetic.tinytask import BASE_CUE, Problem, problems, user_text
 from fermion.eval.results import TaskOptions, TaskResult, mean_metric
 from fermion.infer.constrain import SEPARATORS
 from fermion.infer.sampling import Completion, Prompt, SamplingParams

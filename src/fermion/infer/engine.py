@@ -12,6 +12,12 @@ so live rows stay contiguous and a step touches no dead rows. This is what lets 
 continuously. MoE blocks route whatever tokens the step has. A sequence whose next token cannot be chosen (NaN
 logits, a grammar left with no allowed token) ends alone, with finish_reason "error"; the rest of the step goes on.
 
+A sequence that asks for log-probabilities (`SamplingParams.logprobs`) gets, per generated token, the model's own:
+the log-softmax of its logits before logit_bias, penalties, temperature, truncation or a grammar, as vLLM returns
+them by default. They say how likely the model finds each token whatever the request's sampling settings, so answers
+sampled differently compare, and they are exactly what a forward pass over prompt + answer gives. Sequences that do
+not ask compute nothing for them.
+
 On CUDA, `compile=True` compiles the decode step with static shapes (all slots, the whole cache length, masks doing
 the rest) so it can be captured as a CUDA graph; on CPU the eager step, which only reads the cache up to the
 longest live sequence, is the fast one.
@@ -27,7 +33,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from fermion.data.tokenizer import Tokenizer
-from fermion.infer.sampling import MIN_TEMPERATURE, Completion, Constraint, SamplingParams
+from fermion.infer.sampling import MIN_TEMPERATURE, Completion, Constraint, SamplingParams, TokenLogprob
 from fermion.model.attention import KVCache
 from fermion.model.transformer import Transformer
 
@@ -48,18 +54,24 @@ class Sequence:
                                                        else random.SystemRandom().getrandbits(63))
         self.seen = torch.tensor(sorted(set(prompt)), dtype=torch.long)
         self.text = ""  # decoded text of `generated`, cut at a stop string when one matched
+        self.logprobs: list[TokenLogprob] | None = [] if params.logprobs is not None else None
         self._emitted = 0
+        self._logprobs_taken = 0
         self._decoder = IncrementalDecoder(tokenizer)
 
     @property
     def finished(self) -> bool:
         return self.finish_reason is not None
 
-    def accept(self, token: int, context_left: int) -> str:
-        """Take a sampled token; return the new text that is safe to show (never half a character or a stop)."""
+    def accept(self, token: int, context_left: int, logprob: TokenLogprob | None = None) -> str:
+        """Take a sampled token (and its log-probability, when asked for); return the new text that is safe to show
+        (never half a character or a stop)."""
         if token in self.stop_ids:
             return self._finish("stop", flush=True)
         self.generated.append(token)
+        if self.logprobs is not None:
+            logprob.offset = len(self.text)
+            self.logprobs.append(logprob)
         self.pending, self.position = token, self.position + 1
         if self.params.repetition_penalty != 1.0 and not (self.seen == token).any():
             self.seen = torch.cat([self.seen, torch.tensor([token])])
@@ -73,7 +85,7 @@ class Sequence:
                 return self._finish("stop", flush=False)
         if len(self.generated) >= self.params.max_new_tokens or context_left <= 0:
             return self._finish("length", flush=True)
-        end = len(self.text) - _held_back(self.text, stops)
+        end = len(self.text) - held_back(self.text, stops)
         delta, self._emitted = self.text[self._emitted:end], max(self._emitted, end)
         return delta
 
@@ -91,7 +103,21 @@ class Sequence:
         return delta
 
     def completion(self) -> Completion:
-        return Completion(self.prompt, self.generated, self.text, self.finish_reason or "length")
+        return Completion(self.prompt, self.generated, self.text, self.finish_reason or "length", self.logprobs)
+
+    def take_logprobs(self) -> list[TokenLogprob] | None:
+        """The log-probabilities recorded since the last call (None when the sequence records none): a stream hands
+        each out with the text it came with."""
+        if self.logprobs is None:
+            return None
+        taken, self._logprobs_taken = self.logprobs[self._logprobs_taken:], len(self.logprobs)
+        return taken
+
+
+def token_logprob(logprobs: torch.Tensor, token: int, top: int) -> TokenLogprob:
+    """A token's entry from a row of the model's log-probabilities."""
+    values, ids = logprobs.topk(top) if top else (logprobs[:0], logprobs[:0])
+    return TokenLogprob(token, float(logprobs[token]), list(zip(map(int, ids), map(float, values), strict=True)))
 
 
 def _constrained(logits: torch.Tensor, allowed: torch.Tensor) -> torch.Tensor:
@@ -103,7 +129,7 @@ def _constrained(logits: torch.Tensor, allowed: torch.Tensor) -> torch.Tensor:
     return logits.masked_fill(~keep, float("-inf"))
 
 
-def _held_back(text: str, stops: list[str]) -> int:
+def held_back(text: str, stops: list[str]) -> int:
     """Length of the longest end of `text` that could still become a stop string."""
     for k in range(min(len(text), max(map(len, stops), default=1) - 1), 0, -1):
         if any(s.startswith(text[-k:]) for s in stops):
@@ -142,9 +168,11 @@ class IncrementalDecoder:
 
 def sample(logits: torch.Tensor, params: SamplingParams, seen: torch.Tensor, generator: torch.Generator,
            generated: list[int] | None = None) -> int:
-    """One token from a row of logits: repetition penalty, presence and frequency penalties (over `generated`),
-    temperature, top-k, top-p, min-p (in that order)."""
+    """One token from a row of logits: logit bias, repetition penalty, presence and frequency penalties (over
+    `generated`), temperature, top-k, top-p, min-p (in that order; the bias first, as OpenAI applies it)."""
     logits = logits.float()
+    if params.logit_bias:
+        logits[list(params.logit_bias)] += torch.tensor(list(params.logit_bias.values()))
     if params.repetition_penalty != 1.0 and seen.numel():
         picked = logits[seen]
         logits[seen] = torch.where(picked > 0, picked / params.repetition_penalty, picked * params.repetition_penalty)
@@ -220,6 +248,11 @@ class Engine:
             bad = [t for t in prompt if not 0 <= t < self.cfg.vocab_size]
             if bad:
                 raise ValueError(f"token id {bad[0]} is outside the vocabulary (0..{self.cfg.vocab_size - 1})")
+        for p in params:
+            bad = [t for t in p.logit_bias if t >= self.cfg.vocab_size]
+            if bad:
+                raise ValueError(f"logit_bias: token id {bad[0]} is outside the vocabulary "
+                                 f"(0..{self.cfg.vocab_size - 1})")
         constraints = constraints or [None] * len(prompts)
         sequences = [Sequence(prompt, p, self.tokenizer, self.stop_ids(p), c)
                      for prompt, p, c in zip(prompts, params, constraints, strict=True)]
@@ -268,12 +301,15 @@ class Engine:
 
     def _next(self, seq: Sequence, row: torch.Tensor) -> str:
         """Choose a sequence's next token from its row of logits and take it; the new text to show."""
+        # Only for the sequences that ask, and from the row as the model gave it (sampling changes it in place).
+        logprobs = row.log_softmax(-1) if seq.logprobs is not None else None
         if seq.constraint is not None:
             row = _constrained(row, seq.constraint.allowed())
         token = sample(row, seq.params, seq.seen, seq.generator, seq.generated)
         if seq.constraint is not None:
             seq.constraint.accept(token)
-        return seq.accept(token, self.max_seq - 1 - seq.position)
+        scored = token_logprob(logprobs, token, seq.params.logprobs) if logprobs is not None else None
+        return seq.accept(token, self.max_seq - 1 - seq.position, scored)
 
     def release(self, seq: Sequence) -> None:
         """Free a sequence's slot (finished or abandoned): the last row moves into it."""

@@ -11,6 +11,8 @@ from typing import Protocol
 import torch
 
 Prompt = str | list[dict]  # plain text, or chat messages to render through the model's chat template
+MAX_LOGIT_BIAS = 100.0  # OpenAI's range for a logit_bias value: -100 bans a token, +100 all but forces it
+MAX_TOP_LOGPROBS = 20  # alternatives per token, OpenAI's limit
 
 
 @dataclass(frozen=True)
@@ -73,6 +75,8 @@ class SamplingParams:
     stop_token_ids: list[int] = field(default_factory=list)
     ignore_eos: bool = False
     seed: int | None = None
+    logit_bias: dict[int, float] = field(default_factory=dict)  # token id -> added to its logit before all else
+    logprobs: int | None = None  # record each token's log-probability and this many alternatives; None: none
 
     def __post_init__(self) -> None:
         if not (isinstance(self.max_new_tokens, int) and self.max_new_tokens >= 1):
@@ -81,6 +85,13 @@ class SamplingParams:
             value = getattr(self, name)
             if value not in bounds and not (name == "seed" and value is None):
                 raise ValueError(f"{name} = {value!r} must be {bounds}")
+        for token, bias in self.logit_bias.items():
+            if not (isinstance(token, int) and token >= 0 and math.isfinite(bias) and abs(bias) <= MAX_LOGIT_BIAS):
+                raise ValueError(f"logit_bias {{{token!r}: {bias!r}}}: keys must be token ids >= 0 and values "
+                                 f"finite in [-{MAX_LOGIT_BIAS:g}, {MAX_LOGIT_BIAS:g}]")
+        if self.logprobs is not None and not (isinstance(self.logprobs, int)
+                                              and 0 <= self.logprobs <= MAX_TOP_LOGPROBS):
+            raise ValueError(f"logprobs = {self.logprobs!r} must be None or an integer in [0, {MAX_TOP_LOGPROBS}]")
         if isinstance(self.stop, str):
             self.stop = [self.stop]
         if any(not s for s in self.stop):
@@ -100,8 +111,20 @@ class Constraint(Protocol):
 
 
 @dataclass
+class TokenLogprob:
+    """A generated token's log-probability under the model's own distribution (the log-softmax of its logits,
+    before logit_bias, penalties, temperature, truncation or a constraint), and the most likely alternatives."""
+
+    token: int
+    logprob: float
+    top: list[tuple[int, float]]  # (token, logprob), most likely first; SamplingParams.logprobs of them
+    offset: int = 0  # where the token's text starts in the completion's text
+
+
+@dataclass
 class Completion:
     prompt_ids: list[int]
     token_ids: list[int]
     text: str
     finish_reason: str  # "stop" (eos, a stop token or a stop string), "length", or "error" (sampling failed)
+    logprobs: list[TokenLogprob] | None = None  # one per token_ids entry, when SamplingParams.logprobs asked

@@ -18,7 +18,8 @@ window; anything wrong is answered 4xx in OpenAI's error format and the engine n
     500 server_error           generation itself failed (of one choice: the others in its step go on)
 
 Generation goes through the continuous-batching scheduler (scheduler.py). A streaming client that disconnects has
-its sequences cancelled at once; a non-streaming one is checked while it waits.
+its sequences cancelled at once; a non-streaming one is checked while it waits. Tool calls are tools.py's,
+log-probabilities logprobs.py's.
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ import json
 import secrets
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from importlib import resources
 
 from fastapi import FastAPI, Request
@@ -43,6 +44,7 @@ from fermion import __version__
 from fermion.chat.templates import ChatTemplate, TemplateError
 from fermion.infer.engine import Engine, SamplingParams
 from fermion.serve.guard import Guard
+from fermion.serve.logprobs import chat_logprobs, completion_logprobs
 from fermion.serve.protocol import (
     APIError,
     ChatCompletionRequest,
@@ -52,6 +54,7 @@ from fermion.serve.protocol import (
 )
 from fermion.serve.scheduler import Busy, Event, Job, Scheduler
 from fermion.serve.schema import describe
+from fermion.serve.tools import ToolPlan, openai_calls
 
 DEFAULT_COMPLETION_TOKENS = 16  # OpenAI's default for /v1/completions; chat defaults to the rest of the context
 
@@ -156,11 +159,13 @@ def create_app(engine: Engine, config: ServerConfig, engine_thread: bool = True)
                            code="context_length_exceeded")
         return limit if limit is not None else min(default or room, room)
 
-    def sampling(request: Sampling, max_tokens: int, extra_stops: list[str], index: int) -> SamplingParams:
-        bad = [t for t in request.stop_token_ids or [] if not 0 <= t < tokenizer.vocab_size]
-        if bad:
-            raise APIError(400, f"stop_token_ids: {bad[0]} is outside the vocabulary (0..{tokenizer.vocab_size - 1})",
-                           param="stop_token_ids")
+    def sampling(request: Sampling, max_tokens: int, extra_stops: list[str], index: int,
+                 logprobs: int | None) -> SamplingParams:
+        for field, ids in (("stop_token_ids", request.stop_token_ids or []), ("logit_bias", request.token_bias)):
+            bad = [t for t in ids if not 0 <= t < tokenizer.vocab_size]
+            if bad:
+                raise APIError(400, f"{field}: {bad[0]} is outside the vocabulary (0..{tokenizer.vocab_size - 1})",
+                               param=field)
         # Each choice its own draw, reproducibly; modulo 2^64 as torch takes seeds, so seed + index cannot overflow.
         seed = None if request.seed is None else (request.seed + index) % 2**64
         return SamplingParams(
@@ -169,7 +174,7 @@ def create_app(engine: Engine, config: ServerConfig, engine_thread: bool = True)
             min_p=request.min_p, repetition_penalty=request.repetition_penalty,
             presence_penalty=request.presence_penalty, frequency_penalty=request.frequency_penalty,
             stop=[*request.stops, *extra_stops], stop_token_ids=list(request.stop_token_ids or []),
-            ignore_eos=request.ignore_eos, seed=seed)
+            ignore_eos=request.ignore_eos, seed=seed, logit_bias=request.token_bias, logprobs=logprobs)
 
     def tokens(prompt: str | list[int]) -> list[int]:
         """A prompt's token ids (a worker thread's work: tokenizing a long text takes a while)."""
@@ -182,26 +187,32 @@ def create_app(engine: Engine, config: ServerConfig, engine_thread: bool = True)
                            param="prompt")
         return list(prompt)
 
-    def chat_tokens(request: ChatCompletionRequest) -> list[int]:
-        """The conversation rendered through the chat template and tokenized (a worker thread's work too)."""
+    def chat_tokens(request: ChatCompletionRequest, plan: ToolPlan) -> list[int]:
+        """The conversation (and the tools it offers) rendered through the chat template and tokenized (a worker
+        thread's work)."""
         try:
-            text = config.template.render(request.conversation(), tokenizer, add_generation_prompt=True)
+            text = config.template.render(request.conversation(), tokenizer, add_generation_prompt=True,
+                                          tools=plan.rendered)
         except TemplateError as err:
             raise APIError(400, f"messages: {err}", param="messages") from None
         guard.check_length(text, "messages")
         return tokenizer.encode(text)
 
-    def schema_constraint(request: ChatCompletionRequest):
-        fmt = request.response_format
-        if fmt is None or fmt.type == "text":
+    def json_grammar(request: ChatCompletionRequest, plan: ToolPlan):
+        """The JSON Schema grammar the answer decodes under: a forced tool call's, or response_format's (compiled in
+        a worker thread: a client's schema can be large)."""
+        fmt, schema, field = request.response_format, plan.schema, "tools"
+        if schema is None and fmt is not None and fmt.type != "text":
+            schema = fmt.json_schema.schema_ if fmt.type == "json_schema" else {"type": "object"}
+            field = "response_format"
+        if schema is None:
             return None
         from fermion.infer.constrain import JsonSchemaGrammar
 
-        schema = fmt.json_schema.schema_ if fmt.type == "json_schema" else {"type": "object"}
         try:
             return JsonSchemaGrammar(tokenizer, schema)
         except (ValueError, ImportError) as err:
-            raise APIError(400, f"response_format: {err}", param="response_format") from None
+            raise APIError(400, f"{field}: {err}", param=field) from None
 
     def submit(jobs: list[Job]) -> None:
         try:
@@ -251,13 +262,17 @@ def create_app(engine: Engine, config: ServerConfig, engine_thread: bool = True)
             if last is not None and last.done is None and last.error is None and event.error is None:
                 last.text += event.text
                 last.done = event.done
+                if last.logprobs is not None:
+                    last.logprobs += event.logprobs or []
             else:
                 merged.append(event)
         return merged
 
-    def stream_events(queue: asyncio.Queue, jobs: list[Job], first: list[dict], chunk, final,
-                      prompt_tokens: int, include_usage: bool) -> EventSourceResponse:
-        """SSE: the opening chunks, one chunk per text delta, a closing chunk per choice, usage, [DONE]."""
+    def stream_events(queue: asyncio.Queue, jobs: list[Job], first: list[dict], frames: Callable[[Event], list[dict]],
+                      usage_frame: Callable[[dict], dict], prompt_tokens: int,
+                      include_usage: bool) -> EventSourceResponse:
+        """SSE: the opening chunks, an event's chunks as `frames` makes them (its text; a closing chunk when it ends
+        its choice), usage, [DONE]."""
 
         async def events() -> AsyncIterator[dict]:
             done: list = []
@@ -270,13 +285,12 @@ def create_app(engine: Engine, config: ServerConfig, engine_thread: bool = True)
                             scheduler.cancel(jobs)
                             yield {"data": json.dumps(APIError(500, event.error).body())}
                             return
-                        if event.text:
-                            yield {"data": json.dumps(chunk(event.index, event.text))}
+                        for frame in frames(event):
+                            yield {"data": json.dumps(frame)}
                         if event.done is not None:
                             done.append(event.done)
-                            yield {"data": json.dumps(final(event.index, event.done.finish_reason))}
                 if include_usage:
-                    yield {"data": json.dumps(final(None, None, usage(prompt_tokens, done)))}
+                    yield {"data": json.dumps(usage_frame(usage(prompt_tokens, done)))}
                 yield {"data": "[DONE]"}
             finally:  # the client left (the generator is cancelled) or everything was sent: free the slots
                 scheduler.cancel(jobs)
@@ -313,7 +327,7 @@ def create_app(engine: Engine, config: ServerConfig, engine_thread: bool = True)
         encoded = await asyncio.to_thread(lambda: [tokens(p) for p in prompts])
         limits = [fit(ids, body.max_tokens, DEFAULT_COMPLETION_TOKENS, "prompt") for ids in encoded]
         loop, queue = asyncio.get_running_loop(), asyncio.Queue()
-        jobs = [Job(p * body.n + j, ids, sampling(body, limit, [], j), queue, loop)
+        jobs = [Job(p * body.n + j, ids, sampling(body, limit, [], j, body.logprobs), queue, loop)
                 for p, (ids, limit) in enumerate(zip(encoded, limits, strict=True)) for j in range(body.n)]
         echoes = [tokenizer.decode(ids) if body.echo else "" for ids in encoded]
         prompt_tokens = sum(map(len, encoded))
@@ -324,30 +338,35 @@ def create_app(engine: Engine, config: ServerConfig, engine_thread: bool = True)
             return {"id": cid, "object": "text_completion", "created": created, "model": config.model_name,
                     "system_fingerprint": fingerprint, "choices": choices, **extra}
 
-        def choice(index: int, text: str, finish_reason: str | None) -> dict:
-            return {"index": index, "text": text, "logprobs": None, "finish_reason": finish_reason}
+        def choice(index: int, text: str, finish_reason: str | None, logprobs=None) -> dict:
+            return {"index": index, "text": text, "logprobs": completion_logprobs(tokenizer, logprobs),
+                    "finish_reason": finish_reason}
+
+        def frames(event: Event) -> list[dict]:
+            out = [frame([choice(event.index, event.text, None, event.logprobs)])] if event.text or event.logprobs \
+                else []
+            return out + [frame([choice(event.index, "", event.done.finish_reason)])] if event.done else out
 
         if body.stream:
             first = [frame([choice(job.index, echoes[job.index // body.n], None)]) for job in jobs] if body.echo \
                 else []
             include_usage = bool(body.stream_options and body.stream_options.include_usage)
-            return stream_events(
-                queue, jobs, first, lambda i, text: frame([choice(i, text, None)]),
-                lambda i, reason, use=None: frame([choice(i, "", reason)]) if use is None
-                else frame([], usage=use), prompt_tokens, include_usage)
+            return stream_events(queue, jobs, first, frames, lambda use: frame([], usage=use), prompt_tokens,
+                                 include_usage)
         finals = await collect(request, queue, jobs)
         completions = [event.done for event in finals]
-        return frame([choice(event.index, echoes[event.index // body.n] + event.done.text, event.done.finish_reason)
-                      for event in finals], usage=usage(prompt_tokens, completions))
+        return frame([choice(event.index, echoes[event.index // body.n] + event.done.text, event.done.finish_reason,
+                             event.done.logprobs) for event in finals], usage=usage(prompt_tokens, completions))
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request):
         body: ChatCompletionRequest = await parse(request, ChatCompletionRequest)
-        prompt = await asyncio.to_thread(chat_tokens, body)
+        plan = ToolPlan.of(body)
+        prompt = await asyncio.to_thread(chat_tokens, body, plan)
         limit = fit(prompt, body.limit, None, "messages")
-        grammar = schema_constraint(body)
+        grammar = await asyncio.to_thread(json_grammar, body, plan)
         loop, queue = asyncio.get_running_loop(), asyncio.Queue()
-        jobs = [Job(j, prompt, sampling(body, limit, config.template.stop_strings, j), queue, loop,
+        jobs = [Job(j, prompt, sampling(body, limit, config.template.stop_strings, j, body.top), queue, loop,
                     grammar.constraint() if grammar else None) for j in range(body.n)]
         cid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
         submit(jobs)
@@ -356,22 +375,41 @@ def create_app(engine: Engine, config: ServerConfig, engine_thread: bool = True)
             return {"id": cid, "object": kind, "created": created, "model": config.model_name,
                     "system_fingerprint": fingerprint, "choices": choices, **extra}
 
-        def delta(index: int, content: dict, finish_reason: str | None = None) -> dict:
-            return {"index": index, "delta": content, "logprobs": None, "finish_reason": finish_reason}
+        def delta(index: int, content: dict, finish_reason: str | None = None, logprobs=None) -> dict:
+            return {"index": index, "delta": content, "logprobs": chat_logprobs(tokenizer, logprobs),
+                    "finish_reason": finish_reason}
 
         if body.stream:
-            chunk = "chat.completion.chunk"
-            first = [frame(chunk, [delta(j, {"role": "assistant", "content": ""})]) for j in range(body.n)]
+            chunk, readers = "chat.completion.chunk", [plan.reader() for _ in range(body.n)]
+
+            def frames(event: Event) -> list[dict]:
+                i, reader = event.index, readers[event.index]
+                content, calls = reader.feed(event.text), []
+                if event.done:
+                    rest, calls = reader.finish()
+                    content += rest
+                out = [frame(chunk, [delta(i, {"content": content} if content else {}, None, event.logprobs)])] \
+                    if content or event.logprobs else []
+                if calls:
+                    out.append(frame(chunk, [delta(i, {"tool_calls": openai_calls(calls, streamed=True)})]))
+                if event.done:
+                    out.append(frame(chunk, [delta(i, {}, "tool_calls" if calls else event.done.finish_reason)]))
+                return out
+
+            # With tools in play the answer may be calls only, so the opening leaves content null, as OpenAI's does.
+            opening = {"role": "assistant", "content": None if plan.rendered else ""}
+            first = [frame(chunk, [delta(j, opening)]) for j in range(body.n)]
             include_usage = bool(body.stream_options and body.stream_options.include_usage)
-            return stream_events(
-                queue, jobs, first, lambda i, text: frame(chunk, [delta(i, {"content": text})]),
-                lambda i, reason, use=None: frame(chunk, [delta(i, {}, reason)]) if use is None
-                else frame(chunk, [], usage=use), len(prompt), include_usage)
+            return stream_events(queue, jobs, first, frames, lambda use: frame(chunk, [], usage=use), len(prompt),
+                                 include_usage)
         finals = await collect(request, queue, jobs)
-        return frame("chat.completion", [
-            {"index": event.index, "message": {"role": "assistant", "content": event.done.text, "refusal": None},
-             "logprobs": None, "finish_reason": event.done.finish_reason} for event in finals],
-            usage=usage(len(prompt), [event.done for event in finals]))
+        choices = []
+        for event in finals:
+            message, called = plan.message(event.done.text)
+            choices.append({"index": event.index, "message": message,
+                            "logprobs": chat_logprobs(tokenizer, event.done.logprobs),
+                            "finish_reason": "tool_calls" if called else event.done.finish_reason})
+        return frame("chat.completion", choices, usage=usage(len(prompt), [event.done for event in finals]))
 
     @app.get("/", response_class=HTMLResponse)
     async def page():

@@ -22,6 +22,7 @@ from collections import deque
 from dataclasses import dataclass, field
 
 from fermion.infer.engine import Completion, Constraint, Engine, SamplingParams, Sequence
+from fermion.infer.sampling import TokenLogprob
 
 log = logging.getLogger("fermion.serve")
 
@@ -32,6 +33,7 @@ class Event:
     text: str = ""  # new text (may be empty on the final event)
     done: Completion | None = None  # set on the last event of a choice
     error: str | None = None  # the engine failed this choice
+    logprobs: list[TokenLogprob] | None = None  # of the tokens since the last event, when the request asked
 
 
 @dataclass
@@ -184,6 +186,6 @@ class Scheduler:
                 job.send(Event(job.index, error=f"generation failed: {seq.error}"))
             elif seq.finished:
                 del self._running[id(seq)]
-                job.send(Event(job.index, text, done=seq.completion()))
+                job.send(Event(job.index, text, done=seq.completion(), logprobs=seq.take_logprobs()))
             elif text:
-                job.send(Event(job.index, text))
+                job.send(Event(job.index, text, logprobs=seq.take_logprobs()))

@@ -7,9 +7,10 @@ several ways, so what a model has to learn is the mapping from phrasing to call 
 tools' schemas accept more than the requests use (operands up to 9999), as a real calculator's would.
 
 The prompt describes each tool by a one-line signature (`book_hotel(city: city, check_in: YYYY-MM-DD, ...)`), which
-a model with a context of a few hundred tokens can afford; the tools' full JSON Schemas (`call_schema`: required
-fields, `additionalProperties: false`, enums, integer ranges, a date pattern) are what eval/tinytask.py scores
-answers against and constrains decoding by.
+a model with a context of a few hundred tokens can afford; the tools' full JSON Schemas (`chat/tools.call_schema`:
+required fields, `additionalProperties: false`, enums, integer ranges, a date pattern) are what eval/tinytask.py
+scores answers against and constrains decoding by. The prompt format is chat/tools.py's, the one the server renders
+an OpenAI `tools` request in, so a model trained on these records calls tools when served.
 
     problems(n, seed)            the evaluation problems
     sft_records(n, seed)         training conversations in the evaluation's prompt format
@@ -23,17 +24,16 @@ request, is ever in the training data.
 
 from __future__ import annotations
 
-import json
 import random
 from collections.abc import Iterator
 from dataclasses import dataclass
 
+from fermion.chat.tools import SYSTEM, one_line, tools_prompt
 from fermion.data.synthetic import seeded
 
 EVAL_SHARE = 5  # one call in EVAL_SHARE (by hash) is for evaluation only, the others for training only
 MAX_MISSES = 10_000
 
-SYSTEM = 'Call one of the tools. Reply with JSON only: {"name": tool, "arguments": {...}}.'
 BASE_CUE = "\nCall:\n"  # ends a base model's plain prompt, so that its continuation is the call
 
 # ---------------------------------------------------------------------------------------------------------- the tools
@@ -86,26 +86,6 @@ TOOLS = {tool["name"]: tool for tool in (
 )}
 FAMILY = {"book_flight": ("book_flight", "book_hotel"), "book_hotel": ("book_flight", "book_hotel"),
           "calculate": ("calculate", "convert_units"), "convert_units": ("calculate", "convert_units")}
-
-
-def signature(tool: dict) -> str:
-    """A tool in one line, e.g. `book_hotel(city: city, check_in: YYYY-MM-DD, nights: 1-14, guests: 1-6)`."""
-    def hint(schema: dict) -> str:
-        if "description" in schema:
-            return schema["description"]
-        if "enum" in schema:
-            return "|".join(schema["enum"])
-        return f"{schema['minimum']}-{schema['maximum']}"
-
-    arguments = tool["parameters"]["properties"]
-    return f"{tool['name']}({', '.join(f'{name}: {hint(schema)}' for name, schema in arguments.items())})"
-
-
-def call_schema(tools: list[dict]) -> dict:
-    """The JSON Schema of an answer: a call of any one of `tools`, with that tool's arguments."""
-    return {"anyOf": [{"type": "object",
-                       "properties": {"name": {"const": tool["name"]}, "arguments": tool["parameters"]},
-                       "required": ["name", "arguments"], "additionalProperties": False} for tool in tools]}
 
 
 # ------------------------------------------------------------------------------------------------------- the requests
@@ -209,12 +189,6 @@ class Problem:
         return one_line(self.answer)
 
 
-def one_line(value: object) -> str:
-    """JSON as the answers are written: on one line, spaced as `json.dumps` spaces it by default, which is how
-    constrained decoding writes it too (infer/constrain.py's SEPARATORS)."""
-    return json.dumps(value)
-
-
 def held_out(call: dict) -> bool:
     """Whether the call belongs to evaluation (never to training data), by a stable hash of its JSON."""
     return seeded.held_out(one_line(call), EVAL_SHARE)
@@ -254,8 +228,7 @@ def problems(n: int, seed: int = 0) -> list[Problem]:
 
 
 def user_text(problem: Problem) -> str:
-    tools = "\n".join(signature(tool) for tool in problem.tools)
-    return f"Tools:\n{tools}\nRequest: {problem.request}"
+    return tools_prompt(problem.tools, problem.request)
 
 
 def sft_records(n: int, seed: int = 0) -> list[dict]:
