@@ -77,7 +77,11 @@ def test_save_writes_a_conversation_sft_reads(engine, tmp_path):
     assert to_messages(record, "talk.json") == [{"role": "system", "content": "Be brief."},
                                                 {"role": "user", "content": "What news?"},
                                                 {"role": "assistant", "content": answer}]
-    assert say(session, f"/save {tmp_path / 'missing' / 'x.json'}")[1][0].startswith("could not save to")
+    assert say(session, f"/save {path / 'x.json'}")[1][0].startswith("could not save to")  # under a file
+    new = tmp_path / "new" / "talk.json"  # a folder that does not exist yet is made
+    assert say(session, f"/save {new}")[1] == [f"saved 2 messages to {new}"]
+    new.unlink()
+    new.parent.rmdir()
     assert say(session, "/save")[1] == ["/save needs a path: /save chat.json"]
     assert [p.name for p in tmp_path.iterdir()] == ["talk.json"]  # no temporary file left behind
 

@@ -20,6 +20,7 @@ from rich.markup import escape
 
 from fermion.atomic import replaced_file
 from fermion.chat.templates import ChatTemplate, TemplateError
+from fermion.errors import StorageError
 from fermion.infer.engine import Engine, SamplingParams
 from fermion.infer.sampling import LIMITS
 
@@ -116,6 +117,8 @@ class ChatSession:
             with replaced_file(path) as tmp:
                 tmp.write_text(json.dumps({"messages": self.conversation()}, ensure_ascii=False, indent=2) + "\n",
                                encoding="utf-8")
+        except StorageError as err:  # full, read-only, no permission: its message names the path
+            return f"could not save: {err}"
         except OSError as err:
             return f"could not save to {path}: {err.strerror or err}"
         return f"saved {len(self.messages)} messages to {path}"
