@@ -156,6 +156,12 @@ class TrainConfig(Section):
     grad_accum: int = Field(1, ge=1)
     seq_len: int | None = Field(None, ge=2)  # default: model.context_length
     lr: float = Field(3e-4, gt=0)
+    # adamw: AdamW for every parameter. muon: Muon for the blocks' weight matrices (orthogonalised momentum, its
+    # update scaled to AdamW's RMS so it takes the same lr unless muon_lr says otherwise), AdamW for embeddings,
+    # output head, norms and the MoE router (train/muon.py).
+    optimizer: Literal["adamw", "muon"] = "adamw"
+    muon_lr: float | None = Field(None, gt=0)  # None: lr
+    muon_momentum: float = Field(0.95, ge=0, lt=1)  # Nesterov momentum of the Muon matrices
     min_lr_ratio: float = Field(0.1, ge=0, le=1)  # final lr as a fraction of the peak
     schedule: Literal["cosine", "wsd", "constant"] = "cosine"
     warmup_steps: int = Field(100, ge=0)

@@ -9,6 +9,7 @@ import contextlib
 import math
 import os
 import platform
+import re
 import signal
 import time
 from collections.abc import Sequence
@@ -28,6 +29,7 @@ from fermion.device import (
 from fermion.model.counting import count
 from fermion.train.distributed import parallelize
 from fermion.train.logging import MetricsLogger, format_stats, make_progress, peak_flops
+from fermion.train.muon import Muon
 from fermion.train.objectives import Objective
 from fermion.train.prefetch import Prefetcher
 from fermion.train.schedule import learning_rate
@@ -72,16 +74,31 @@ def hardware(info: DistInfo) -> dict:
     return {"device": device.type, "name": name, "count": info.world_size, "cpu_cores": os.cpu_count()}
 
 
-def build_optimizer(model: torch.nn.Module, recipe: Recipe, device: torch.device) -> torch.optim.AdamW:
-    """AdamW with weight decay on matmul weights only (norms and embeddings excluded unless configured)."""
+def build_optimizer(model: torch.nn.Module, recipe: Recipe, device: torch.device) -> torch.optim.Optimizer:
+    """train.optimizer: AdamW for every parameter, or Muon for the blocks' matrices and AdamW for the rest
+    (train/muon.py). Weight decay goes to matmul weights only (norms and embeddings excluded unless configured)."""
     cfg = recipe.train
-    decay, no_decay = [], []
+    fused = device.type in ("cpu", "cuda")  # one kernel for all parameters where PyTorch has it
+    decay, no_decay, matrices = [], [], []
     for name, param in model.named_parameters():
+        if cfg.optimizer == "muon" and muon_takes(name, param):
+            matrices.append(param)
+            continue
         exempt = param.ndim < 2 or "tok_emb" in name
         (no_decay if exempt and not cfg.decay_norms_and_embeddings else decay).append(param)
     groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    fused = device.type in ("cpu", "cuda")  # one kernel for all parameters where PyTorch has it
-    return torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.betas, eps=cfg.eps, fused=fused)
+    if cfg.optimizer == "adamw":
+        return torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.betas, eps=cfg.eps, fused=fused)
+    muon_lr = cfg.muon_lr or cfg.lr
+    groups.append({"params": matrices, "muon": True, "weight_decay": cfg.weight_decay, "lr": muon_lr,
+                   "lr_scale": muon_lr / cfg.lr})
+    return Muon(groups, lr=cfg.lr, betas=cfg.betas, eps=cfg.eps, momentum=cfg.muon_momentum, fused=fused)
+
+
+def muon_takes(name: str, param: torch.nn.Parameter) -> bool:
+    """Whether Muon trains this parameter: the matrices inside the transformer blocks, the MoE router excepted
+    (see train/muon.py for why)."""
+    return param.ndim in (2, 3) and re.search(r"(^|\.)blocks\.", name) is not None and ".router." not in name
 
 
 # ------------------------------------------------------------------------------------------------- callbacks
@@ -300,8 +317,8 @@ class Trainer:
     def train_step(self) -> tuple[float, float, dict[str, float]]:
         """One optimizer step over grad_accum micro-batches; returns (mean loss, gradient norm, mean metrics)."""
         self.model.train()
-        for group in self.optimizer.param_groups:
-            group["lr"] = learning_rate(self.cfg, self.step)
+        for group in self.optimizer.param_groups:  # Muon's matrices keep their own ratio to the schedule
+            group["lr"] = learning_rate(self.cfg, self.step) * group.get("lr_scale", 1.0)
         total = torch.zeros((), device=self.info.device)
         sums: dict[str, torch.Tensor] = {}
         for micro in range(self.cfg.grad_accum):
