@@ -186,3 +186,18 @@ def test_a_muon_run_resumes_exactly(tmp_path):
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     state = torch.load(whole / "checkpoints" / final / "optimizer.pt", weights_only=True)
     assert any("momentum_buffer" in s for s in state["state"].values())  # Muon's state is in the checkpoint
+
+
+def test_model_info_predicts_muons_optimizer_state():
+    from fermion.model.counting import training_memory
+
+    for overrides in ({}, MOE):
+        model = tiny_model(**overrides).train()
+        cfg = TrainConfig(optimizer="muon", warmup_steps=0, steps=10)
+        optimizer = build_optimizer(model, SimpleNamespace(train=cfg), torch.device("cpu"))
+        _loss(model, torch.randint(0, 97, (2, 9))).backward()
+        optimizer.step()
+        held = sum(t.numel() * t.element_size() for state in optimizer.state.values() for name, t in state.items()
+                   if name != "step")
+        assert training_memory(model.cfg, 2, 8, "fp32", optimizer="muon").optimizer == held
+        assert training_memory(model.cfg, 2, 8, "fp32").optimizer == 8 * sum(p.numel() for p in model.parameters())

@@ -143,7 +143,8 @@ def model_info(
                                                              "fits (known for cpu and named GPUs).")] = None,
 ):
     """Parameters (total/active), FLOPs per token, and the predicted peak training memory per device (weights,
-    gradients, AdamW, activations under the chosen checkpointing, logits), computed without allocating weights."""
+    gradients, optimizer state, activations under the chosen checkpointing, logits), computed without allocating
+    weights."""
     from fermion.model.counting import CHECKPOINTING, count, inference_memory, plan_memory
 
     loaded = recipe_or_exit(recipe, set_, check_paths=False)
@@ -201,7 +202,8 @@ def model_info(
                   f"{plan.cross_entropy}{' · compiled (estimated as eager: usually less)' if plan.compiled else ''}")
     per = " per device" if plan.world_size > 1 else ""
     sharded = " (sharded)" if plan.world_size > 1 and plan.distributed == "fsdp" else ""
-    table.add_row(f"  model state{per}", f"weights {size(mem.weights)} · grads {size(mem.gradients)} · AdamW "
+    optimizer = {"adamw": "AdamW", "muon": "Muon + AdamW"}[loaded.train.optimizer]
+    table.add_row(f"  model state{per}", f"weights {size(mem.weights)} · grads {size(mem.gradients)} · {optimizer} "
                   f"{size(mem.optimizer)}{sharded}")
     table.add_row("  activations", f"saved {size(mem.activations)} · logits {size(mem.logits)}")
     if mem.distributed:
