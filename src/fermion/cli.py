@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import sys
 from pathlib import Path
@@ -162,6 +163,7 @@ def model_info(
         return _gib(n_bytes) if n_bytes >= 2**30 else f"{n_bytes / 2**20:,.1f} MiB"
 
     infer_mem = inference_memory(cfg)
+    sized = loaded.depth_sizing()
     if as_json:
         print(json.dumps({"total_params": counts.total_params, "active_params": counts.active_params,
                           "embedding_params": counts.embedding_params,
@@ -178,7 +180,8 @@ def model_info(
                                           "world_size": plan.world_size, "distributed": plan.distributed,
                                           "micro_batch": plan.micro_batch, "seq_len": plan.seq_len,
                                           "precision": plan.precision, "checkpointing": plan.checkpointing,
-                                          "cross_entropy": plan.cross_entropy, "compiled": plan.compiled}}))
+                                          "cross_entropy": plan.cross_entropy, "compiled": plan.compiled},
+                          "depth_sizing": dataclasses.asdict(sized) if sized else None}))
         return
     table = Table(title=f"{loaded.run.name} ({recipe})", show_header=False)
     table.add_column(style="bold")
@@ -190,6 +193,11 @@ def model_info(
               "tied" if cfg.tie_embeddings else "untied"]
     extras += ["QK-norm"] * cfg.qk_norm + ([f"sliding window {cfg.sliding_window:,}"] if cfg.sliding_window else [])
     table.add_row("", " · ".join(extras))
+    if sized:
+        train = loaded.train
+        table.add_row(f"depth {cfg.depth}", f"{sized.describe()}; this recipe trains {train.steps:,} steps × "
+                      f"{train.micro_batch_size} × {train.grad_accum} at lr {train.lr:.2e} (a field the recipe "
+                      "sets wins over the rule)")
     table.add_row("parameters", f"{counts.total_params:,}")
     table.add_row("active parameters", f"{counts.active_params:,}")
     table.add_row("embedding parameters", f"{counts.embedding_params:,}")
