@@ -60,9 +60,8 @@ ResumeOption = Annotated[str, typer.Option(help="auto: continue from the newest 
                                                  "none: start fresh; or a checkpoint directory")]
 
 
-def train_stage(stage, recipe: Path, overrides: list[str] | None, resume: str) -> None:
-    """Load the recipe, run a training stage; a preempted run (SIGTERM, checkpoint saved) exits 0."""
-    loaded = recipe_or_exit(recipe, overrides)
+def train_stage(stage, loaded: Recipe, resume: str) -> None:
+    """Run a training stage on a loaded recipe; a preempted run (SIGTERM, checkpoint saved) exits 0."""
     result = run_guarded(lambda: stage(loaded, resume=resume, console=console))
     if result.status == "preempted":
         raise typer.Exit(0)
@@ -73,9 +72,10 @@ def pretrain(recipe: RecipeArg, set_: SetOption = None, resume: ResumeOption = "
              stage: Annotated[str | None, typer.Option(help="Run this continued stage (stages:) on its own, from "
                                                             "the finished stage before it.")] = None) -> None:
     """Pretrain from the recipe (tokenizer and shards are built first if missing)."""
+    loaded = recipe_or_exit(recipe, set_)  # a recipe's mistakes are reported before PyTorch is imported
     from fermion.train.pretrain import pretrain as run_pretrain
 
-    train_stage(lambda loaded, **kw: run_pretrain(loaded, stage=stage, **kw), recipe, set_, resume)
+    train_stage(lambda loaded, **kw: run_pretrain(loaded, stage=stage, **kw), loaded, resume)
 
 
 @app.command()
@@ -88,9 +88,9 @@ def prepare(
 ) -> None:
     """Clean, filter and deduplicate data.sources with datatrove (data.prepare), then train the tokenizer and write
     the shards from what was kept; prints and writes prepare_report.json."""
+    loaded = recipe_or_exit(recipe, set_)
     from fermion.train.pretrain import prepare as run_prepare
 
-    loaded = recipe_or_exit(recipe, set_)
     if inspect is None:
         run_guarded(lambda: run_prepare(loaded, strict=strict, console=console))
         return
@@ -104,26 +104,28 @@ def prepare(
 @app.command()
 def sft(recipe: RecipeArg, set_: SetOption = None, resume: ResumeOption = "auto") -> None:
     """Supervised fine-tuning on the recipe's sft.sources, loss on assistant tokens only (into <run>/sft)."""
+    loaded = recipe_or_exit(recipe, set_)
     from fermion.train.sft import sft as run_sft
 
-    train_stage(run_sft, recipe, set_, resume)
+    train_stage(run_sft, loaded, resume)
 
 
 @app.command()
 def dpo(recipe: RecipeArg, set_: SetOption = None, resume: ResumeOption = "auto") -> None:
     """Direct preference optimisation on the recipe's dpo.sources, from the SFT model (into <run>/dpo)."""
+    loaded = recipe_or_exit(recipe, set_)
     from fermion.train.dpo import dpo as run_dpo
 
-    train_stage(run_dpo, recipe, set_, resume)
+    train_stage(run_dpo, loaded, resume)
 
 
 @tokenizer_app.command("train")
 def tokenizer_train(recipe: RecipeArg, set_: SetOption = None,
                     force: Annotated[bool, typer.Option(help="Retrain even if the run has a tokenizer.")] = False):
     """Train the recipe's byte-level BPE tokenizer into the run directory."""
+    loaded = recipe_or_exit(recipe, set_)
     from fermion.train.pretrain import train_tokenizer
 
-    loaded = recipe_or_exit(recipe, set_)
     run_guarded(lambda: train_tokenizer(loaded, console, force=force))
 
 
@@ -146,9 +148,9 @@ def model_info(
     """Parameters (total/active), FLOPs per token, and the predicted peak training memory per device (weights,
     gradients, optimizer state, activations under the chosen checkpointing, logits), computed without allocating
     weights."""
+    loaded = recipe_or_exit(recipe, set_, check_paths=False)
     from fermion.model.counting import CHECKPOINTING, count, inference_memory, plan_memory
 
-    loaded = recipe_or_exit(recipe, set_, check_paths=False)
     if checkpointing is not None and checkpointing not in CHECKPOINTING:
         fail(f"--checkpointing must be one of {', '.join(CHECKPOINTING)}, not {checkpointing!r}")
     cfg = loaded.model
