@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 CONSTRAINTS ?= constraints-cpu.txt
 PIP_CONSTRAINT_ARG := $(if $(CONSTRAINTS),-c $(CONSTRAINTS),)
 
-.PHONY: install browser demo test bench lint clean
+.PHONY: install browser demo test bench gpu-check lint clean
 
 install: $(VENV)/.installed
 
@@ -34,6 +34,11 @@ test: install browser
 bench: install
 	$(PY) bench/train_throughput.py
 	$(PY) bench/decode.py
+
+# The one-shot GPU check (at most 8 minutes; appends its table to bench/RESULTS-gpu.md). On a GPU machine install
+# first with `make install CONSTRAINTS=` so pip picks PyTorch's CUDA build.
+gpu-check: install
+	$(PY) bench/gpu_check.py
 
 lint: install
 	$(VENV)/bin/ruff check .

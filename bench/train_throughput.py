@@ -195,11 +195,13 @@ def hf_trainer_run(cfg: ModelConfig, args, device: torch.device) -> tuple[float,
 
 
 def state_bytes(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> int:
-    """Bytes of the parameters, buffers and optimizer state a training step starts with (tied weights once)."""
+    """Bytes of the parameters, buffers and optimizer state a training step starts with (tied weights once; under
+    FSDP2 this process's shards: a DTensor's own data_ptr() is 0, its local tensor's is real)."""
     optimizer = getattr(optimizer, "optimizer", optimizer)  # accelerate's wrapper around transformers' optimizer
-    tensors = {t.data_ptr(): t for t in [*model.parameters(), *model.buffers()]}
+    held = [*model.parameters(), *model.buffers()]
     for per_param in optimizer.state.values():
-        tensors.update({t.data_ptr(): t for t in per_param.values() if isinstance(t, torch.Tensor)})
+        held += [t for t in per_param.values() if isinstance(t, torch.Tensor)]
+    tensors = {t.data_ptr(): t for t in (t.to_local() if hasattr(t, "to_local") else t for t in held)}
     return sum(t.numel() * t.element_size() for t in tensors.values())
 
 

@@ -119,3 +119,40 @@ def test_every_shipped_recipe_loads_and_counts(path):
     assert counts.train_flops_per_token > 0
     for i in range(len(recipe.stages)):
         assert recipe.stage_recipe(i).train.steps >= 1  # each continued stage resolves to a pretraining recipe
+
+
+def test_the_depth_dial_derives_the_shape_and_pretraining_and_each_field_can_be_overridden(tmp_path):
+    from fermion.config import sizing
+
+    path = tmp_path / "depth.yaml"
+    path.write_text("model: {depth: 6, vocab_size: 512, context_length: 256}\n")
+    recipe = load_recipe(path, check_paths=False)
+    m = recipe.model
+    assert (m.n_layers, m.d_model, m.n_heads, m.kv_heads, m.dim_per_head, m.ffn_hidden) == (6, 384, 6, 6, 64, 1024)
+    rule = recipe.depth_sizing()
+    # DeepSeek LLM's fits: the model's non-embedding FLOPs per token M is compute-optimal at C, D = C / M.
+    assert rule.flops_per_token == 72 * 6 * 384**2 + 6 * 6 * 384 * 256
+    assert rule.flops_per_token == pytest.approx(0.1715 * rule.compute**0.5243, rel=1e-9)
+    assert rule.tokens == round(rule.compute / rule.flops_per_token)
+    assert rule.lr == pytest.approx(0.3118 * rule.compute**-0.125)
+    t = recipe.train
+    assert (t.lr, t.micro_batch_size, t.grad_accum) == (rule.lr, rule.micro_batch_size, rule.grad_accum)
+    assert t.micro_batch_size <= sizing.MAX_MICRO_BATCH
+    assert abs(t.micro_batch_size * t.grad_accum * 256 - rule.batch_tokens) <= t.grad_accum * 256
+    assert t.steps * t.micro_batch_size * t.grad_accum * 256 >= rule.tokens
+    assert (t.steps - 1) * t.micro_batch_size * t.grad_accum * 256 < rule.tokens
+
+    # Field by field: what the recipe sets wins; a set micro-batch keeps the derived batch through grad_accum.
+    over = load_recipe(path, ["model.d_model=256", "model.n_heads=4", "train.micro_batch_size=4",
+                              "train.steps=50"], check_paths=False)
+    assert (over.model.n_layers, over.model.d_model, over.model.n_heads) == (6, 256, 4)
+    assert over.train.micro_batch_size == 4 and over.train.steps == 50 and over.train.warmup_steps == 5
+    assert over.train.grad_accum == round(over.depth_sizing().batch / 4)
+    # The resolved recipe, saved and read again, is the same recipe.
+    again = tmp_path / "again.yaml"
+    again.write_text(recipe.to_yaml())
+    assert load_recipe(again, check_paths=False) == recipe
+    # Without depth nothing is derived.
+    plain = tmp_path / "plain.yaml"
+    plain.write_text("model: {d_model: 128, n_heads: 2}\n")
+    assert load_recipe(plain, check_paths=False).train.lr == 3e-4

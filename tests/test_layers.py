@@ -122,3 +122,19 @@ def test_the_benchmark_catalogue_imports_no_model_code():
     heavy = [m for m in loaded if m.startswith(("fermion.model", "fermion.checkpoint", "fermion.infer.engine",
                                                  "fermion.infer.lm", "fermion.train"))]
     assert "fermion.eval.runner" in loaded and not heavy, f"eval/ imports model code: {heavy}"
+
+
+def test_a_recipes_mistake_is_reported_before_pytorch_is_imported(tmp_path):
+    """Every command that reads a recipe reads it first: a typo's one-line error costs no PyTorch import (seconds of
+    CPU, a minute on a loaded machine)."""
+    recipe = tmp_path / "typo.yaml"
+    recipe.write_text("model: {d_modl: 12}\n")
+    commands = [["pretrain"], ["prepare"], ["sft"], ["dpo"], ["tokenizer", "train"], ["model", "info"], ["run"]]
+    code = ("import contextlib, io, sys\nfrom fermion.cli import app\nheavy = []\n"
+            f"for command in {commands!r}:\n"
+            "    with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):\n"
+            f"        with contextlib.suppress(SystemExit): app([*command, {str(recipe)!r}])\n"
+            "    heavy += [' '.join(command)] * ('torch' in sys.modules)\n"
+            "print('heavy:', heavy)")
+    loaded = fresh_modules(code)
+    assert "torch" not in loaded, "a command imported PyTorch before reporting the recipe's error"

@@ -250,3 +250,34 @@ def test_fresh_start_refuses_to_overwrite_a_run_and_finished_runs_are_left_alone
     again = cli(*pretrain_args(reference))
     assert again.returncode == 0 and "already trained to step 60 of 60" in again.stdout
     assert len(list((reference / "checkpoints").glob("step_*"))) == 6  # keep_checkpoints: 10, saved every 10
+
+
+def test_a_stop_signal_mid_step_stops_before_that_step_and_resumes_exactly(reference, tmp_path, monkeypatch):
+    """A signal during a step's forward pass (a compiling first step takes minutes) abandons the step at once: the
+    run stops at the state before it, checkpointed, and resumes to the uninterrupted run's every loss and weight."""
+    from fermion.train import objectives
+    from fermion.train.pretrain import pretrain
+
+    real_loss = objectives.Pretrain.loss
+    calls = {"n": 0, "at": 1}  # during step 1 (nothing trained yet), then during step 16
+
+    def signalled(self, model, batch):
+        calls["n"] += model.training
+        if model.training and calls["n"] == calls["at"]:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return real_loss(self, model, batch)
+
+    monkeypatch.setattr(objectives.Pretrain, "loss", signalled)
+    run_dir = tmp_path / "run"
+    recipe = load_recipe(TINY, [f"run.dir={run_dir}", "train.checkpoint_every=1000"])
+    first = pretrain(recipe)
+    assert (first.status, first.step, first.checkpoint) == ("preempted", 0, None)
+    assert not (run_dir / "checkpoints").exists() or not list((run_dir / "checkpoints").glob("step_*"))
+    calls.update(n=0, at=16)
+    second = pretrain(recipe)  # starts afresh and is stopped during step 16
+    assert (second.status, second.step) == ("preempted", 15)
+    assert second.checkpoint.name == "step_00000015" and max(losses(run_dir)) == 15
+    monkeypatch.setattr(objectives.Pretrain, "loss", real_loss)
+    assert pretrain(recipe).status == "complete"
+    assert losses(run_dir) == losses(reference)
+    assert_bitwise_equal(final_weights(run_dir), final_weights(reference))

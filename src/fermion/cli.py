@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import sys
 from pathlib import Path
@@ -59,9 +60,8 @@ ResumeOption = Annotated[str, typer.Option(help="auto: continue from the newest 
                                                  "none: start fresh; or a checkpoint directory")]
 
 
-def train_stage(stage, recipe: Path, overrides: list[str] | None, resume: str) -> None:
-    """Load the recipe, run a training stage; a preempted run (SIGTERM, checkpoint saved) exits 0."""
-    loaded = recipe_or_exit(recipe, overrides)
+def train_stage(stage, loaded: Recipe, resume: str) -> None:
+    """Run a training stage on a loaded recipe; a preempted run (SIGTERM, checkpoint saved) exits 0."""
     result = run_guarded(lambda: stage(loaded, resume=resume, console=console))
     if result.status == "preempted":
         raise typer.Exit(0)
@@ -72,9 +72,10 @@ def pretrain(recipe: RecipeArg, set_: SetOption = None, resume: ResumeOption = "
              stage: Annotated[str | None, typer.Option(help="Run this continued stage (stages:) on its own, from "
                                                             "the finished stage before it.")] = None) -> None:
     """Pretrain from the recipe (tokenizer and shards are built first if missing)."""
+    loaded = recipe_or_exit(recipe, set_)  # a recipe's mistakes are reported before PyTorch is imported
     from fermion.train.pretrain import pretrain as run_pretrain
 
-    train_stage(lambda loaded, **kw: run_pretrain(loaded, stage=stage, **kw), recipe, set_, resume)
+    train_stage(lambda loaded, **kw: run_pretrain(loaded, stage=stage, **kw), loaded, resume)
 
 
 @app.command()
@@ -87,9 +88,9 @@ def prepare(
 ) -> None:
     """Clean, filter and deduplicate data.sources with datatrove (data.prepare), then train the tokenizer and write
     the shards from what was kept; prints and writes prepare_report.json."""
+    loaded = recipe_or_exit(recipe, set_)
     from fermion.train.pretrain import prepare as run_prepare
 
-    loaded = recipe_or_exit(recipe, set_)
     if inspect is None:
         run_guarded(lambda: run_prepare(loaded, strict=strict, console=console))
         return
@@ -103,26 +104,28 @@ def prepare(
 @app.command()
 def sft(recipe: RecipeArg, set_: SetOption = None, resume: ResumeOption = "auto") -> None:
     """Supervised fine-tuning on the recipe's sft.sources, loss on assistant tokens only (into <run>/sft)."""
+    loaded = recipe_or_exit(recipe, set_)
     from fermion.train.sft import sft as run_sft
 
-    train_stage(run_sft, recipe, set_, resume)
+    train_stage(run_sft, loaded, resume)
 
 
 @app.command()
 def dpo(recipe: RecipeArg, set_: SetOption = None, resume: ResumeOption = "auto") -> None:
     """Direct preference optimisation on the recipe's dpo.sources, from the SFT model (into <run>/dpo)."""
+    loaded = recipe_or_exit(recipe, set_)
     from fermion.train.dpo import dpo as run_dpo
 
-    train_stage(run_dpo, recipe, set_, resume)
+    train_stage(run_dpo, loaded, resume)
 
 
 @tokenizer_app.command("train")
 def tokenizer_train(recipe: RecipeArg, set_: SetOption = None,
                     force: Annotated[bool, typer.Option(help="Retrain even if the run has a tokenizer.")] = False):
     """Train the recipe's byte-level BPE tokenizer into the run directory."""
+    loaded = recipe_or_exit(recipe, set_)
     from fermion.train.pretrain import train_tokenizer
 
-    loaded = recipe_or_exit(recipe, set_)
     run_guarded(lambda: train_tokenizer(loaded, console, force=force))
 
 
@@ -143,10 +146,11 @@ def model_info(
                                                              "fits (known for cpu and named GPUs).")] = None,
 ):
     """Parameters (total/active), FLOPs per token, and the predicted peak training memory per device (weights,
-    gradients, AdamW, activations under the chosen checkpointing, logits), computed without allocating weights."""
+    gradients, optimizer state, activations under the chosen checkpointing, logits), computed without allocating
+    weights."""
+    loaded = recipe_or_exit(recipe, set_, check_paths=False)
     from fermion.model.counting import CHECKPOINTING, count, inference_memory, plan_memory
 
-    loaded = recipe_or_exit(recipe, set_, check_paths=False)
     if checkpointing is not None and checkpointing not in CHECKPOINTING:
         fail(f"--checkpointing must be one of {', '.join(CHECKPOINTING)}, not {checkpointing!r}")
     cfg = loaded.model
@@ -161,6 +165,7 @@ def model_info(
         return _gib(n_bytes) if n_bytes >= 2**30 else f"{n_bytes / 2**20:,.1f} MiB"
 
     infer_mem = inference_memory(cfg)
+    sized = loaded.depth_sizing()
     if as_json:
         print(json.dumps({"total_params": counts.total_params, "active_params": counts.active_params,
                           "embedding_params": counts.embedding_params,
@@ -177,7 +182,8 @@ def model_info(
                                           "world_size": plan.world_size, "distributed": plan.distributed,
                                           "micro_batch": plan.micro_batch, "seq_len": plan.seq_len,
                                           "precision": plan.precision, "checkpointing": plan.checkpointing,
-                                          "cross_entropy": plan.cross_entropy, "compiled": plan.compiled}}))
+                                          "cross_entropy": plan.cross_entropy, "compiled": plan.compiled},
+                          "depth_sizing": dataclasses.asdict(sized) if sized else None}))
         return
     table = Table(title=f"{loaded.run.name} ({recipe})", show_header=False)
     table.add_column(style="bold")
@@ -189,6 +195,11 @@ def model_info(
               "tied" if cfg.tie_embeddings else "untied"]
     extras += ["QK-norm"] * cfg.qk_norm + ([f"sliding window {cfg.sliding_window:,}"] if cfg.sliding_window else [])
     table.add_row("", " · ".join(extras))
+    if sized:
+        train = loaded.train
+        table.add_row(f"depth {cfg.depth}", f"{sized.describe()}; this recipe trains {train.steps:,} steps × "
+                      f"{train.micro_batch_size} × {train.grad_accum} at lr {train.lr:.2e} (a field the recipe "
+                      "sets wins over the rule)")
     table.add_row("parameters", f"{counts.total_params:,}")
     table.add_row("active parameters", f"{counts.active_params:,}")
     table.add_row("embedding parameters", f"{counts.embedding_params:,}")
@@ -201,7 +212,8 @@ def model_info(
                   f"{plan.cross_entropy}{' · compiled (estimated as eager: usually less)' if plan.compiled else ''}")
     per = " per device" if plan.world_size > 1 else ""
     sharded = " (sharded)" if plan.world_size > 1 and plan.distributed == "fsdp" else ""
-    table.add_row(f"  model state{per}", f"weights {size(mem.weights)} · grads {size(mem.gradients)} · AdamW "
+    optimizer = {"adamw": "AdamW", "muon": "Muon + AdamW"}[loaded.train.optimizer]
+    table.add_row(f"  model state{per}", f"weights {size(mem.weights)} · grads {size(mem.gradients)} · {optimizer} "
                   f"{size(mem.optimizer)}{sharded}")
     table.add_row("  activations", f"saved {size(mem.activations)} · logits {size(mem.logits)}")
     if mem.distributed:

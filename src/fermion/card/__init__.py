@@ -83,6 +83,13 @@ def architecture_section(final: StageRecord) -> list[str]:
 
 
 def _optimizer(train) -> str:
+    if getattr(train, "optimizer", "adamw") == "muon":
+        return (f"Muon for the blocks' matrices (lr {train.muon_lr or train.lr:g}, Nesterov momentum "
+                f"{train.muon_momentum:g}, update RMS matched to AdamW's) and " + _adamw(train) + " for the rest")
+    return _adamw(train)
+
+
+def _adamw(train) -> str:
     return (f"AdamW (betas {train.betas[0]:g}/{train.betas[1]:g}, eps {train.eps:g}, weight decay "
             f"{train.weight_decay:g}" + (f", grad clip {train.grad_clip:g}" if train.grad_clip else "") + ")")
 

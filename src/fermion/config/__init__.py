@@ -18,6 +18,7 @@ import yaml
 from pydantic import BaseModel, Field, ValidationError, model_validator
 
 from fermion import layout
+from fermion.config import sizing
 from fermion.config.base import RecipeError, Section, eval_data_dir
 from fermion.config.prepare import PrepareConfig
 
@@ -36,6 +37,9 @@ class MoEConfig(Section):
 
 
 class ModelConfig(Section):
+    # One dial for the size (config/sizing.py): n_layers, d_model, n_heads, n_kv_heads and ffn_hidden follow from
+    # it, and pretraining's lr, batch and steps too; any of those set in the recipe wins.
+    depth: int | None = Field(None, ge=1, le=128)
     vocab_size: int = Field(4096, ge=2)
     d_model: int = Field(256, ge=8)
     n_layers: int = Field(4, ge=1)
@@ -51,6 +55,13 @@ class ModelConfig(Section):
     sliding_window: int | None = Field(None, ge=1)  # Mistral-style local attention span, in tokens
     moe: MoEConfig | None = None
     init_std: float = Field(0.02, gt=0)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _sized_by_depth(cls, data: Any) -> Any:
+        if isinstance(data, dict) and isinstance(data.get("depth"), int) and data["depth"] >= 1:
+            return {**sizing.shape(data["depth"]), **data}
+        return data
 
     @model_validator(mode="after")
     def _heads_fit(self) -> ModelConfig:
@@ -156,6 +167,12 @@ class TrainConfig(Section):
     grad_accum: int = Field(1, ge=1)
     seq_len: int | None = Field(None, ge=2)  # default: model.context_length
     lr: float = Field(3e-4, gt=0)
+    # adamw: AdamW for every parameter. muon: Muon for the blocks' weight matrices (orthogonalised momentum, its
+    # update scaled to AdamW's RMS so it takes the same lr unless muon_lr says otherwise), AdamW for embeddings,
+    # output head, norms and the MoE router (train/muon.py).
+    optimizer: Literal["adamw", "muon"] = "adamw"
+    muon_lr: float | None = Field(None, gt=0)  # None: lr
+    muon_momentum: float = Field(0.95, ge=0, lt=1)  # Nesterov momentum of the Muon matrices
     min_lr_ratio: float = Field(0.1, ge=0, le=1)  # final lr as a fraction of the peak
     schedule: Literal["cosine", "wsd", "constant"] = "cosine"
     warmup_steps: int = Field(100, ge=0)
@@ -321,6 +338,28 @@ class Recipe(Section):
     dpo: DPOConfig | None = None
     eval: EvalConfig = Field(default_factory=EvalConfig)
     export: ExportConfig = Field(default_factory=ExportConfig)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _train_sized_by_depth(cls, data: Any) -> Any:
+        """With model.depth, pretraining's lr, batch and steps not given in `train` come from the size rule."""
+        if not isinstance(data, dict) or not isinstance(data.get("model"), dict) or "depth" not in data["model"]:
+            return data
+        train = data.get("train") or {}
+        if not isinstance(train, dict):
+            return data
+        try:
+            model = ModelConfig.model_validate(data["model"])
+        except ValidationError:
+            return data  # reported with its field path by the normal validation
+        seq_len = train.get("seq_len") or model.context_length
+        if not isinstance(seq_len, int):
+            return data
+        return {**data, "train": sizing.fill_train(model.model_dump(), train, seq_len)}
+
+    def depth_sizing(self) -> sizing.Sizing | None:
+        """What model.depth derives for pretraining (None without it), for `fermion model info`."""
+        return sizing.training(self.model.n_layers, self.model.d_model, self.seq_len) if self.model.depth else None
 
     @model_validator(mode="after")
     def _lengths_fit(self) -> Recipe:

@@ -72,7 +72,7 @@ class MemoryEstimate:
 
     weights: int  # fp32 parameters resident between steps (this device's shard under FSDP)
     gradients: int  # fp32 gradients once backward is done (this device's shard under FSDP)
-    optimizer: int  # AdamW's exp_avg and exp_avg_sq, fp32 (sharded under FSDP)
+    optimizer: int  # AdamW's exp_avg and exp_avg_sq, fp32; Muon's one momentum for its matrices (sharded under FSDP)
     activations: int  # saved for backward at the most (start of backward), autocast's bf16 weight copies included
     logits: int  # the loss's [tokens, vocab] tensors at the start of backward (one chunk's when chunked)
     distributed: int = 0  # DDP's gradient buckets; FSDP's gathered parameters and unsharded gradients at the most
@@ -153,9 +153,12 @@ def _backward_transient_per_token(cfg: ModelConfig, a: int) -> int:
 
 def training_memory(cfg: ModelConfig, batch: int, seq_len: int, precision: str = "bf16", *,
                     checkpointing: str = "none", cross_entropy: str = "full", world_size: int = 1,
-                    distributed: str = "ddp", chunk_tokens: int = CE_CHUNK_TOKENS) -> MemoryEstimate:
+                    distributed: str = "ddp", chunk_tokens: int = CE_CHUNK_TOKENS,
+                    optimizer: str = "adamw") -> MemoryEstimate:
     """Predicted bytes on one device for a training micro-step of `batch` sequences of `seq_len` tokens: fp32
-    weights and gradients, AdamW (fp32 moments), eager mode.
+    weights and gradients, AdamW (two fp32 moments per parameter) or Muon (one fp32 momentum per parameter of the
+    blocks' matrices, AdamW's two for the rest; its orthogonalisation's few copies of one matrix at a time are
+    left out), eager mode.
 
     precision: "fp32" or "bf16" (autocast; "auto" counts as bf16). checkpointing (see transformer.py): "none" keeps
     all autograd saves; "selective" keeps each block's input and post-attention residual and recomputes one
@@ -176,8 +179,12 @@ def training_memory(cfg: ModelConfig, batch: int, seq_len: int, precision: str =
     ddp = world_size > 1 and not fsdp
     shard = world_size if fsdp else 1
 
-    # Between steps: fp32 weights and AdamW's moments (sharded under FSDP); DDP's flat gradient buckets.
-    weights, optimizer = 4 * p.total // shard, 8 * p.total // shard
+    # Between steps: fp32 weights and the optimizer's moments (sharded under FSDP); DDP's flat gradient buckets.
+    if optimizer not in ("adamw", "muon"):
+        raise ValueError(f"optimizer must be adamw or muon, not {optimizer!r}")
+    router = cfg.moe.n_experts * d if cfg.moe else 0
+    orthogonalised = L * (p.attn_matmul + p.ffn_matmul - router) if optimizer == "muon" else 0
+    weights, optimizer = 4 * p.total // shard, (8 * p.total - 4 * orthogonalised) // shard
     buckets = 4 * p.total if ddp else 0
 
     # What one block saves, sub-layer by sub-layer, bf16 weight copies included. A sliding window wider than the
@@ -328,7 +335,8 @@ def plan_memory(recipe, device: str | None = None, world_size: int = 1, micro_ba
     micro_batch = micro_batch or train.micro_batch_size
     distributed = train.distributed
     estimate = training_memory(recipe.model, micro_batch, seq_len, precision, checkpointing=checkpointing,
-                               cross_entropy=cross_entropy, world_size=world_size, distributed=distributed)
+                               cross_entropy=cross_entropy, world_size=world_size, distributed=distributed,
+                               optimizer=getattr(train, "optimizer", "adamw"))
     return MemoryPlan(estimate, name, device_type, memory, world_size, distributed, micro_batch, seq_len,
                       precision, checkpointing, cross_entropy, bool(train.compile))
 

@@ -9,6 +9,7 @@ import contextlib
 import math
 import os
 import platform
+import re
 import signal
 import time
 from collections.abc import Sequence
@@ -28,6 +29,7 @@ from fermion.device import (
 from fermion.model.counting import count
 from fermion.train.distributed import parallelize
 from fermion.train.logging import MetricsLogger, format_stats, make_progress, peak_flops
+from fermion.train.muon import Muon
 from fermion.train.objectives import Objective
 from fermion.train.prefetch import Prefetcher
 from fermion.train.schedule import learning_rate
@@ -35,6 +37,12 @@ from fermion.train.schedule import learning_rate
 
 class TrainingError(RuntimeError):
     """The run cannot go on; the message says why and where the last good state is."""
+
+
+class StepInterrupted(BaseException):
+    """A stop signal arrived during a step's forward or backward pass (which, compiling, can take minutes): the step
+    is abandoned and the run stops at the state before it. A BaseException, so that no `except Exception` on the
+    way (torch.compile's among them) takes it for an error of its own."""
 
 
 @dataclass
@@ -72,16 +80,31 @@ def hardware(info: DistInfo) -> dict:
     return {"device": device.type, "name": name, "count": info.world_size, "cpu_cores": os.cpu_count()}
 
 
-def build_optimizer(model: torch.nn.Module, recipe: Recipe, device: torch.device) -> torch.optim.AdamW:
-    """AdamW with weight decay on matmul weights only (norms and embeddings excluded unless configured)."""
+def build_optimizer(model: torch.nn.Module, recipe: Recipe, device: torch.device) -> torch.optim.Optimizer:
+    """train.optimizer: AdamW for every parameter, or Muon for the blocks' matrices and AdamW for the rest
+    (train/muon.py). Weight decay goes to matmul weights only (norms and embeddings excluded unless configured)."""
     cfg = recipe.train
-    decay, no_decay = [], []
+    fused = device.type in ("cpu", "cuda")  # one kernel for all parameters where PyTorch has it
+    decay, no_decay, matrices = [], [], []
     for name, param in model.named_parameters():
+        if cfg.optimizer == "muon" and muon_takes(name, param):
+            matrices.append(param)
+            continue
         exempt = param.ndim < 2 or "tok_emb" in name
         (no_decay if exempt and not cfg.decay_norms_and_embeddings else decay).append(param)
     groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    fused = device.type in ("cpu", "cuda")  # one kernel for all parameters where PyTorch has it
-    return torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.betas, eps=cfg.eps, fused=fused)
+    if cfg.optimizer == "adamw":
+        return torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.betas, eps=cfg.eps, fused=fused)
+    muon_lr = cfg.muon_lr or cfg.lr
+    groups.append({"params": matrices, "muon": True, "weight_decay": cfg.weight_decay, "lr": muon_lr,
+                   "lr_scale": muon_lr / cfg.lr})
+    return Muon(groups, lr=cfg.lr, betas=cfg.betas, eps=cfg.eps, momentum=cfg.muon_momentum, fused=fused)
+
+
+def muon_takes(name: str, param: torch.nn.Parameter) -> bool:
+    """Whether Muon trains this parameter: the matrices inside the transformer blocks, the MoE router excepted
+    (see train/muon.py for why)."""
+    return param.ndim in (2, 3) and re.search(r"(^|\.)blocks\.", name) is not None and ".router." not in name
 
 
 # ------------------------------------------------------------------------------------------------- callbacks
@@ -133,6 +156,7 @@ class Checkpointer(Callback):
                                         trainer.sharded, self.recipe, self.tokenizer_path, self.cfg.keep_checkpoints,
                                         asynchronous=asynchronous, process_group=self._group)
         self.last = pending.final
+        trainer._saved_step = trainer.step
         if not asynchronous or wait:
             return pending.finish()
         self._pending = pending
@@ -189,6 +213,9 @@ class Trainer:
         self.peak_flops = self.cfg.peak_flops or peak_flops(gpu_name)
         self.step, self.tokens_seen, self.nonfinite_streak, self.elapsed = 0, 0, 0, 0.0
         self._stop_signal: str | None = None
+        self._interruptible = False  # in a step's forward/backward, where a stop signal abandons the step
+        self._loader_at_step_start: dict | None = None  # what a checkpoint of an abandoned step records
+        self._saved_step: int | None = None  # the step of the newest checkpoint on disk that this run holds
         self.checkpointer = Checkpointer(recipe, tokenizer_path)
         self.callbacks = [*callbacks, self.checkpointer]
         self.logger: MetricsLogger | None = None  # on the main process while fit runs
@@ -200,7 +227,8 @@ class Trainer:
         return self.cfg.micro_batch_size * self.cfg.grad_accum * self.info.world_size
 
     def trainer_state(self) -> dict:
-        return {"tokens_seen": self.tokens_seen, "loader": self.loader.state_dict(), "elapsed_s": self.elapsed,
+        loader = self._loader_at_step_start if self._loader_at_step_start is not None else self.loader.state_dict()
+        return {"tokens_seen": self.tokens_seen, "loader": loader, "elapsed_s": self.elapsed,
                 "nonfinite_streak": self.nonfinite_streak, "lr": learning_rate(self.cfg, max(self.step - 1, 0)),
                 "global_batch": self.global_batch(), "micro_batch_size": self.cfg.micro_batch_size,
                 "grad_accum": self.cfg.grad_accum, "hardware": self.hardware, "precision": self.precision,
@@ -218,6 +246,7 @@ class Trainer:
             self.say(f"resharding {ckpt.name}: written by {state['world_size']} process(es) as {state['format']}, "
                       f"resumed on {self.info.world_size} as {'dcp' if self.sharded else 'safetensors'}")
         self.step, self.tokens_seen = state["step"], state["tokens_seen"]
+        self._saved_step = self.step
         self.nonfinite_streak, self.elapsed = state["nonfinite_streak"], state["elapsed_s"]
         self.loader.load_state_dict(state["loader"])
         self.objective.load_state_dict(state.get("objective", {}))  # absent from checkpoints written before it
@@ -267,11 +296,24 @@ class Trainer:
             if self._stop_signal is not None and signum == signal.SIGINT:
                 raise KeyboardInterrupt  # a second Ctrl-C means now
             self._stop_signal = signal.Signals(signum).name
+            if self._interruptible:  # one process only: ranks stopping mid-collective would wait on each other
+                # Python swallows an exception raised where the signal happens to land in a weakref callback or
+                # a __del__ (torch.compile runs many): try again every 0.2 s until one reaches the loop.
+                signal.setitimer(signal.ITIMER_REAL, 0.2, 0.2)
+                raise StepInterrupted
+
+        def retry(_signum, _frame):
+            if not self._interruptible:
+                signal.setitimer(signal.ITIMER_REAL, 0)
+                return
+            raise StepInterrupted
 
         previous = {s: signal.signal(s, request_stop) for s in (signal.SIGTERM, signal.SIGINT)}
+        previous[signal.SIGALRM] = signal.signal(signal.SIGALRM, retry)
         try:
             yield
         finally:
+            signal.setitimer(signal.ITIMER_REAL, 0)
             for s, handler in previous.items():
                 signal.signal(s, handler)
 
@@ -300,8 +342,10 @@ class Trainer:
     def train_step(self) -> tuple[float, float, dict[str, float]]:
         """One optimizer step over grad_accum micro-batches; returns (mean loss, gradient norm, mean metrics)."""
         self.model.train()
-        for group in self.optimizer.param_groups:
-            group["lr"] = learning_rate(self.cfg, self.step)
+        self._loader_at_step_start = self.loader.state_dict()
+        self._interruptible = not self.info.distributed
+        for group in self.optimizer.param_groups:  # Muon's matrices keep their own ratio to the schedule
+            group["lr"] = learning_rate(self.cfg, self.step) * group.get("lr_scale", 1.0)
         total = torch.zeros((), device=self.info.device)
         sums: dict[str, torch.Tensor] = {}
         for micro in range(self.cfg.grad_accum):
@@ -312,6 +356,8 @@ class Trainer:
             total += loss.detach()
             for name in self.objective.logged:
                 sums[name] = sums.get(name, 0) + metrics[name].detach().float()
+        self._interruptible = False  # from here the step changes the weights: it finishes
+        self._loader_at_step_start = None
         mean_loss = all_reduce(total / self.cfg.grad_accum, self.info) / self.info.world_size
         extra = {}
         if sums:  # one reduction for all of them
@@ -391,7 +437,12 @@ class Trainer:
                              f"--resume auto")
                     return TrainResult("preempted", self.step, path, last_eval)
                 started = time.perf_counter()
-                loss, grad_norm, metrics = self.train_step()
+                try:
+                    loss, grad_norm, metrics = self.train_step()
+                except StepInterrupted:
+                    self._interruptible = False
+                    signal.setitimer(signal.ITIMER_REAL, 0)
+                    return self._stop_mid_step(last_eval)
                 seconds = time.perf_counter() - started
                 self.elapsed += seconds
                 self.step += 1
@@ -415,6 +466,21 @@ class Trainer:
         for callback in self.callbacks:
             callback.on_end(self)
         return TrainResult("complete", self.step, self.checkpointer.last, last_eval)
+
+    def _stop_mid_step(self, last_eval: dict[str, float]) -> TrainResult:
+        """A stop signal abandoned step `self.step + 1` before it changed any weight: checkpoint the state before it
+        (unless a checkpoint of that step exists, or nothing has been trained) and stop."""
+        self.optimizer.zero_grad(set_to_none=True)
+        path = None
+        if self.step > 0 and self._saved_step != self.step:
+            path = self.checkpointer.save(self, wait=True)
+        elif self._saved_step == self.step:
+            path = self.checkpointer.last or checkpoint.find(self.run_dir, warn=self.warn, required=False)
+        self._loader_at_step_start = None
+        where = f"saved {path}; resume with --resume auto" if path else "nothing was trained yet"
+        self.say(f"received {self._stop_signal} during step {self.step + 1:,} (compiling or running it): stopped "
+                 f"at step {self.step:,}; {where}")
+        return TrainResult("preempted", self.step, path, last_eval)
 
     def _step_record(self, loss: float, grad_norm: float, seconds: float) -> dict:
         tokens_per_s = self.tokens_per_step / seconds
