@@ -283,6 +283,19 @@ def test_matching_fingerprint_reuses_the_shards(tokenizer, tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["d"]  # no temporary or retired directory left
 
 
+def test_an_edited_data_file_makes_the_shards_anew(tokenizer, tmp_path):
+    """Same sources as written, other text in the file: the shards are made again, not reused stale."""
+    path = tmp_path / "c4.jsonl"
+    lines = Path(C4).read_text(encoding="utf-8").splitlines(keepends=True)
+    path.write_text("".join(lines[:20]), encoding="utf-8")
+    data = DataConfig(sources=[c4(paths=[str(path)])], val_fraction=0.1, num_workers=1)
+    first = write_shards(data, tokenizer, tmp_path / "d", seed=1)
+    path.write_text("".join(lines[:25]), encoding="utf-8")
+    edited = write_shards(data, tokenizer, tmp_path / "d", seed=1)
+    assert edited["fingerprint"] != first["fingerprint"]
+    assert sum(edited["splits"][split]["documents"] for split in ("train", "val")) == 25
+
+
 def test_long_documents_get_their_own_file_and_val_is_never_empty(tokenizer, tmp_path):
     data = DataConfig(sources=[c4(max_documents=12)], val_fraction=0.001, shard_tokens=1000, num_workers=1)
     index = write_shards(data, tokenizer, tmp_path / "d", seed=3)

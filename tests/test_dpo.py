@@ -394,8 +394,12 @@ def test_report_counts_skips_and_truncation_and_an_empty_data_set_is_refused(pre
     assert (dropped.used, dropped.truncated) == (2, 0)
     assert dict(dropped.skipped) == {"identical chosen and rejected": 1, "longer than the context": 2}
     useless = write_jsonl(tmp_path / "useless.jsonl", records[1:3])
-    with pytest.raises(DataError, match=r"dpo.sources: none of the 2 records is a usable preference pair .*identical"):
+    with pytest.raises(DataError) as refused:  # names the file and the records, not a report that was never written
         prepare(dpo_recipe(tmp_path / "c", pretrained, [useless]))
+    assert str(refused.value) == (
+        f"dpo.sources ('prefs' reads {useless} ({Path(useless).stat().st_size:,} bytes)): none of the 2 records is a "
+        f"usable preference pair; skipped: 1 identical chosen and rejected (first: {useless}:1); 1 identical once "
+        f"truncated to the context (first: {useless}:2); fix those records or add data")
 
 
 def test_dpo_command_trains_after_sft_and_refuses_bad_data_in_one_line(pretrained, tmp_path):
@@ -412,4 +416,5 @@ def test_dpo_command_trains_after_sft_and_refuses_bad_data_in_one_line(pretraine
     bad = cli("dpo", TINY, *common, "--set", f"dpo.dir={tmp_path / 'bad'}",
               "--set", f"dpo.sources=[{{name: same, paths: [{useless}]}}]")
     assert bad.returncode == 2 and "Traceback" not in bad.stderr
-    assert "dpo.sources: none of the 1 records is a usable preference pair" in bad.stderr
+    assert f"dpo.sources ('same' reads {useless} (" in bad.stderr and f"(first: {useless}:1)" in bad.stderr
+    assert "none of the 1 records is a usable preference pair" in bad.stderr and "report.json" not in bad.stderr

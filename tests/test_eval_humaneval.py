@@ -59,6 +59,29 @@ def test_exiting_early_does_not_count_as_passing(problems):
     assert "exited" in execution.detail
 
 
+# Every descriptor a program might take for the channel its result goes back on.
+EVERY_DESCRIPTOR = ("for fd in range(1, 1024):\n        try:\n            os.write(fd, {what})\n"
+                    "        except OSError:\n            pass")
+
+
+@pytest.mark.parametrize("lines", [
+    ["import os", "os._exit(0)"],
+    ["import sys", "sys.exit(0)"],
+    ["import os, signal", "os.kill(os.getpid(), signal.SIGTERM)"],
+    ["import os, signal", "os.killpg(os.getpgid(0), signal.SIGKILL)"],
+    ["import os", "try:", "    pass", "finally:", "    raise SystemExit(0)"],
+    ["import os", "print('passed', flush=True)", "os._exit(0)"],
+    ["import os, sys", EVERY_DESCRIPTOR.format(what="b'passed\\n' + sys.stdin.buffer.read()"), "os._exit(0)"],
+    ["import os", EVERY_DESCRIPTOR.format(what="bytes(32)"), "os._exit(0)"],
+], ids=["os._exit", "sys.exit", "os.kill", "os.killpg", "SystemExit-in-finally", "prints-passed",
+        "writes-stdin-everywhere", "writes-a-token-everywhere"])
+def test_ending_before_the_tests_ran_to_the_end_is_never_a_pass(problems, lines):
+    """A pass is proven by the child once the tests ran, not inferred from exit status 0 (os._exit(0) passed)."""
+    execution = attempt(problems[0], *lines)
+    assert (execution.passed, execution.status) == (False, "failed"), execution.detail
+    assert humaneval.check(problems[0], problems[0].canonical_solution).passed  # the right answer still passes
+
+
 @pytest.mark.parametrize("lines", [
     ["import os", "os.remove({file!r})"],
     ["import shutil", "shutil.rmtree({folder!r})"],

@@ -426,3 +426,60 @@ def test_prepare_settings_switch_steps_and_name_mistakes():
                              ({"executor": "k8s"}, "data.prepare.executor")]:
         with pytest.raises(RecipeError, match=message):
             settings(prepare)
+
+
+def test_a_tokenizer_comes_only_from_usable_data_and_knows_what_it_was_trained_on(tmp_path):
+    """An empty data file: exit 2 naming it, and nothing left to reuse (there was a 265-token tokenizer.json, which
+    the next run took without a word once the data was fixed). A tokenizer keeps a record of what it was trained
+    on: changed data is refused while checkpoints made with the old tokenizer are there, and trains it anew,
+    saying why, once they are not; a tokenizer without a record (an earlier fermion's) is used as it is."""
+    if not STORIES.is_file():
+        pytest.skip(f"{STORIES} is missing")
+    stories = STORIES.read_text(encoding="utf-8")
+    data, run_dir = tmp_path / "stories.txt", tmp_path / "run"
+    data.write_text("", encoding="utf-8")
+    recipe = {"run": {"dir": str(run_dir)}, "tokenizer": {"vocab_size": 300, "train_bytes": 20_000},
+              "model": {**TINY, "vocab_size": 300},
+              "data": {"sources": [{"name": "stories", "paths": [str(data)], "separator": "<|endoftext|>"}],
+                       "val_fraction": 0.2, "num_workers": 1},
+              "train": {"steps": 2, "warmup_steps": 1, "micro_batch_size": 2, "eval_batches": 1, "compile": False,
+                        "precision": "fp32", "progress": False, "tensorboard": False}}
+    recipe_path = tmp_path / "recipe.yaml"
+    recipe_path.write_text(yaml.safe_dump(recipe), encoding="utf-8")
+    tokenizer_path = run_dir / "tokenizer.json"
+
+    empty = cli("prepare", str(recipe_path))
+    assert empty.returncode == 2 and not tokenizer_path.exists() and not (run_dir / "data").exists()
+    assert f"'stories' reads {data} (0 bytes)" in empty.stderr
+
+    data.write_text(stories[:30_000], encoding="utf-8")
+    size = data.stat().st_size
+    fixed = cli("pretrain", str(recipe_path))  # the tokenizer, the shards and checkpoints made with them
+    assert fixed.returncode == 0, fixed.stderr
+    first = Tokenizer.load(tokenizer_path)
+    assert first.vocab_size == 300 and load_index(run_dir / "data")["tokenizer_hash"] == first.hash
+    again = cli("prepare", str(recipe_path))
+    assert again.returncode == 0 and "anew" not in again.stdout and Tokenizer.load(tokenizer_path).hash == first.hash
+
+    data.write_text(stories[30_000:70_000], encoding="utf-8")
+    refused = cli("prepare", str(recipe_path))
+    assert refused.returncode == 2
+    assert (f"{tokenizer_path} was trained on other data or settings ({data} has changed: {size:,} bytes then, "
+            f"{data.stat().st_size:,} now), and "
+            f"{run_dir / 'checkpoints'} were made with it: a new tokenizer would not fit them") in refused.stderr
+    assert Tokenizer.load(tokenizer_path).hash == first.hash
+
+    (run_dir / "checkpoints").rename(tmp_path / "old-checkpoints")
+    retrained = cli("prepare", str(recipe_path))
+    assert retrained.returncode == 0, retrained.stderr
+    assert (f"{tokenizer_path} was trained on other data or settings ({data} has changed: {size:,} bytes then"
+            in retrained.stdout)
+    second = Tokenizer.load(tokenizer_path)
+    assert second.hash != first.hash and load_index(run_dir / "data")["tokenizer_hash"] == second.hash
+
+    (run_dir / "tokenizer_trained_on.json").unlink()  # as an earlier fermion left it
+    data.write_text(stories[:30_000], encoding="utf-8")
+    unrecorded = cli("tokenizer", "train", str(recipe_path))
+    assert unrecorded.returncode == 0, unrecorded.stderr
+    assert f"{tokenizer_path} has no record of what it was trained on" in unrecorded.stdout
+    assert Tokenizer.load(tokenizer_path).hash == second.hash

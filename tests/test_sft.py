@@ -219,7 +219,10 @@ def test_sft_bad_input_is_reported_not_a_traceback(pretrained, tmp_path):
 
     data.write_text(json.dumps({"messages": [{"role": "user", "content": "hi"}]}) + "\n")
     empty = run("sft", TINY, *args[:2], "--set", f"sft.dir={tmp_path / 'empty'}", *args[4:])
-    assert empty.returncode == 2 and "no usable conversation (1 skipped: no assistant turn)" in empty.stderr
+    assert empty.returncode == 2  # names the data file and the record, and no file the failed stage never wrote
+    assert (f"sft.sources ('chats' reads {data} ({data.stat().st_size:,} bytes)): none of the 1 records is a usable "
+            f"conversation; skipped: 1 no assistant turn (first: {data}:1)") in empty.stderr
+    assert "report.json" not in empty.stderr and not (tmp_path / "empty").exists()
     data.write_text('{"messages": [{"role": "user", "content": "hi"}, {"role": "wizard", "content": "x"}]}\n')
     bad = run("sft", TINY, *args[:2], "--set", f"sft.dir={tmp_path / 'bad'}", *args[4:])
     assert bad.returncode == 2 and f"{data}:1: messages[1] has unknown role 'wizard'" in bad.stderr

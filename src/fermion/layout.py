@@ -5,6 +5,7 @@
       recipe.yaml                   recipe_file
       prepared/<plan>/              prepared_dir (+ PREPARE_REPORT)
       tokenizer.json                tokenizer_file
+      tokenizer_trained_on.json     tokenizer_record: what the run's tokenizer was trained on
       data/                         shard_dir (+ shard_index)
       checkpoints/step_NNNNNNNN/    checkpoints_dir, checkpoint_dir; checkpoints/latest: latest_file
       metrics.jsonl, tensorboard/   metrics_file, tensorboard_dir
@@ -33,6 +34,7 @@ Section = Any
 LEDGER = "run.json"
 RECIPE = "recipe.yaml"
 TOKENIZER = "tokenizer.json"
+TOKENIZER_RECORD = "tokenizer_trained_on.json"
 CHECKPOINTS = "checkpoints"
 LATEST = "latest"
 STEP_PREFIX = "step_"
@@ -71,6 +73,11 @@ def recipe_file(directory: Path) -> Path:
 def tokenizer_file(directory: Path, path: str | None = None) -> Path:
     """The tokenizer of a run (`path`, the recipe's tokenizer.path, where it names one), a stage or a checkpoint."""
     return Path(path) if path else Path(directory) / TOKENIZER
+
+
+def tokenizer_record(tokenizer: Path) -> Path:
+    """Beside a tokenizer a run trained: what it was trained on (fermion.data.tokenizer's record of it)."""
+    return Path(tokenizer).with_name(TOKENIZER_RECORD)
 
 
 def shard_dir(directory: Path, data: Section) -> Path:

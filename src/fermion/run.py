@@ -37,7 +37,7 @@ from rich.table import Table
 
 from fermion import layout
 from fermion.atomic import replaced_file
-from fermion.config import ModelConfig, Recipe, RecipeError, SourceConfig, TrainConfig, matching_files
+from fermion.config import ModelConfig, Recipe, RecipeError, SourceConfig, TrainConfig, file_states
 from fermion.errors import ExportError
 
 # Training settings that change how a run is watched or saved, not the weights it makes.
@@ -83,17 +83,6 @@ def _digest(value) -> str:
     return hashlib.sha256(json.dumps(value, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
-def _files(sources: list[SourceConfig]) -> list:
-    """What the sources read, as (path, size, mtime) of each file; datasets and builtins by their settings."""
-    out = []
-    for source in sources:
-        for pattern in source.paths:
-            for path in sorted(matching_files(pattern)):
-                stat = Path(path).stat()
-                out.append((path, stat.st_size, stat.st_mtime_ns))
-    return out
-
-
 def _section(config, exclude: set[str] = frozenset()) -> dict:
     return config.model_dump(mode="json", exclude=exclude) if config is not None else {}
 
@@ -103,7 +92,7 @@ def _train(config) -> dict:
 
 
 def _data(config) -> dict:
-    return {"config": _section(config), "files": _files(config.sources)} if config is not None else {}
+    return {"config": _section(config), "files": file_states(config.sources)} if config is not None else {}
 
 
 # ------------------------------------------------------------------------------------------------------ ledger
@@ -179,8 +168,10 @@ def plan(recipe: Recipe, console: Console) -> list[Step]:
         def prepare(restart: bool, forced: bool) -> str:
             from fermion.train.pretrain import prepare as run_prepare
 
-            # datatrove skips its finished tasks, and a changed plan gets a folder of its own (prepared/<plan>)
-            report = run_prepare(recipe, console=console)  # then the tokenizer and the shards of what it kept
+            # datatrove skips its finished tasks, and a changed plan gets a folder of its own (prepared/<plan>);
+            # then the tokenizer and the shards of what it kept, the tokenizer trained anew when this step starts
+            # again (so do the stages trained with the old one)
+            report = run_prepare(recipe, console=console, force=restart)
             if report is None:
                 raise Preempted("prepare: Slurm jobs are running; run again once they have finished")
             kept = report["totals"]["kept"]
@@ -209,7 +200,7 @@ def plan(recipe: Recipe, console: Console) -> list[Step]:
         console.print(f"tokenizer: train.init_from's ({recipe.train.init_from}); none is trained")
         tokenizer_inputs = {"init_from": recipe.train.init_from, "path": recipe.tokenizer.path}
     elif recipe.tokenizer.path:
-        tokenizer_inputs = {"file": _files([SourceConfig(name="tokenizer", paths=[recipe.tokenizer.path])])}
+        tokenizer_inputs = {"file": file_states([SourceConfig(name="tokenizer", paths=[recipe.tokenizer.path])])}
     steps.append(Step("tokenizer", "tokenizer", tokenizer_inputs, tokenizer,
                       lambda: recipe.tokenizer_file.is_file()))
 
@@ -243,7 +234,7 @@ def plan(recipe: Recipe, console: Console) -> list[Step]:
         if section is not None:
             directory = dict(trained_stages(recipe))[name]
             inputs = {"section": _section(section, {"train"}), "train": _train(section.train),
-                      "files": _files(section.sources), "template": recipe.tokenizer.chat_template}
+                      "files": file_states(section.sources), "template": recipe.tokenizer.chat_template}
             steps.append(train_step(name, recipe, runner, directory, inputs))
 
     models = trained_stages(recipe)

@@ -550,6 +550,18 @@ def matching_files(pattern: str) -> list[str]:
     return [p for p in glob.glob(os.path.expanduser(pattern), recursive=True) if os.path.isfile(p)]
 
 
+def file_states(sources: list[SourceConfig]) -> list[tuple[str, int, int]]:
+    """(path, size, mtime in ns) of every file the sources' paths and globs name, in the order written: what a
+    fingerprint of the data holds (a run's steps, the shards, a tokenizer's record), so an edited file is noticed."""
+    states = []
+    for source in sources:
+        for pattern in source.paths:
+            for path in sorted(matching_files(pattern)):
+                stat = Path(path).stat()
+                states.append((path, stat.st_size, stat.st_mtime_ns))
+    return states
+
+
 def no_match_message(pattern: str) -> str:
     return f"no file matches {pattern!r} (paths are relative to the directory you run fermion from: {os.getcwd()})"
 

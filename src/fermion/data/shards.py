@@ -29,8 +29,8 @@ import numpy as np
 import torch
 
 from fermion.atomic import replaced_dir
-from fermion.config import DataConfig, SourceConfig
-from fermion.data.sources import DataError, iter_documents
+from fermion.config import DataConfig, SourceConfig, file_states
+from fermion.data.sources import DataError, iter_documents, no_documents
 from fermion.data.tokenizer import Tokenizer
 from fermion.layout import SHARD_INDEX
 
@@ -79,10 +79,12 @@ def write_shards(
 
 
 def data_fingerprint(data: DataConfig, tokenizer: Tokenizer, seed: int) -> str:
-    """Identifies what the shards' content depends on (file layout settings like shard_tokens aside)."""
+    """Identifies what the shards' content depends on (file layout settings like shard_tokens aside): the sources
+    as written and their files as they are now (an edited file makes the shards anew), the tokenizer, the split."""
     made_from = {
         "format": FORMAT,
         "sources": [source.model_dump(mode="json") for source in data.sources],
+        "files": file_states(data.sources),
         "val_fraction": data.val_fraction,
         "seed": seed,
         "tokenizer": tokenizer.hash,
@@ -208,7 +210,7 @@ def _check_train_split(splits: dict, sources: list[SourceConfig]) -> None:
     if splits["train"]["documents"]:
         return
     if not splits["val"]["documents"]:
-        raise DataError(f"data.sources ({', '.join(source.name for source in sources)}) yielded no documents")
+        raise DataError(no_documents(sources))
     raise DataError(
         f"the train split is empty: all {splits['val']['documents']} document(s) went to val; lower "
         "data.val_fraction or add data (a .txt file is one document unless the source sets a separator)"

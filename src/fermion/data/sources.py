@@ -19,7 +19,7 @@ from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import BinaryIO
 
-from fermion.config import SourceConfig, matching_files, no_match_message
+from fermion.config import SourceConfig, file_states, matching_files, no_match_message
 
 # The files a source may name, by how their names end; the one list every reader checks (config validation only
 # checks that a path or glob matches files: matching_files). A last suffix .gz or .zst is decompressed (open_bytes).
@@ -230,6 +230,26 @@ def expand_paths(source: SourceConfig, suffixes: tuple[str, ...] = DOCUMENT_SUFF
         if not path.endswith(suffixes):
             raise DataError(f"{path}: unsupported file type in source {source.name!r}; use {', '.join(suffixes)} files")
     return sorted(files)
+
+
+def what_sources_read(sources: list[SourceConfig]) -> str:
+    """What each source reads, for messages about what came of it: its files with their sizes (an empty one is the
+    usual culprit), its dataset, its builtin corpus."""
+    parts = []
+    for source in sources:
+        files = [f"{path} ({size:,} bytes)" for path, size, _ in file_states([source])]
+        read = files[:3] + [f"{len(files) - 3} more files"] * (len(files) > 3)
+        read += [f"dataset {source.dataset!r}"] * (source.dataset is not None)
+        read += [f"builtin {source.builtin!r}"] * (source.builtin is not None)
+        parts.append(f"{source.name!r} reads {', '.join(read) or 'nothing'}")
+    return "; ".join(parts)
+
+
+def no_documents(sources: list[SourceConfig], purpose: str = "") -> str:
+    """The one message for sources that yield no document (`purpose`: "to train the tokenizer on")."""
+    purpose = f" {purpose}" if purpose else ""
+    return (f"data.sources yielded no documents{purpose} ({what_sources_read(sources)}); add text to them (blank "
+            "documents are skipped)")
 
 
 def _file_documents(path: str, source: SourceConfig) -> Iterator[str]:

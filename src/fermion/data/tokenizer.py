@@ -10,11 +10,17 @@ tokenizer_config.json beside tokenizer.json (written only when they differ from 
 there, as transformers 5 saves it, is read too). They belong to the
 tokenizer: `load` and `save` carry them, and so does pickling (the shard writer's worker processes get the whole
 object), so no copy of a tokenizer falls back to Fermion's default names.
+
+A tokenizer a run trains is saved with a record of what it was trained on (`training_inputs`: the trainer's
+settings, the sources, their files' sizes and times) in tokenizer_trained_on.json beside it, naming the tokenizer
+by its hash; a later run compares it with what it would train on now (`changed_inputs`) and trains anew, or refuses,
+when they differ, rather than reuse a tokenizer made from other data without a word.
 """
 
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import os
 import re
@@ -26,8 +32,9 @@ import numpy as np
 import tokenizers
 from tokenizers import decoders, models, pre_tokenizers, trainers
 
+from fermion import layout
 from fermion.atomic import replaced_file
-from fermion.config import TokenizerConfig
+from fermion.config import SourceConfig, TokenizerConfig, file_states
 from fermion.data.sources import DataError
 
 BOS, EOS, PAD = "<|bos|>", "<|eos|>", "<|pad|>"
@@ -38,6 +45,8 @@ TEMPLATE_NAME = "chat_template.jinja"  # where transformers 5 saves a tokenizer'
 _BYTE_FALLBACK = re.compile(r"<0x[0-9A-Fa-f]{2}>")  # SentencePiece's byte tokens: one raw byte each
 _METASPACE = "\u2581"  # ▁, SentencePiece's stand-in for a space
 _BYTE_LEVEL_ALPHABET = frozenset(pre_tokenizers.ByteLevel.alphabet())  # GPT-2's 256 byte symbols
+RECORD_FORMAT = "fermion-tokenizer-record/1"
+TRAINER_SETTINGS = {"vocab_size", "min_frequency", "special_tokens", "train_bytes"}  # what `Tokenizer.train` reads
 
 
 def _byte_symbols() -> dict[str, int]:
@@ -96,9 +105,11 @@ class Tokenizer:
                                 f"(name them as {role}_token in {CONFIG_NAME} beside it)")
         return cls(inner, names["bos"], names["eos"], names["pad"], _chat_template(Path(path).parent, config))
 
-    def save(self, path: str | os.PathLike) -> None:
+    def save(self, path: str | os.PathLike, trained_on: dict | None = None) -> None:
         """Write atomically, so a crash never leaves a truncated tokenizer.json behind; tokenizer_config.json beside
-        it when the bos/eos/pad names are not Fermion's or the tokenizer came with a chat template."""
+        it when the bos/eos/pad names are not Fermion's or the tokenizer came with a chat template, and the record of
+        what it was trained on (`training_inputs`) when given. The record goes last and names the tokenizer by its
+        hash: a crash in between leaves a tokenizer without a record, never a record of another tokenizer."""
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
         with replaced_file(path) as temporary:
@@ -109,6 +120,10 @@ class Tokenizer:
                 config["chat_template"] = self.chat_template
             with replaced_file(path.with_name(CONFIG_NAME)) as temporary:
                 temporary.write_text(json.dumps(config, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+        if trained_on is not None:
+            record = {"format": RECORD_FORMAT, "tokenizer_hash": self.hash, "trained_on": trained_on}
+            with replaced_file(layout.tokenizer_record(path)) as temporary:
+                temporary.write_text(json.dumps(record, indent=1) + "\n", encoding="utf-8")
 
     def encode(self, text: str) -> list[int]:
         return self.inner.encode(text, add_special_tokens=False).ids
@@ -189,6 +204,47 @@ class Tokenizer:
             else:
                 pieces[i] = (token.replace(_METASPACE, " ").encode("utf-8"), False)
         return pieces
+
+
+def training_inputs(sources: list[SourceConfig], config: TokenizerConfig) -> dict:
+    """What a tokenizer trained on the sources' documents depends on: the trainer's settings, the sources as written
+    (mixing weights aside: the trainer takes the sources in turn; fields at their defaults aside, so a field added
+    to SourceConfig later changes no record) and the path, size and mtime of every file they read."""
+    written = [source.model_dump(mode="json", exclude={"weight"}, exclude_defaults=True) for source in sources]
+    return {"settings": config.model_dump(mode="json", include=TRAINER_SETTINGS), "sources": written,
+            "files": [list(state) for state in file_states(sources)]}
+
+
+def recorded_inputs(path: str | os.PathLike) -> dict | None:
+    """What the tokenizer at `path` was trained on, by the record beside it; None without one (a tokenizer from
+    before records, or one put there by hand) or when the record is of another tokenizer."""
+    try:
+        record = json.loads(layout.tokenizer_record(Path(path)).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    if not isinstance(record, dict) or record.get("format") != RECORD_FORMAT:
+        return None
+    return record.get("trained_on") if record.get("tokenizer_hash") == Tokenizer.load(path).hash else None
+
+
+def changed_inputs(then: dict, now: dict) -> str | None:
+    """The first difference between what a tokenizer was trained on and what it would be trained on now, in
+    words ("stories.txt has changed: 0 bytes then, 9,120 now"); None when there is none."""
+    for key, value in now["settings"].items():
+        if then["settings"].get(key) != value:
+            return f"tokenizer.{key} was {then['settings'].get(key)!r}, now {value!r}"
+    for number, (old, new) in enumerate(itertools.zip_longest(then["sources"], now["sources"])):
+        if old != new:
+            return f"data.sources[{number}] was {json.dumps(old)}, now {json.dumps(new)}"
+    before = {path: (size, mtime) for path, size, mtime in then["files"]}
+    for path, size, mtime in now["files"]:
+        if path not in before:
+            return f"{path} is new"
+        size_then, mtime_then = before.pop(path)
+        if (size_then, mtime_then) != (size, mtime):
+            sizes = f"{size_then:,} bytes then, {size:,} now" if size_then != size else "same size, modified since"
+            return f"{path} has changed: {sizes}"
+    return f"{next(iter(before))} is gone" if before else None
 
 
 def _read_config(path: Path) -> dict | None:

@@ -14,10 +14,16 @@ here, so each program runs in its own process, behind three layers:
    process, changes its limits, or loads ctypes. Programs get the standard library; packages that load ctypes
    (numpy among them) cannot be imported.
 
+A pass is proven, not inferred from the exit status (a program can end with status 0 before its tests ran:
+`os._exit(0)`): the parent draws a random token for each run and hands it to the child on stdin, which the child
+then closes; the child writes it back on a pipe of its own only once the program, its tests included, has run to
+the end. Anything else (no token, another one, a nonzero status) is a fail, whatever the program printed.
+
 This stops what model-written code plausibly does by accident or naively (`os.remove`, `shutil.rmtree`,
-`subprocess.run`, network calls, endless loops, huge allocations). It is not a boundary against code written to
-escape it: for that, run evaluations inside a container or VM. It needs a POSIX system; elsewhere `execute`
-refuses to run anything, and limits the system lacks are named in a warning.
+`subprocess.run`, network calls, exiting early, endless loops, huge allocations). It is not a boundary against code
+written to escape it (such code could find the token in its own process): for that, run evaluations inside a
+container or VM. It needs a POSIX system; elsewhere `execute` refuses to run anything, and limits the system lacks
+are named in a warning.
 """
 
 from __future__ import annotations
@@ -26,6 +32,7 @@ import glob
 import inspect
 import math
 import os
+import secrets
 import signal
 import subprocess
 import sys
@@ -141,21 +148,60 @@ def run(lm: EvalModel, options: TaskOptions) -> TaskResult:
 
 
 def execute(program: str, timeout: float = 10.0) -> Execution:
-    """Run a Python program in the sandbox described above; it passes when it exits normally within `timeout`
-    seconds of wall-clock time."""
+    """Run a Python program in the sandbox described above; it passes when it runs to its end within `timeout`
+    seconds of wall-clock time, proven by the token it reports back, and exits normally."""
     if os.name != "posix":
         raise RuntimeError("HumanEval runs model-written code only inside a sandbox that needs a POSIX system "
                            f"(process groups, resource limits); this one is {os.name!r}")
+    token = secrets.token_hex(16).encode("ascii")
+    # The output goes to a file, not a pipe: a flood of it cannot fill our memory.
     with tempfile.TemporaryDirectory(prefix="fermion-humaneval-", ignore_cleanup_errors=True) as workdir, \
-            tempfile.TemporaryFile() as output:  # a file, not a pipe: a flood of output cannot fill our memory
+            tempfile.TemporaryFile() as output, _ResultPipe() as result:
         root = os.path.realpath(workdir)
         Path(root, PROGRAM_FILE).write_text(program, encoding="utf-8")
         process = subprocess.Popen(
-            [sys.executable, "-I", "-c", _child_source(root, _limits(timeout))], cwd=root,
+            [sys.executable, "-I", "-c", _child_source(root, _limits(timeout), result.write_end)], cwd=root,
             env={"HOME": root, "TMPDIR": root, "LANG": "C.UTF-8", "PATH": os.defpath},
-            stdin=subprocess.DEVNULL, stdout=output, stderr=subprocess.STDOUT, start_new_session=True)
+            stdin=subprocess.PIPE, stdout=output, stderr=subprocess.STDOUT, start_new_session=True,
+            pass_fds=(result.write_end,))
+        result.close_write_end()  # the child's copy is the only one left: reading meets its end once it exits
+        _hand_over(process, token)
         timed_out = not _finished(process, timeout)
-        return _verdict(process.returncode, timed_out, _tail(output), timeout)
+        return _verdict(process.returncode, result.read() == token, timed_out, _tail(output), timeout)
+
+
+class _ResultPipe:
+    """The pipe the child reports its token on; both ends closed on leaving, whatever happened."""
+
+    def __enter__(self) -> _ResultPipe:
+        self.read_end, self.write_end = os.pipe()
+        return self
+
+    def close_write_end(self) -> None:
+        if self.write_end is not None:
+            os.close(self.write_end)
+            self.write_end = None
+
+    def read(self) -> bytes:
+        """What the child wrote, once it has exited; never waits (a process it left behind could hold the pipe)."""
+        os.set_blocking(self.read_end, False)
+        try:
+            return os.read(self.read_end, 1024)
+        except BlockingIOError:
+            return b""
+
+    def __exit__(self, *exc) -> None:
+        self.close_write_end()
+        os.close(self.read_end)
+
+
+def _hand_over(process: subprocess.Popen, token: bytes) -> None:
+    """The token on the child's stdin, closed after it (a child that died at once no longer reads: it fails)."""
+    try:
+        process.stdin.write(token)
+        process.stdin.close()
+    except BrokenPipeError:
+        pass
 
 
 def _finished(process: subprocess.Popen, timeout: float) -> bool:
@@ -179,13 +225,15 @@ def _tail(output: IO[bytes]) -> str:
     return text
 
 
-def _verdict(returncode: int, timed_out: bool, output: str, timeout: float) -> Execution:
+def _verdict(returncode: int, proven: bool, timed_out: bool, output: str, timeout: float) -> Execution:
     if timed_out or returncode == -signal.SIGXCPU:  # the wall clock or the CPU-time limit ran out
         return Execution(False, "timeout", f"no result within the {timeout:g} s limit\n{output}".rstrip())
-    if returncode == 0:
+    if proven and returncode == 0:
         return Execution(True, "passed", output)
     if returncode < 0:
         output += f"\nkilled by {signal.Signals(-returncode).name}"
+    elif returncode == 0:
+        output += "\nthe program ended (status 0) before its tests ran to the end"
     return Execution(False, "failed", output)
 
 
@@ -204,19 +252,27 @@ def _limits(timeout: float) -> dict[str, tuple[int, int]]:
     return {name: value for name, value in wanted.items() if name not in missing}
 
 
-def _child_source(root: str, limits: dict[str, tuple[int, int]]) -> str:
-    """The code the child interpreter runs: `_sandboxed_main`'s source and a call to it with this run's values."""
-    return f"{inspect.getsource(_sandboxed_main)}\n_sandboxed_main({root!r}, {limits!r}, {PROGRAM_FILE!r})\n"
+def _child_source(root: str, limits: dict[str, tuple[int, int]], result_fd: int) -> str:
+    """The code the child interpreter runs: `_sandboxed_main`'s source and a call to it with this run's values
+    (never the token: the command line can be read in /proc)."""
+    return (f"{inspect.getsource(_sandboxed_main)}\n"
+            f"_sandboxed_main({root!r}, {limits!r}, {PROGRAM_FILE!r}, {result_fd!r})\n")
 
 
-def _sandboxed_main(root: str, limits: dict, program_file: str) -> None:
+def _sandboxed_main(root: str, limits: dict, program_file: str, result_fd: int) -> None:
     """Runs only in the child interpreter, which receives this function's source (so it imports what it needs
-    itself): set the limits, install the guard, run the program. Never call it in this process: the guard
-    cannot be removed once installed."""
+    itself): take the token from stdin, set the limits, install the guard, run the program, and report the token
+    on `result_fd` once it ran to the end. Never call it in this process: the guard cannot be removed once
+    installed."""
     import os
     import resource
     import sys
 
+    token = sys.stdin.buffer.read()  # all the parent sends; then stdin reads as /dev/null did
+    empty = os.open(os.devnull, os.O_RDONLY)
+    os.dup2(empty, 0)
+    os.close(empty)
+    report, close = os.write, os.close  # taken now: the program may replace what the os module holds
     for name, (soft, hard) in limits.items():  # lowering a hard limit cannot be undone without privileges
         resource.setrlimit(getattr(resource, name), (soft, hard))
     with open(program_file, encoding="utf-8") as f:
@@ -281,3 +337,5 @@ def _sandboxed_main(root: str, limits: dict, program_file: str) -> None:
         exec(compile(source, program_file, "exec"), {"__name__": "__main__"})
     except SystemExit as stop:  # exit(0) inside a function under test must not count as passing its tests
         raise SystemExit(f"the program exited ({stop.code!r}) before its tests finished") from None
+    report(result_fd, token)  # reached only when the program, its tests included, ran to the end
+    close(result_fd)

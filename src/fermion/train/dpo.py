@@ -308,9 +308,7 @@ def prepare(recipe: Recipe) -> tuple[Stage, list[TokenPair], list[TokenPair], Re
 
     pairs = encode_all(read_examples(cfg.sources, to_pair, report, "dpo"), encode, report)
     if not pairs:
-        reasons = "; ".join(f"{n:,} {reason}" for reason, n in report.skipped.most_common())
-        raise DataError(f"dpo.sources: none of the {report.read:,} records is a usable preference pair "
-                        f"(skipped: {reasons}); see report.json or add data")
+        raise report.nothing_usable("dpo", cfg.sources, "preference pair")
     # Exact repeats are left out (a repeat in both splits would be tested on what it trained on), and the split
     # keeps every prompt on one side.
     unique, seen = [], set()

@@ -23,7 +23,7 @@ from fermion.atomic import replaced_file
 from fermion.chat.conversations import Skipped
 from fermion.chat.templates import ChatTemplate
 from fermion.config import Recipe, RecipeError, SourceConfig
-from fermion.data.sources import DataError, iter_records
+from fermion.data.sources import DataError, iter_records, what_sources_read
 from fermion.data.tokenizer import Tokenizer
 from fermion.train.stage import StageSetup
 
@@ -120,6 +120,14 @@ class Report:
             out.append(f"  note: {n:,} records: {reason} (first: {self.first[reason]})")
         return out
 
+    def nothing_usable(self, section: str, sources: list[SourceConfig], kind: str) -> DataError:
+        """The error for sources of which no record can be used (`kind`: "conversation"): the files read, and for
+        each reason records were skipped, how many and where the first was (file:line). Raised before the stage
+        writes anything, so it names no file of the stage's."""
+        reasons = "; ".join(f"{n:,} {reason} (first: {self.first[reason]})" for reason, n in self.skipped.most_common())
+        return DataError(f"{section}.sources ({what_sources_read(sources)}): none of the {self.read:,} records is a "
+                         f"usable {kind}; skipped: {reasons}; fix those records or add data")
+
     def write(self, directory: Path) -> None:
         directory.mkdir(parents=True, exist_ok=True)
         data = {"stage": self.stage, "records_read": self.read, "records_used": self.used,
@@ -140,7 +148,7 @@ def read_examples(sources: list[SourceConfig], convert: Callable[[dict, str, str
             except Skipped as skipped:
                 report.skip(skipped.reason, where)
     if report.read == 0:
-        raise DataError(f"{section}.sources: no records found in {', '.join(s.name for s in sources)}")
+        raise DataError(f"{section}.sources: no records found ({what_sources_read(sources)})")
 
 
 def encode_all(examples: Iterator[tuple[str, object]], encode: Callable[[object, str], tuple[object, bool]],

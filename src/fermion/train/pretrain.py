@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import math
 from pathlib import Path
 
@@ -10,11 +11,11 @@ from rich.console import Console
 
 from fermion import layout
 from fermion.chat.templates import ChatTemplate, default_template
-from fermion.checkpoint import find, load_recipe_of, trainer_state_of
+from fermion.checkpoint import find, list_checkpoints, load_recipe_of, trainer_state_of
 from fermion.config import DataConfig, Recipe, RecipeError
 from fermion.data.shards import ShardSet, TokenLoader, check_tokenizer, load_index, val_batches, write_shards
-from fermion.data.sources import interleave_documents
-from fermion.data.tokenizer import Tokenizer
+from fermion.data.sources import DataError, interleave_documents, no_documents
+from fermion.data.tokenizer import Tokenizer, changed_inputs, recorded_inputs, training_inputs
 from fermion.device import DistInfo
 from fermion.model.counting import check_fits
 from fermion.model.transformer import Transformer
@@ -39,25 +40,82 @@ def require_data(recipe: Recipe) -> None:
 
 
 def train_tokenizer(recipe: Recipe, console: Console, force: bool = False) -> Path:
-    """Train the recipe's BPE tokenizer into the run directory, unless the recipe names one or it exists. A run that
-    starts from a model (train.init_from) trains none: the source's tokenizer becomes the run's."""
+    """The run's tokenizer (`fermion tokenizer train`, the tokenizer step of `fermion run`): trained into the run
+    directory unless the recipe names one, the model to start from brings its own (train.init_from), or the one
+    there was trained on what the recipe has now. `force` trains anew whatever is there: what was trained with
+    the old one starts again too."""
+    trained = _tokenizer_to_train(recipe, console, force)
+    if trained is not None:
+        _save_trained(recipe, *trained, console)
+    return recipe.tokenizer_file
+
+
+def tokenize_data(recipe: Recipe, console: Console, force: bool = False) -> None:
+    """The run's tokenizer (as `train_tokenizer`) and the shards made with it. A tokenizer trained here is saved
+    only once its shards are written, so a run that fails on its data leaves no tokenizer behind."""
+    trained = _tokenizer_to_train(recipe, console, force)
+    prepare_shards(recipe, trained[0] if trained else None)
+    if trained is not None:
+        _save_trained(recipe, *trained, console)
+
+
+def _tokenizer_to_train(recipe: Recipe, console: Console, force: bool) -> tuple[Tokenizer, dict] | None:
+    """A tokenizer trained (in memory) on the recipe's data, with what it was trained on; None where the run's
+    tokenizer stands as it is. A run starting from a model (train.init_from) adopts the source's here."""
     path = recipe.tokenizer_file
     if recipe.train.init_from:
         tokenizer = source_tokenizer(recipe.train.init_from)
         _adopt_tokenizer(recipe, tokenizer)
         console.print(f"tokenizer: train.init_from's ({recipe.train.init_from}), {tokenizer.vocab_size:,} tokens -> "
                       f"{path}")
-        return path
-    if recipe.tokenizer.path or (path.is_file() and not force):
-        return path
+        return None
+    if recipe.tokenizer.path:
+        return None
     require_data(recipe)
-    texts = interleave_documents(training_data(recipe).sources)  # every source is represented within train_bytes
+    data = training_data(recipe)
+    inputs = training_inputs(data.sources, recipe.tokenizer)
+    if path.is_file() and not force and not _retrain(recipe, inputs, console):
+        return None
+    texts = (text for text in interleave_documents(data.sources) if text.strip())  # every source within train_bytes
+    first = next(texts, None)  # refused before training: a tokenizer of the 256 bytes alone would be useless
+    if first is None:
+        raise DataError(no_documents(data.sources, "to train the tokenizer on"))
     with console.status(f"training a {recipe.tokenizer.vocab_size:,}-token byte-level BPE tokenizer"):
-        tokenizer = Tokenizer.train(texts, recipe.tokenizer)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tokenizer.save(path)
-    console.print(f"tokenizer: {tokenizer.vocab_size:,} tokens -> {path}")
-    return path
+        return Tokenizer.train(itertools.chain([first], texts), recipe.tokenizer), inputs
+
+
+def _retrain(recipe: Recipe, inputs: dict, console: Console) -> bool:
+    """Whether the run's tokenizer must be trained anew: its record shows other data or settings. Refused where
+    what was made with it would not fit a new one: the run's checkpoints, shards another run owns (data.shard_dir).
+    A tokenizer without a record (from before records) is used as it is."""
+    path = recipe.tokenizer_file
+    recorded = recorded_inputs(path)
+    if recorded is None:
+        if path not in _UNRECORDED:
+            _UNRECORDED.add(path)
+            console.print(f"tokenizer: {path} has no record of what it was trained on (an earlier fermion made it, "
+                          "or it was put there by hand); used as it is: delete it to train one on this recipe's data")
+        return False
+    change = changed_inputs(recorded, inputs)
+    if change is None:
+        return False
+    shards = layout.shard_dir(recipe.run_dir, recipe.data)
+    made_with_it = [str(layout.checkpoints_dir(recipe.run_dir))] * bool(list_checkpoints(recipe.run_dir))
+    made_with_it += [str(shards)] * bool(recipe.data.shard_dir and (shards / layout.SHARD_INDEX).is_file())
+    if made_with_it:
+        raise DataError(f"{path} was trained on other data or settings ({change}), and {' and '.join(made_with_it)} "
+                        "were made with it: a new tokenizer would not fit them; put the data back as it was, or start "
+                        "afresh in a new run.dir (or move them aside)")
+    console.print(f"tokenizer: {path} was trained on other data or settings ({change}); training it anew")
+    return True
+
+
+_UNRECORDED: set[Path] = set()  # tokenizers without a record already mentioned: one line per process is enough
+
+
+def _save_trained(recipe: Recipe, tokenizer: Tokenizer, inputs: dict, console: Console) -> None:
+    tokenizer.save(recipe.tokenizer_file, trained_on=inputs)
+    console.print(f"tokenizer: {tokenizer.vocab_size:,} tokens -> {recipe.tokenizer_file}")
 
 
 def source_tokenizer(source: str) -> Tokenizer:
@@ -77,34 +135,38 @@ def _adopt_tokenizer(recipe: Recipe, tokenizer: Tokenizer) -> None:
         tokenizer.save(path)
 
 
-def prepare_shards(recipe: Recipe) -> None:
-    """Tokenize the sources into the run's shards (skipped when they are up to date). Shards the recipe points to
-    with data.shard_dir and that already exist are only read: another run may own them."""
+def prepare_shards(recipe: Recipe, tokenizer: Tokenizer | None = None) -> None:
+    """Tokenize the sources into the run's shards with `tokenizer` (default: the run's) unless they are up to date.
+    Shards the recipe points to with data.shard_dir and that already exist are only read: another run may own
+    them (a new tokenizer that did not make them is refused here, before it is saved)."""
     out = layout.shard_dir(recipe.run_dir, recipe.data)
     if recipe.data.shard_dir and (out / layout.SHARD_INDEX).is_file():
+        if tokenizer is not None:
+            check_tokenizer(load_index(out), tokenizer, out)
         return
-    write_shards(training_data(recipe), Tokenizer.load(recipe.tokenizer_file), out, recipe.run.seed)
+    write_shards(training_data(recipe), tokenizer or Tokenizer.load(recipe.tokenizer_file), out, recipe.run.seed)
 
 
-def prepare(recipe: Recipe, strict: bool = False, console: Console | None = None) -> dict | None:
-    """`fermion prepare`: data.prepare's pipeline, then the tokenizer and the shards from what it kept. Returns the
-    pipeline's report; None without a data.prepare section or while Slurm jobs are still to finish."""
+def prepare(recipe: Recipe, strict: bool = False, console: Console | None = None, force: bool = False
+            ) -> dict | None:
+    """`fermion prepare`: data.prepare's pipeline, then the tokenizer and the shards from what it kept (`force`:
+    the tokenizer trained anew, as `train_tokenizer`'s). Returns the pipeline's report; None without a data.prepare
+    section or while Slurm jobs are still to finish."""
     console = console or Console()
     require_data(recipe)
     if recipe.data.prepare is None:
         console.print("the recipe has no data.prepare section: its sources are tokenized as they are")
-        train_tokenizer(recipe, console)
-        prepare_shards(recipe)
+        tokenize_data(recipe, console, force)
         return None
     from fermion import prepare as preparation
 
     report = preparation.run(recipe, console, strict)
     if report is None:
         return None
-    # A tokenizer the report does not name was trained on other documents (an earlier recipe): train it anew.
+    # A tokenizer from before records that the report does not name was trained on other documents: train it anew.
     path = recipe.tokenizer_file
-    train_tokenizer(recipe, console, force=path.is_file() and Tokenizer.load(path).hash != report["tokenizer_hash"])
-    prepare_shards(recipe)
+    unrecorded = path.is_file() and not recipe.tokenizer.path and recorded_inputs(path) is None
+    tokenize_data(recipe, console, force or (unrecorded and Tokenizer.load(path).hash != report["tokenizer_hash"]))
     shards = load_index(layout.shard_dir(recipe.run_dir, recipe.data))
     preparation.add_tokens(preparation.make_plan(recipe), report, shards)
     console.print(preparation.report_table(report))
@@ -213,9 +275,9 @@ class Pretraining(StageSetup):
         recipe.run_dir.mkdir(parents=True, exist_ok=True)
         if self.source_tokenizer is not None:  # starting from a model: its tokenizer is the run's
             _adopt_tokenizer(recipe, self.source_tokenizer)
+            prepare_shards(recipe)
         else:
-            train_tokenizer(recipe, console)
-        prepare_shards(recipe)
+            tokenize_data(recipe, console)
         self.recipe, note = settle_epochs(recipe, self.world_size)
         if note:
             console.print(note)

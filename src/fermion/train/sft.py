@@ -182,8 +182,7 @@ def prepare(recipe: Recipe):
     examples = encode_all(read_examples(cfg.sources, convert, report, "sft"), lambda messages, where: encode(
         stage.template, stage.tokenizer, messages, max_tokens, cfg.overlong, where), report)
     if not examples:
-        raise DataError("sft.sources: no usable conversation (" + "; ".join(
-            f"{n} skipped: {reason}" for reason, n in report.skipped.items()) + ")")
+        raise report.nothing_usable("sft", cfg.sources, "conversation")
     train, val = split(examples, cfg.val_fraction, recipe.run.seed)
     report.extra.update(train_conversations=len(train), val_conversations=len(val),
                         train_tokens=int(sum(len(e.targets) for e in train)),
