@@ -133,3 +133,12 @@ def test_compiles_without_a_graph_break_in_bf16():
     got = outputs_and_grads(moe, x, compiled, amp=True)
     for a, b in zip(expected, got, strict=True):
         assert_close_bf16(b, a)
+
+
+def test_the_grouped_path_traces_as_one_graph():
+    """As the trainer compiles it (no fullgraph): counting tokens per expert must not split the graph."""
+    moe = make_moe(top_k=2, skew=1.0)
+    x = torch.randn(40, TINY["d_model"], generator=torch.Generator().manual_seed(3))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        explained = torch._dynamo.explain(moe)(x)
+    assert explained.graph_break_count == 0, [str(b.reason)[:200] for b in explained.break_reasons]

@@ -71,15 +71,14 @@ class MoEFeedForward(nn.Module):
         stacked = isinstance(self.w_gate_up, torch.Tensor)  # else one quantized layer per expert: the loop
         dtype = self._compute_dtype(x) if stacked else None
         if stacked and self._use_grouped(dtype):
-            counts = torch.bincount(flat_ids, minlength=self.n_experts)
-            offsets = counts.cumsum(0).to(torch.int32)
+            offsets = self._counts(flat_ids).cumsum(0).to(torch.int32)
             rows = x[token_of].to(dtype)
             gate, up = torch._grouped_mm(rows, self.w_gate_up.to(dtype), offs=offsets).chunk(2, dim=-1)
             expert_out = torch._grouped_mm(F.silu(gate) * up, self.w_down.to(dtype), offs=offsets)
             out = torch.zeros_like(x).index_add_(0, token_of, (expert_out * weights).to(x.dtype))
             return out.view(shape), aux_loss
         # The same computation one expert at a time (the counts go to the host).
-        counts = torch.bincount(flat_ids, minlength=self.n_experts).tolist()
+        counts = self._counts(flat_ids).tolist()
         out = torch.zeros_like(x)
         start = 0
         for expert, count in enumerate(counts):
@@ -91,6 +90,12 @@ class MoEFeedForward(nn.Module):
             out.index_add_(0, rows, (expert_out * weights[start : start + count]).to(x.dtype))
             start += count
         return out.view(shape), aux_loss
+
+    def _counts(self, flat_ids: torch.Tensor) -> torch.Tensor:
+        """Assignments per expert. A scatter-add into n_experts slots, not bincount: bincount's output shape depends
+        on the data, which breaks a compiled graph in two (torch.compile without fullgraph)."""
+        counts = torch.zeros(self.n_experts, dtype=torch.long, device=flat_ids.device)
+        return counts.scatter_add_(0, flat_ids, torch.ones_like(flat_ids))
 
     def _dense(self, x: torch.Tensor, top_ids: torch.Tensor, top_weights: torch.Tensor) -> torch.Tensor:
         # Grouping tokens by expert takes counts a graph with symbolic shapes cannot hold. Here every expert runs on
