@@ -184,7 +184,9 @@ class TrainConfig(Section):
     grad_clip: float | None = Field(1.0, gt=0)
     # auto: bf16 autocast where the device computes bf16 natively (recent GPUs, CPUs with AVX512-BF16/AMX), else fp32
     precision: Literal["auto", "fp32", "bf16"] = "auto"
-    compile: bool = True  # torch.compile the loss (model + cross-entropy), or each block under FSDP2
+    # torch.compile the loss (model + cross-entropy), or each block under FSDP2. auto: on a GPU; on a CPU when the run
+    # is long enough to repay the compile (train/distributed.py compile_decision, measured by bench/compile_payback.py).
+    compile: bool | Literal["auto"] = "auto"
     # Deterministic kernels: the same run gives the same bits, which exact resume relies on. Under bf16 +
     # torch.compile on CPU it is what makes runs repeatable, at no measured cost; turn off only to chase GPU speed.
     deterministic: bool = True

@@ -338,7 +338,8 @@ def plan_memory(recipe, device: str | None = None, world_size: int = 1, micro_ba
                                cross_entropy=cross_entropy, world_size=world_size, distributed=distributed,
                                optimizer=getattr(train, "optimizer", "adamw"))
     return MemoryPlan(estimate, name, device_type, memory, world_size, distributed, micro_batch, seq_len,
-                      precision, checkpointing, cross_entropy, bool(train.compile))
+                      precision, checkpointing, cross_entropy,
+                      train.compile is True or (train.compile == "auto" and device_type == "cuda"))
 
 
 def _gib(n_bytes: int) -> str:

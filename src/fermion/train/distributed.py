@@ -14,17 +14,42 @@ from fermion.device import DistInfo, can_compile, resolve_attention, resolve_cro
 from fermion.model.transformer import Transformer
 from fermion.train.objectives import Objective
 
+# train.compile: auto on CPU (bench/compile_payback.py measures both; see bench/RESULTS.md). Compiling pays when
+# the run's eager time x (1 - 1/speedup) exceeds the compile time. Both scale with the CPU's speed, so the rule is
+# kept in FLOPs: the compile time of a cold cache expressed as the training FLOPs an eager step does meanwhile,
+# per layer (the compiled graph grows with the layers), and the steady speedup.
+CPU_COMPILE_SPEEDUP = 1.15
+CPU_COMPILE_FLOPS_PER_LAYER = 2.6e11
+
+
+def compile_decision(cfg: TrainConfig, info: DistInfo, n_layers: int, run_flops: float) -> tuple[bool, str]:
+    """Whether to compile, and why in a few words (the plan line says it). `run_flops`: the training FLOPs of the
+    whole run on one process. On CUDA `auto` compiles; on CPU when the run is long enough to repay the compile."""
+    if cfg.compile is False:
+        return False, "train.compile false"
+    if not can_compile(info.device):
+        return False, "no C++ compiler for torch.compile on CPU"
+    if cfg.compile is True:
+        return True, "train.compile true"
+    if info.device.type != "cpu":
+        return True, "compile auto on a GPU"
+    saved = run_flops * (1 - 1 / CPU_COMPILE_SPEEDUP)
+    cost = CPU_COMPILE_FLOPS_PER_LAYER * n_layers
+    verdict = "repays" if saved > cost else "would not repay"
+    return saved > cost, f"compile auto: the run {verdict} compiling ({saved / cost:.1f}x its cost)"
+
 
 def parallelize(model: Transformer, objective: Objective, cfg: TrainConfig, info: DistInfo, precision: str,
-                warn: Callable[[str], None]) -> tuple[nn.Module, Callable, bool]:
+                warn: Callable[[str], None], compile: bool) -> tuple[nn.Module, Callable, bool]:
     """(the model to train, wrapped for `info`'s processes; the loss function the loop calls as loss(model, batch);
-    whether it is compiled). In this order, each seeing what the one before set: the memory settings
-    (activation checkpointing, the attention kernel, cross-entropy), then torch.compile, then DDP or FSDP2."""
+    whether it is compiled, as `compile` (compile_decision) says). In this order, each seeing what the one before
+    set: the memory settings (activation checkpointing, the attention kernel, cross-entropy), then torch.compile,
+    then DDP or FSDP2."""
     model.set_activation_checkpointing(cfg.activation_checkpointing)
     model.set_attention(resolve_attention(cfg.attention, info.device))
     objective.set_cross_entropy(resolve_cross_entropy(cfg.cross_entropy, info.device))
-    compiled = cfg.compile and can_compile(info.device)
-    if cfg.compile and not compiled:
+    compiled = compile
+    if cfg.compile is True and not can_compile(info.device):
         warn("train.compile needs a C++ compiler on CPU and none was found; training in eager mode")
     loss_fn = objective.loss
     if compiled and info.distributed and cfg.distributed == "fsdp":

@@ -27,7 +27,7 @@ from fermion.device import (
     resolve_precision,
 )
 from fermion.model.counting import count
-from fermion.train.distributed import parallelize
+from fermion.train.distributed import compile_decision, parallelize
 from fermion.train.logging import MetricsLogger, format_stats, make_progress, peak_flops
 from fermion.train.muon import Muon
 from fermion.train.objectives import Objective
@@ -203,11 +203,13 @@ class Trainer:
             os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # cuBLAS needs it for repeatable GEMMs
         torch.use_deterministic_algorithms(self.cfg.deterministic, warn_only=True)
         self.raw_model = model
-        self.model, self.loss_fn, self.compiled = parallelize(model, objective, self.cfg, info, self.precision,
-                                                              self.warn)
-        self.optimizer = build_optimizer(self.model, recipe, info.device)
         self.tokens_per_step = self.cfg.micro_batch_size * recipe.seq_len * self.cfg.grad_accum * info.world_size
         self.counts = count(recipe.model, recipe.seq_len)
+        run_flops = self.counts.train_flops_per_token * self.tokens_per_step * self.cfg.steps / info.world_size
+        compile, self.compile_reason = compile_decision(self.cfg, info, recipe.model.n_layers, run_flops)
+        self.model, self.loss_fn, self.compiled = parallelize(model, objective, self.cfg, info, self.precision,
+                                                              self.warn, compile)
+        self.optimizer = build_optimizer(self.model, recipe, info.device)
         self.hardware = hardware(info)
         gpu_name = self.hardware["name"] if info.device.type == "cuda" else None
         self.peak_flops = self.cfg.peak_flops or peak_flops(gpu_name)
@@ -396,7 +398,7 @@ class Trainer:
         return (f"plan: {counts.total_params:,} parameters ({counts.active_params:,} active) · {steps:,} steps × "
                 f"{self.tokens_per_step:,} tokens = {steps * self.tokens_per_step:,} tokens · "
                 f"{self.info.world_size} × {self.info.device.type}{mode} · {self.precision}"
-                f"{' · compiled' if self.compiled else ''} · {self.run_dir}")
+                f" · {'compiled' if self.compiled else 'eager'} ({self.compile_reason}) · {self.run_dir}")
 
     def fit(self, resume: str = "auto") -> TrainResult:
         self.say(self.plan())
