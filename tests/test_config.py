@@ -34,12 +34,25 @@ def missing_path(raw):
     raw["data"]["sources"][0]["paths"] = ["no/such/corpus/*.jsonl"]
 
 
+def warmup_past_steps(raw):
+    raw["train"]["warmup_steps"] = 100  # steps: 60
+
+
+def val_fraction_beside_a_validation_source(raw):
+    raw["data"]["sources"].append({"name": "held", "paths": raw["data"]["sources"][0]["paths"], "validation": True})
+
+
 @pytest.mark.parametrize(
     "mutate, expected",
     [
         (misspelt, "unknown key 'train.lrr'; did you mean 'train.lr'?"),
         (negative_lr, "train.lr: Input should be greater than 0 (got -0.001)"),
         (missing_path, "data.sources[0].paths[0]: no file matches 'no/such/corpus/*.jsonl'"),
+        (warmup_past_steps, "train.warmup_steps: must not exceed steps (60); lower warmup_steps, or leave it out to "
+                            "get 6 (got 100)"),
+        (val_fraction_beside_a_validation_source, "data.val_fraction: a source is marked validation (sources[1] "
+                                                  "('held')): the marked sources are the held-out split and every "
+                                                  "other one is trained on whole; remove val_fraction (got 0.05)"),
     ],
 )
 def test_bad_recipes_give_one_clear_line_exit_2_and_write_nothing(tmp_path, mutate, expected):
@@ -94,6 +107,45 @@ def test_help_lists_the_stages():
         assert command in result.stdout
 
 
+def test_warmup_left_out_is_a_tenth_of_the_steps_each_stage_its_own(tmp_path):
+    """The default warmup was 100 steps whatever the run, so any recipe of fewer than 100 steps that left it out was
+    refused ("warmup_steps (100) must not exceed steps"), and so was a continued stage shorter than that."""
+    from fermion.config import TrainConfig
+    from fermion.train.schedule import learning_rate
+
+    assert [TrainConfig(steps=steps).warmup for steps in (1, 5, 50, 1000, 5000)] == [1, 1, 5, 100, 100]
+    assert learning_rate(TrainConfig(steps=50, lr=1.0), 0) == pytest.approx(0.2)  # 1 of 5 warmup steps
+    assert TrainConfig(steps=50, warmup_steps=0).warmup == 0
+    path = write_recipe(tmp_path, lambda raw: (raw["train"].pop("warmup_steps"), raw.update(stages=[
+        {"name": "more", "data": raw["data"], "train": {"steps": 30}}])))
+    recipe = load_recipe(path)
+    assert (recipe.train.warmup, recipe.stage_recipe(0).train.warmup) == (6, 3)
+    saved = tmp_path / "saved.yaml"
+    saved.write_text(recipe.to_yaml())  # as a run records it: the warmup still follows each one's steps
+    assert load_recipe(saved).stage_recipe(0).train.warmup == 3
+
+
+def test_tokenizer_train_reads_only_the_sections_it_needs(tmp_path):
+    """`fermion tokenizer train` was refused over the train section it never reads: "warmup_steps (100) must not
+    exceed steps (50)" for a recipe with train: {steps: 50}, and any mistake there or in sft/dpo stopped it too."""
+    def tokenizer_only(raw):
+        raw["train"] = {"steps": 50}
+        raw.pop("sft"), raw.pop("dpo")
+
+    result = cli("tokenizer", "train", str(write_recipe(tmp_path, tokenizer_only)))
+    assert result.returncode == 0, result.stderr
+    assert (tmp_path / "run" / "tokenizer.json").is_file()
+
+    def bad_elsewhere(raw):
+        raw["train"]["lr"] = -1
+        raw["sft"]["sources"][0]["paths"] = ["no/such/chats.jsonl"]
+
+    again = cli("tokenizer", "train", str(write_recipe(tmp_path, bad_elsewhere)), "--force")
+    assert again.returncode == 0, again.stderr
+    typo = cli("tokenizer", "train", str(write_recipe(tmp_path, misspelt)))  # a misspelt key is still an error
+    assert typo.returncode == 2 and "unknown key 'train.lrr'; did you mean 'train.lr'?" in typo.stderr
+
+
 def test_tokenizer_train_command_writes_a_tokenizer_with_chat_specials(tmp_path):
     from fermion.data.tokenizer import Tokenizer
 
@@ -146,7 +198,7 @@ def test_the_depth_dial_derives_the_shape_and_pretraining_and_each_field_can_be_
     over = load_recipe(path, ["model.d_model=256", "model.n_heads=4", "train.micro_batch_size=4",
                               "train.steps=50"], check_paths=False)
     assert (over.model.n_layers, over.model.d_model, over.model.n_heads) == (6, 256, 4)
-    assert over.train.micro_batch_size == 4 and over.train.steps == 50 and over.train.warmup_steps == 5
+    assert over.train.micro_batch_size == 4 and over.train.steps == 50 and over.train.warmup == 5
     assert over.train.grad_accum == round(over.depth_sizing().batch / 4)
     # The resolved recipe, saved and read again, is the same recipe.
     again = tmp_path / "again.yaml"

@@ -32,6 +32,7 @@ from fermion.data.sources import _split_stream
 SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "pretrain"
 TINYSTORIES = str(SHARED / "tinystories/tinystories_train_sample_2MiB.txt")
 C4 = str(SHARED / "llamafactory_demo/c4_demo.jsonl")
+SHAKESPEARE = str(SHARED / "tinyshakespeare/input.txt")  # nanoGPT's first corpus: one file, one document
 SEPARATOR = "<|endoftext|>"
 SEQ_LEN = 32
 
@@ -305,12 +306,52 @@ def test_long_documents_get_their_own_file_and_val_is_never_empty(tokenizer, tmp
     assert _decoded_documents(val, "c4", tokenizer) == list(iter_documents(c4(max_documents=12)))[-1:]
 
 
+def test_a_one_document_source_gives_the_tail_of_its_text_to_val_as_nanogpt_does(tokenizer, tmp_path):
+    """tinyshakespeare's input.txt is one document, which went to train or to val whole (alone: "the train split is
+    empty", whatever val_fraction). Its last val_fraction of text is val now (nanoGPT's data[int(n * 0.9):]), the
+    rest train; beside it a source of many documents is still split document by document."""
+    text = Path(SHAKESPEARE).read_text(encoding="utf-8")
+    cut = int(len(text) * 0.9)
+    data = DataConfig(sources=[SourceConfig(name="shakespeare", paths=[SHAKESPEARE]), c4(max_documents=60)],
+                      val_fraction=0.1, num_workers=1)
+    index = write_shards(data, tokenizer, tmp_path / "d", seed=5)
+    train, val = ShardSet(tmp_path / "d", "train"), ShardSet(tmp_path / "d", "val")
+    assert _decoded_documents(val, "shakespeare", tokenizer) == [text[cut:]]  # exactly the file's tail
+    assert _decoded_documents(train, "shakespeare", tokenizer) == [text[:cut]]
+    shakespeare = index["sources"]["shakespeare"]
+    assert shakespeare["val"]["bytes"] == len(text.encode()) - cut  # ASCII: 111,540, as nanoGPT's val.bin holds
+    assert shakespeare["val"]["tokens"] / (shakespeare["val"]["tokens"] + shakespeare["train"]["tokens"]) == \
+        pytest.approx(0.1, abs=0.01)
+    documents = list(iter_documents(c4(max_documents=60)))
+    held_out = _decoded_documents(val, "c4", tokenizer)
+    assert 0 < len(held_out) < 20 and sorted(held_out + _decoded_documents(train, "c4", tokenizer)) == sorted(documents)
+
+
+def test_a_source_marked_validation_is_the_val_split_whole_and_the_others_are_trained_on_whole(tokenizer, tmp_path):
+    """No way to name held-out data before: every source was split by a hash of each document."""
+    held = c4(name="held", max_documents=10, validation=True)
+    data = DataConfig(sources=[stories(max_documents=50), held], num_workers=1)
+    index = write_shards(data, tokenizer, tmp_path / "d", seed=5)
+    counts = {name: (entry["train"]["documents"], entry["val"]["documents"])
+              for name, entry in index["sources"].items()}
+    assert counts == {"stories": (50, 0), "held": (0, 10)}
+    val = ShardSet(tmp_path / "d", "val")
+    assert _decoded_documents(val, "held", tokenizer) == list(iter_documents(c4(max_documents=10)))
+    unmarked = DataConfig(sources=[stories(max_documents=50), c4(name="held", max_documents=10)], num_workers=1)
+    assert write_shards(unmarked, tokenizer, tmp_path / "d", seed=5)["fingerprint"] != index["fingerprint"]
+    with pytest.raises(ValueError, match=r"val_fraction\n.*a source is marked validation \(sources\[1\] \('held'\)\)"):
+        DataConfig(sources=[stories(), held], val_fraction=0.1)
+    with pytest.raises(ValueError, match="every source is marked validation"):
+        DataConfig(sources=[held])
+
+
 def test_refusals_before_and_after_tokenizing(tokenizer, tmp_path):
-    one_document = write_lines(tmp_path / "one.txt", ["a single document"])
-    data = DataConfig(sources=[SourceConfig(name="one", paths=[one_document])], val_fraction=0.5, num_workers=1)
-    with pytest.raises(DataError, match="train split is empty.*separator"):
+    two_documents = write_lines(tmp_path / "two.txt", ["a document", "|", "another"])
+    data = DataConfig(sources=[SourceConfig(name="two", paths=[two_documents], separator="|")], val_fraction=0.9,
+                      num_workers=1)
+    with pytest.raises(DataError, match="train split is empty: all 2 document.* went to val; lower data.val_fraction"):
         write_shards(data, tokenizer, tmp_path / "d", seed=0)
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["one.txt"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["two.txt"]
     twice = DataConfig(sources=[c4(), c4()])
     with pytest.raises(DataError, match=r"data.sources\[1\].name: 'c4' is used twice"):
         write_shards(twice, tokenizer, tmp_path / "d", seed=0)

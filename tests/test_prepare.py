@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import SHARED_DATA, TINY, cli, tiny_model
+from conftest import SHAKESPEARE, SHARED_DATA, TINY, cli, tiny_model
 from datatrove.executor import RayPipelineExecutor, SlurmPipelineExecutor
 from rich.console import Console
 
@@ -28,10 +28,10 @@ from fermion import prepare as preparation
 from fermion.checkpoint import save_weights
 from fermion.config import Recipe, RecipeError, load_recipe, recipe_from_dict
 from fermion.config.prepare import LengthRules
-from fermion.data.shards import load_index
+from fermion.data.shards import ShardSet, load_index
 from fermion.data.sources import DataError
 from fermion.data.tokenizer import Tokenizer
-from fermion.train.pretrain import training_data
+from fermion.train.pretrain import tokenize_data, train_tokenizer, training_data
 
 STORIES = SHARED_DATA / "pretrain" / "tinystories" / "tinystories_train_sample_2MiB.txt"
 EVAL = SHARED_DATA / "eval"
@@ -483,3 +483,104 @@ def test_a_tokenizer_comes_only_from_usable_data_and_knows_what_it_was_trained_o
     assert unrecorded.returncode == 0, unrecorded.stderr
     assert f"{tokenizer_path} has no record of what it was trained on" in unrecorded.stdout
     assert Tokenizer.load(tokenizer_path).hash == second.hash
+
+
+# ---------------------------------------------------------------------------------------------- the validation split
+
+
+def spy_on_tokenizer_training(monkeypatch) -> list[str]:
+    """The texts Tokenizer.train reads, in the order it reads them."""
+    read, train = [], Tokenizer.train.__func__
+    monkeypatch.setattr(Tokenizer, "train", classmethod(
+        lambda cls, texts, config: train(cls, (read.append(text) or text for text in texts), config)))
+    return read
+
+
+def split_texts(run_dir: Path, source: str) -> dict[str, list[str]]:
+    """The source's documents in the run's shards, split by split, decoded."""
+    tokenizer = Tokenizer.load(run_dir / "tokenizer.json")
+    return {split: [tokenizer.decode(shards.file_tokens(file)[start:end]) for file, start, end in
+                    shards.documents(source)]
+            for split, shards in ((split, ShardSet(run_dir / "data", split)) for split in ("train", "val"))}
+
+
+def test_tinyshakespeare_one_file_trains_with_its_last_tenth_held_out(tmp_path, monkeypatch):
+    """nanoGPT's starting point could not be used: "the train split is empty: all 1 document(s) went to val; lower
+    data.val_fraction", which could not help. Its last 10% of text is the val split now (nanoGPT's split, to the
+    character), the tokenizer never reads it, and a tiny model trains on the rest."""
+    if not SHAKESPEARE.is_file():
+        pytest.skip(f"{SHAKESPEARE} is missing")
+    text = SHAKESPEARE.read_text(encoding="utf-8")
+    cut = int(len(text) * 0.9)
+    read = spy_on_tokenizer_training(monkeypatch)
+    run_dir, path = tmp_path / "run", tmp_path / "shakespeare.yaml"
+    path.write_text(yaml.safe_dump({
+        "run": {"dir": str(run_dir)}, "tokenizer": {"vocab_size": 300, "train_bytes": 2_000_000},
+        "model": {**TINY, "vocab_size": 300},
+        "data": {"sources": [{"name": "shakespeare", "paths": [str(SHAKESPEARE)]}], "val_fraction": 0.1,
+                 "num_workers": 1},
+        "train": {"steps": 4, "warmup_steps": 1, "micro_batch_size": 2, "eval_every": 4, "eval_batches": 1,
+                  "compile": False, "precision": "fp32", "progress": False, "tensorboard": False}}), encoding="utf-8")
+    result = cli("pretrain", str(path))
+    assert result.returncode == 0, result.stderr
+    assert "step 4: val loss" in result.stdout
+    assert read == [text[:cut]]  # the head, whole, and not a character of the tail
+    assert split_texts(run_dir, "shakespeare") == {"train": [text[:cut]], "val": [text[cut:]]}
+    counts = load_index(run_dir / "data")["sources"]["shakespeare"]
+    assert counts["val"]["bytes"] == len(text) - cut == 111_540
+    assert counts["val"]["tokens"] / (counts["train"]["tokens"] + counts["val"]["tokens"]) == \
+        pytest.approx(0.1, abs=0.01)
+
+
+@pytest.mark.parametrize("case", ["marked", "drawn", "given up"])
+def test_the_tokenizer_reads_exactly_the_train_split(tmp_path, monkeypatch, case):
+    """Tokenizer training read every document, validation text too. Now it reads the train split alone, whichever
+    way a document became validation: a source marked validation, the hash drawing it, or a corpus that drew none
+    giving up its last document."""
+    web, held = tmp_path / "web.jsonl", tmp_path / "held.jsonl"
+    write_records(web, narration({"marked": 30, "drawn": 40, "given up": 5}[case]))
+    write_records(held, narration(8, skip=40))
+    sources = [{"name": "web", "paths": [str(web)]}]
+    data = {"marked": {"sources": [*sources, {"name": "held", "paths": [str(held)], "validation": True}]},
+            "drawn": {"sources": sources, "val_fraction": 0.2},
+            "given up": {"sources": sources, "val_fraction": 0.001}}[case]
+    recipe = recipe_from_dict({"run": {"dir": str(tmp_path / "run")}, "tokenizer": {"vocab_size": 300},
+                               "data": {**data, "num_workers": 1}})
+    read = spy_on_tokenizer_training(monkeypatch)
+    tokenize_data(recipe, Console(file=io.StringIO()))
+    splits = {source["name"]: split_texts(tmp_path / "run", source["name"]) for source in data["sources"]}
+    train, val = ([text for source in splits.values() for text in source[split]] for split in ("train", "val"))
+    assert read == train and val and not set(read) & set(val)
+    if case == "marked":
+        assert splits == {"web": {"train": narration(30), "val": []}, "held": {"train": [], "val": narration(8, 40)}}
+    elif case == "drawn":
+        assert 0 < len(val) < 20 and sorted(train + val) == sorted(narration(40))
+    else:
+        assert splits == {"web": {"train": narration(4), "val": narration(1, skip=4)}}
+
+
+def test_the_split_is_part_of_what_the_tokenizer_was_trained_on(tmp_path):
+    """Another val_fraction or seed holds other text out: the tokenizer's record did not say, so it was kept."""
+    web = tmp_path / "web.jsonl"
+    write_records(web, narration(30))
+    raw = {"run": {"dir": str(tmp_path / "run")}, "tokenizer": {"vocab_size": 300},
+           "data": {"sources": [{"name": "web", "paths": [str(web)]}], "val_fraction": 0.1, "num_workers": 1}}
+    out = io.StringIO()
+    train_tokenizer(recipe_from_dict(raw), Console(file=out, width=400))
+    first = Tokenizer.load(tmp_path / "run" / "tokenizer.json").hash
+    raw["data"]["val_fraction"] = 0.3
+    train_tokenizer(recipe_from_dict(raw), Console(file=out, width=400))
+    assert ('was trained on other data or settings (the validation split it leaves out was {"rule": '
+            '"fermion-split/2", "val_fraction": 0.1, "seed": 1337}, now {"rule": "fermion-split/2", "val_fraction": '
+            '0.3, "seed": 1337}); training it anew') in out.getvalue()
+    assert Tokenizer.load(tmp_path / "run" / "tokenizer.json").hash != first
+
+
+def test_prepared_data_keeps_the_validation_mark(tmp_path):
+    web, held = tmp_path / "web.jsonl", tmp_path / "held.jsonl"
+    write_records(web, narration(6))
+    write_records(held, narration(3, skip=6))
+    recipe = recipe_with(tmp_path, [{"name": "web", "paths": [str(web)]},
+                                    {"name": "held", "paths": [str(held)], "validation": True}])
+    preparation.run(recipe, Console(file=io.StringIO()))
+    assert [source.validation for source in training_data(recipe).sources] == [False, True]

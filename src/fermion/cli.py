@@ -13,7 +13,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from fermion.config import Recipe, RecipeError, load_recipe
+from fermion.config import TOKENIZER_SECTIONS, Recipe, RecipeError, load_recipe
 
 app = typer.Typer(help="Fermion: pretrain, post-train, evaluate and ship a small language model.",
                   no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False)
@@ -32,9 +32,9 @@ def fail(message: str, code: int = 2) -> None:
     raise typer.Exit(code)
 
 
-def recipe_or_exit(path: Path, overrides: list[str] | None, check_paths: bool = True) -> Recipe:
+def recipe_or_exit(path: Path, overrides: list[str] | None, check_paths: bool = True, sections=None) -> Recipe:
     try:
-        return load_recipe(path, overrides, check_paths=check_paths)
+        return load_recipe(path, overrides, check_paths=check_paths, sections=sections)
     except RecipeError as err:
         fail(str(err))
 
@@ -122,8 +122,8 @@ def dpo(recipe: RecipeArg, set_: SetOption = None, resume: ResumeOption = "auto"
 @tokenizer_app.command("train")
 def tokenizer_train(recipe: RecipeArg, set_: SetOption = None,
                     force: Annotated[bool, typer.Option(help="Retrain even if the run has a tokenizer.")] = False):
-    """Train the recipe's byte-level BPE tokenizer into the run directory."""
-    loaded = recipe_or_exit(recipe, set_)
+    """Train the recipe's byte-level BPE tokenizer into the run directory (only the sections it reads are checked)."""
+    loaded = recipe_or_exit(recipe, set_, sections=TOKENIZER_SECTIONS)
     from fermion.train.pretrain import train_tokenizer
 
     run_guarded(lambda: train_tokenizer(loaded, console, force=force))

@@ -195,7 +195,8 @@ def plan(recipe: Recipe, console: Console) -> list[Step]:
         source = "train.init_from's, " if recipe.train.init_from else ""
         return f"{source}{Tokenizer.load(path).vocab_size:,} tokens -> {path}"
 
-    tokenizer_inputs = {"tokenizer": _section(recipe.tokenizer, {"chat_template"}), "data": _data(recipe.data)}
+    tokenizer_inputs = {"tokenizer": _section(recipe.tokenizer, {"chat_template"}), "data": _data(recipe.data),
+                        "seed": recipe.run.seed}  # the seed draws the validation documents it must not read
     if recipe.train.init_from:  # a model to start from brings its tokenizer: none is trained
         console.print(f"tokenizer: train.init_from's ({recipe.train.init_from}); none is trained")
         tokenizer_inputs = {"init_from": recipe.train.init_from, "path": recipe.tokenizer.path}

@@ -95,7 +95,7 @@ def _adamw(train) -> str:
 
 
 def _schedule(train) -> str:
-    text = f"{train.schedule}, peak lr {train.lr:g}, warmup {number(train.warmup_steps)} steps"
+    text = f"{train.schedule}, peak lr {train.lr:g}, warmup {number(train.warmup)} steps"
     if train.schedule != "constant":
         text += f", min lr ratio {train.min_lr_ratio:g}"
     if train.schedule == "wsd":

@@ -2,25 +2,29 @@
 
 Every section is a strict model (unknown keys are errors). `load_recipe` reads the YAML, applies `--set a.b=c`
 overrides, validates, and turns any problem into a `RecipeError` whose message names the file, the field path and
-what would be right. The CLI prints that one line and exits with code 2 before anything is written. `fermion
-prepare`'s settings (data.prepare) are in config/prepare.py; the base every section shares in config/base.py.
+what would be right. The CLI prints that one line and exits with code 2 before anything is written. The data
+section (sources, split, shards) is in config/data.py, `fermion prepare`'s settings (data.prepare) in
+config/prepare.py, the base every section shares in config/base.py.
 """
 
 from __future__ import annotations
 
 import difflib
-import glob
 import os
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, Field, ValidationError, model_validator
+from pydantic import BaseModel, Field, ValidationError, ValidationInfo, field_validator, model_validator
 
 from fermion import layout
 from fermion.config import sizing
 from fermion.config.base import RecipeError, Section, eval_data_dir
+from fermion.config.data import DataConfig, SourceConfig, file_states, matching_files, no_match_message
 from fermion.config.prepare import PrepareConfig
+
+__all__ = ["DataConfig", "PrepareConfig", "RecipeError", "SourceConfig", "file_states", "matching_files",
+           "no_match_message"]  # besides what is defined here: re-exported from config/data.py and the others
 
 
 class MoEConfig(Section):
@@ -115,48 +119,6 @@ class TokenizerConfig(Section):
         return self
 
 
-class SourceConfig(Section):
-    name: str = Field(min_length=1)
-    paths: list[str] = Field(default_factory=list)  # files or globs; which suffixes: fermion.data.sources
-    # Text every machine has: python-stdlib (the running Python's standard library source), or fermion's generated
-    # data (data/synthetic/): stories, textbook, arithmetic, tinytask documents for pretraining; chat, arithmetic,
-    # tinytask records for sft; arithmetic-pairs, tinytask-pairs for dpo. Generated sources take max_documents
-    # records from seed.
-    builtin: Literal["python-stdlib", "stories", "textbook", "arithmetic", "tinytask", "chat", "arithmetic-pairs",
-                     "tinytask-pairs"] | None = None
-    seed: int = 0  # generated builtins: the same seed gives the same records on every machine
-    dataset: str | None = None  # a Hugging Face dataset name (or local dataset folder), read with `datasets`
-    subset: str | None = None  # the dataset's configuration ("name" in datasets.load_dataset), e.g. ARC-Easy
-    split: str = "train"  # the dataset's split
-    streaming: bool = False  # read the dataset as it is used (an IterableDataset), not downloaded whole first
-    # SFT/DPO record layout; auto recognises messages, alpaca, dolly, prompt/completion, prompt/chosen/rejected, HH.
-    format: Literal["auto", "messages", "alpaca", "dolly", "prompt_completion", "preference", "hh"] = "auto"
-    text_field: str = "text"  # the field holding the text in jsonl records
-    separator: str | None = None  # splits a .txt file into documents (e.g. "<|endoftext|>"); None: one per file
-    kind: str = "web"
-    weight: float = Field(1.0, gt=0)
-    max_documents: int | None = Field(None, ge=1)
-
-    @model_validator(mode="after")
-    def _has_input(self) -> SourceConfig:
-        if not self.paths and self.builtin is None and self.dataset is None:
-            raise ValueError("give paths (files or globs), a dataset, or a builtin (python-stdlib, stories, ...)")
-        if self.streaming and self.dataset is None:
-            raise ValueError("streaming: true reads a dataset as it goes: set dataset, or remove streaming")
-        if self.builtin not in (None, "python-stdlib") and self.max_documents is None:
-            raise ValueError(f"builtin: {self.builtin} is generated: set max_documents to how many records to make")
-        return self
-
-
-class DataConfig(Section):
-    sources: list[SourceConfig] = Field(min_length=1)
-    val_fraction: float = Field(0.01, ge=0, lt=1)
-    shard_dir: str | None = None  # default: <run dir>/data
-    shard_tokens: int = Field(50_000_000, ge=1000)  # tokens per shard file
-    num_workers: int = Field(2, ge=1)
-    prepare: PrepareConfig | None = None  # clean, filter and deduplicate the sources first (`fermion prepare`)
-
-
 class TrainConfig(Section):
     # Start from these weights instead of a random init: a fermion run or checkpoint directory, or a Hugging Face
     # Llama/Mistral/Qwen3/Mixtral folder. The model and tokenizer come from it (continued pretraining, SFT).
@@ -175,7 +137,7 @@ class TrainConfig(Section):
     muon_momentum: float = Field(0.95, ge=0, lt=1)  # Nesterov momentum of the Muon matrices
     min_lr_ratio: float = Field(0.1, ge=0, le=1)  # final lr as a fraction of the peak
     schedule: Literal["cosine", "wsd", "constant"] = "cosine"
-    warmup_steps: int = Field(100, ge=0)
+    warmup_steps: int | None = Field(None, ge=0)  # None: a tenth of the steps, at most 100, at least 1 (`warmup`)
     decay_fraction: float = Field(0.2, gt=0, le=1)  # wsd: share of steps spent decaying
     betas: tuple[float, float] = (0.9, 0.95)
     eps: float = Field(1e-8, gt=0)
@@ -216,13 +178,26 @@ class TrainConfig(Section):
     wandb: bool = False
     progress: bool = True
 
+    @field_validator("warmup_steps")
+    @classmethod
+    def _warmup_fits(cls, value: int | None, info: ValidationInfo) -> int | None:
+        steps = info.data.get("steps")  # with epochs: checked once the steps are known (pretrain.settle_epochs)
+        if value is not None and steps is not None and info.data.get("epochs") is None and value > steps:
+            raise ValueError(f"must not exceed steps ({steps}); lower warmup_steps, or leave it out to get "
+                             f"{sizing.default_warmup(steps)}")
+        return value
+
     @model_validator(mode="after")
     def _schedule_fits(self) -> TrainConfig:
         if self.epochs is not None and "steps" in self.model_fields_set:
             raise ValueError(f"give steps ({self.steps}) or epochs ({self.epochs:g}), not both")
-        if self.epochs is None and self.warmup_steps > self.steps:  # with epochs: checked once steps are known
-            raise ValueError(f"warmup_steps ({self.warmup_steps}) must not exceed steps ({self.steps})")
         return self
+
+    @property
+    def warmup(self) -> int:
+        """Warmup steps in effect: warmup_steps, or where the recipe leaves it out (a continued stage, a run whose
+        steps come from epochs: each from its own steps) sizing.default_warmup of the steps."""
+        return self.warmup_steps if self.warmup_steps is not None else sizing.default_warmup(self.steps)
 
 
 class RunConfig(Section):
@@ -376,8 +351,13 @@ class Recipe(Section):
                                  f"steps ({', '.join(RUN_STEPS)})")
             self.stage_train(i)
         for name in layout.POST_TRAINING:
-            if getattr(self, name) is not None and getattr(self, name).train.epochs is not None:
+            section = getattr(self, name)
+            if section is not None and section.train.epochs is not None:
                 raise ValueError(f"{name}.train.epochs: {name} counts its passes over the data in {name}.epochs")
+            marked = [i for i, source in enumerate(section.sources if section else []) if source.validation]
+            if marked:
+                raise ValueError(f"{name}.sources[{marked[0]}].validation: only pretraining data (data.sources) is "
+                                 f"split this way; {name} holds out {name}.val_fraction of its records")
         if self.stages and self.data is None:
             raise ValueError("stages continue a pretraining run: add the data section it starts from")
         return self
@@ -444,8 +424,15 @@ class Recipe(Section):
 # ---------------------------------------------------------------------------------------------- loading + errors
 
 
-def load_recipe(path: str | os.PathLike, overrides: list[str] | None = None, check_paths: bool = True) -> Recipe:
-    """Read, override, validate. Raises RecipeError with a one-line, user-facing message."""
+# What `fermion tokenizer train` reads of a recipe ("section.field": that field alone).
+TOKENIZER_SECTIONS = ("run", "tokenizer", "data", "train.init_from")
+
+
+def load_recipe(path: str | os.PathLike, overrides: list[str] | None = None, check_paths: bool = True,
+                sections: tuple[str, ...] | None = None) -> Recipe:
+    """Read, override, validate. Raises RecipeError with a one-line, user-facing message. With `sections`, only
+    those are validated (`only_sections`): a command is not refused over a section it never uses, though a
+    misspelt key is an error wherever it is."""
     path = Path(path)
     if not path.is_file():
         raise RecipeError(f"{path}: recipe file not found")
@@ -459,7 +446,28 @@ def load_recipe(path: str | os.PathLike, overrides: list[str] | None = None, che
         raise RecipeError(f"{path}: a recipe is a mapping of sections (model, tokenizer, data, train, ...)")
     for item in overrides or []:
         apply_override(raw, item, source=str(path))
+    if sections is not None:
+        raw = only_sections(raw, sections, source=str(path))
     return recipe_from_dict(raw, source=str(path), check_paths=check_paths)
+
+
+def only_sections(raw: dict, sections: tuple[str, ...], source: str = "recipe") -> dict:
+    """The raw recipe with only `sections`, each whole or ("train.init_from") one field of it, once no key of the
+    whole recipe is unknown (misspelt)."""
+    try:
+        Recipe.model_validate(raw)
+    except ValidationError as err:
+        unknown = [error for error in err.errors() if error["type"] == "extra_forbidden"]
+        if unknown:
+            raise RecipeError(f"{source}: {describe_error(unknown[0], raw)}") from None
+    kept = {}
+    for key, value in raw.items():
+        fields = [name.partition(".")[2] for name in sections if name.partition(".")[0] == key]
+        if "" in fields:
+            kept[key] = value
+        elif fields and isinstance(value, dict):
+            kept[key] = {field: value[field] for field in fields if field in value}
+    return kept
 
 
 def recipe_from_dict(raw: dict, source: str = "recipe", check_paths: bool = True) -> Recipe:
@@ -545,27 +553,6 @@ def _model_type(annotation) -> type[BaseModel] | None:
         if found is not None:
             return found
     return None
-
-
-def matching_files(pattern: str) -> list[str]:
-    """The files a data path or glob names (relative to the working directory, ~ expanded)."""
-    return [p for p in glob.glob(os.path.expanduser(pattern), recursive=True) if os.path.isfile(p)]
-
-
-def file_states(sources: list[SourceConfig]) -> list[tuple[str, int, int]]:
-    """(path, size, mtime in ns) of every file the sources' paths and globs name, in the order written: what a
-    fingerprint of the data holds (a run's steps, the shards, a tokenizer's record), so an edited file is noticed."""
-    states = []
-    for source in sources:
-        for pattern in source.paths:
-            for path in sorted(matching_files(pattern)):
-                stat = Path(path).stat()
-                states.append((path, stat.st_size, stat.st_mtime_ns))
-    return states
-
-
-def no_match_message(pattern: str) -> str:
-    return f"no file matches {pattern!r} (paths are relative to the directory you run fermion from: {os.getcwd()})"
 
 
 def check_data_paths(recipe: Recipe, source: str) -> None:

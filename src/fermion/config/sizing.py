@@ -60,22 +60,25 @@ def training(n_layers: int, d_model: int, seq_len: int) -> Sizing:
     micro = math.ceil(batch / grad_accum)
     steps = max(1, math.ceil(tokens / (micro * grad_accum * seq_len)))
     return Sizing(float(m), compute, round(tokens), batch_tokens, 0.3118 * compute**-0.125, micro * grad_accum,
-                  micro, grad_accum, steps, min(100, max(1, steps // 10)))
+                  micro, grad_accum, steps, default_warmup(steps))
+
+
+def default_warmup(steps: int) -> int:
+    """train.warmup_steps when a recipe leaves it out, sized by depth or not: a tenth of the run, at most 100 steps
+    and at least 1."""
+    return min(100, max(1, steps // 10))
 
 
 def fill_train(model: dict, train: dict, seq_len: int) -> dict:
     """`train` with the derived settings in every field it does not set (a given micro_batch_size keeps the
-    batch by setting grad_accum; a given steps or epochs keeps its length)."""
+    batch by setting grad_accum; a given steps or epochs keeps its length). The warmup follows from the steps
+    as in any recipe (default_warmup)."""
     sizing = training(model["n_layers"], model["d_model"], seq_len)
-    derived = {"lr": sizing.lr, "micro_batch_size": sizing.micro_batch_size, "grad_accum": sizing.grad_accum,
-               "warmup_steps": sizing.warmup_steps}
+    derived = {"lr": sizing.lr, "micro_batch_size": sizing.micro_batch_size, "grad_accum": sizing.grad_accum}
     if "micro_batch_size" in train and "grad_accum" not in train:
         derived["grad_accum"] = max(1, round(sizing.batch / train["micro_batch_size"]))
     if "epochs" not in train:
         batch = train.get("micro_batch_size", derived["micro_batch_size"]) * \
             train.get("grad_accum", derived["grad_accum"])
         derived["steps"] = max(1, math.ceil(sizing.tokens / (batch * seq_len)))
-    steps = train.get("steps", derived.get("steps"))
-    if steps is not None:
-        derived["warmup_steps"] = min(100, max(1, steps // 10))
     return {**derived, **train}

@@ -8,7 +8,9 @@ document inside each file, all described by one index.json:
     <source>-train-00000.docs.npy   int64 start offset of each document in that .bin (np.save format)
     <source>-val-00000.bin ...
 
-Every document is stored as its tokens followed by one eos token; no document is split across files.
+Every document is stored as its tokens followed by one eos token; no document is split across files. Which split a
+document goes to is data/splits.py's to say (a one-document source is cut in two: its last val_fraction of text
+is a document of the val split).
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ import os
 import re
 import shutil
 from collections import deque
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ProcessPoolExecutor
 from pathlib import Path
 
@@ -30,7 +32,8 @@ import torch
 
 from fermion.atomic import replaced_dir
 from fermion.config import DataConfig, SourceConfig, file_states
-from fermion.data.sources import DataError, iter_documents, no_documents
+from fermion.data.sources import DataError, no_documents
+from fermion.data.splits import source_pieces, split_settings, stable_hash
 from fermion.data.tokenizer import Tokenizer
 from fermion.layout import SHARD_INDEX
 
@@ -44,6 +47,7 @@ TEMPORARY_NAME = re.compile(r"\.(?P<name>.+)\.(tmp|old)-(?P<pid>\d+)")
 Progress = Callable[[str, int, int], None]
 Batch = tuple[torch.Tensor, torch.Tensor]  # inputs x and targets y, int64 [batch, seq_len]
 Writers = dict[str, dict[str, "_ShardWriter"]]  # source name -> split -> writer
+EncodedBatch = tuple[str, int, list[str], list[np.ndarray], list[int]]  # see _encoded_batches
 
 
 def token_dtype(vocab_size: int) -> np.dtype:
@@ -85,7 +89,7 @@ def data_fingerprint(data: DataConfig, tokenizer: Tokenizer, seed: int) -> str:
         "format": FORMAT,
         "sources": [source.model_dump(mode="json") for source in data.sources],
         "files": file_states(data.sources),
-        "val_fraction": data.val_fraction,
+        "split": split_settings(data, seed),
         "seed": seed,
         "tokenizer": tokenizer.hash,
     }
@@ -151,30 +155,20 @@ def _tokenize_sources(
         source.name: {split: _ShardWriter(directory, source.name, split, dtype, data.shard_tokens) for split in SPLITS}
         for source in data.sources
     }
-    for name, first, documents, byte_counts in _encoded_batches(data, tokenizer):
-        for number, (tokens, byte_count) in enumerate(zip(documents, byte_counts, strict=True), start=first):
-            split = "val" if _goes_to_val(seed, name, number, data.val_fraction) else "train"
+    for name, first, splits, documents, byte_counts in _encoded_batches(data, tokenizer, seed):
+        for split, tokens, byte_count in zip(splits, documents, byte_counts, strict=True):
             writers[name][split].add(tokens, byte_count)
         if progress is not None:
             progress(name, first + len(documents), sum(writer.tokens for writer in writers[name].values()))
-    _ensure_val_document(writers, data.val_fraction)
+    _ensure_val_document(writers, data.fraction_held_out)  # none held out where sources are marked validation
     for writer in itertools.chain.from_iterable(split_writers.values() for split_writers in writers.values()):
         writer.close()
     return writers
 
 
-def _goes_to_val(seed: int, source: str, number: int, val_fraction: float) -> bool:
-    return _stable_hash(seed, source, number) < val_fraction * 2**64
-
-
-def _stable_hash(*parts: object) -> int:
-    """A 64-bit hash of JSON-able parts that, unlike hash(), is the same in every process and Python version."""
-    digest = hashlib.blake2b(json.dumps(parts).encode("utf-8"), digest_size=8).digest()
-    return int.from_bytes(digest, "little")
-
-
 def _ensure_val_document(writers: Writers, val_fraction: float) -> None:
-    """A small dataset can draw no val document at all; then the largest source gives up its last one."""
+    """A small dataset can draw no val document at all; then the largest source gives up its last one (a piece
+    data/splits.py marks movable, so tokenizer training never read it)."""
     if val_fraction == 0 or any(split_writers["val"].documents for split_writers in writers.values()):
         return
     largest = max(writers.values(), key=lambda split_writers: split_writers["train"].tokens)
@@ -193,7 +187,7 @@ def _build_index(writers: Writers, data: DataConfig, tokenizer: Tokenizer, finge
             splits[split]["tokens"] += writer.tokens
             splits[split]["documents"] += writer.documents
             splits[split]["shards"] += writer.shards
-    _check_train_split(splits, data.sources)
+    _check_splits(splits, data)
     return {
         "format": FORMAT,
         "tokenizer_hash": tokenizer.hash,
@@ -206,15 +200,17 @@ def _build_index(writers: Writers, data: DataConfig, tokenizer: Tokenizer, finge
     }
 
 
-def _check_train_split(splits: dict, sources: list[SourceConfig]) -> None:
-    if splits["train"]["documents"]:
-        return
-    if not splits["val"]["documents"]:
-        raise DataError(no_documents(sources))
-    raise DataError(
-        f"the train split is empty: all {splits['val']['documents']} document(s) went to val; lower "
-        "data.val_fraction or add data (a .txt file is one document unless the source sets a separator)"
-    )
+def _check_splits(splits: dict, data: DataConfig) -> None:
+    if not splits["train"]["documents"] and not splits["val"]["documents"]:
+        raise DataError(no_documents(data.sources))
+    marked = [source for source in data.sources if source.validation]
+    if not splits["train"]["documents"]:
+        unmarked = [source for source in data.sources if not source.validation]
+        raise DataError(no_documents(unmarked, "to train on") if marked else
+                        f"the train split is empty: all {splits['val']['documents']} document(s) went to val; lower "
+                        "data.val_fraction or add data")
+    if marked and not splits["val"]["documents"]:
+        raise DataError(no_documents(marked, "for validation (the sources marked validation)"))
 
 
 class _ShardWriter:
@@ -304,37 +300,38 @@ def _encode_in_worker(texts: list[str]) -> tuple[np.ndarray, list[int], list[int
     return flat, [len(ids) + 1 for ids in encoded], [len(text.encode("utf-8")) for text in texts]
 
 
-def _encoded_batches(data: DataConfig, tokenizer: Tokenizer) -> Iterator[tuple[str, int, list[np.ndarray], list[int]]]:
-    """(source name, number of its first document, per-document tokens, per-document bytes), in corpus order."""
+def _encoded_batches(data: DataConfig, tokenizer: Tokenizer, seed: int) -> Iterator[EncodedBatch]:
+    """(source name, number of its first piece, per-piece split, tokens and bytes), in corpus order."""
     # spawn, not fork: the parent may hold torch and tokenizers threads, which a forked child would inherit broken
     context = multiprocessing.get_context("spawn")
     with ProcessPoolExecutor(data.num_workers, context, initializer=_start_worker, initargs=(tokenizer,)) as pool:
-        in_flight: deque[tuple[str, int, Future]] = deque()  # bounded, so reading never runs far ahead of encoding
-        for name, first, texts in _document_batches(data.sources):
-            in_flight.append((name, first, pool.submit(_encode_in_worker, texts)))
+        in_flight: deque[tuple[str, int, list[str], Future]] = deque()  # bounded: reading never runs far ahead
+        for name, first, splits, texts in _document_batches(data, seed):
+            in_flight.append((name, first, splits, pool.submit(_encode_in_worker, texts)))
             if len(in_flight) > 2 * data.num_workers:
                 yield _split_result(*in_flight.popleft())
         while in_flight:
             yield _split_result(*in_flight.popleft())
 
 
-def _split_result(name: str, first: int, future: Future) -> tuple[str, int, list[np.ndarray], list[int]]:
+def _split_result(name: str, first: int, splits: list[str], future: Future) -> EncodedBatch:
     flat, token_counts, byte_counts = future.result()
-    return name, first, np.split(flat, np.cumsum(token_counts)[:-1]), byte_counts
+    return name, first, splits, np.split(flat, np.cumsum(token_counts)[:-1]), byte_counts
 
 
-def _document_batches(sources: Iterable[SourceConfig]) -> Iterator[tuple[str, int, list[str]]]:
-    """(source name, number of the first document, texts) in batches of about BATCH_CHARS characters."""
-    for source in sources:
-        first, batch, size = 0, [], 0
-        for text in iter_documents(source):
+def _document_batches(data: DataConfig, seed: int) -> Iterator[tuple[str, int, list[str], list[str]]]:
+    """(source name, number of the first piece, their splits, texts) in batches of about BATCH_CHARS characters."""
+    for source in data.sources:
+        first, splits, batch, size = 0, [], [], 0
+        for split, text, _ in source_pieces(source, data, seed):
+            splits.append(split)
             batch.append(text)
             size += len(text)
             if size >= BATCH_CHARS:
-                yield source.name, first, batch
-                first, batch, size = first + len(batch), [], 0
+                yield source.name, first, splits, batch
+                first, splits, batch, size = first + len(batch), [], [], 0
         if batch:
-            yield source.name, first, batch
+            yield source.name, first, splits, batch
 
 
 # ---------------------------------------------------------------------------------------------- reading
@@ -513,7 +510,7 @@ class TokenLoader:
 
     def _block_choices(self, block: int) -> np.ndarray:
         if self._block is None or self._block[0] != block:
-            rng = np.random.default_rng(_stable_hash("sources", self.seed, block))
+            rng = np.random.default_rng(stable_hash("sources", self.seed, block))
             self._block = (block, rng.choice(len(self._names), size=BLOCK, p=self._probabilities))
         return self._block[1]
 
@@ -534,7 +531,7 @@ class TokenLoader:
     def _permutation(self, j: int, epoch: int) -> np.ndarray:
         cached = self._permutations.get(j)
         if cached is None or cached[0] != epoch:
-            rng = np.random.default_rng(_stable_hash("windows", self.seed, self._source_numbers[j], epoch))
+            rng = np.random.default_rng(stable_hash("windows", self.seed, self._source_numbers[j], epoch))
             cached = self._permutations[j] = (epoch, rng.permutation(self._windows[j]))
         return cached[1]
 
@@ -548,7 +545,7 @@ def val_batches(shards: ShardSet, seq_len: int, batch_size: int, n_batches: int)
     if not counts.sum():
         raise DataError(
             f"{shards.shard_dir}: the {shards.split} split has no {seq_len + 1} tokens in one file; "
-            "raise data.val_fraction or use a shorter seq_len"
+            "raise data.val_fraction (or add to the sources marked validation) or use a shorter seq_len"
         )
     shares = _equal_shares(counts, min(batch_size * n_batches, int(counts.sum())))
     windows = [

@@ -17,7 +17,7 @@ import os
 import sysconfig
 from collections.abc import Iterable, Iterator
 from pathlib import Path
-from typing import BinaryIO
+from typing import BinaryIO, TypeVar
 
 from fermion.config import SourceConfig, file_states, matching_files, no_match_message
 
@@ -30,6 +30,7 @@ PREPARE_SUFFIXES = (*DOCUMENT_SUFFIXES, ".parquet")  # `fermion prepare` reads p
 EXCLUDED_STDLIB_DIRS = frozenset(
     {"site-packages", "dist-packages", "test", "tests", "idlelib", "lib2to3", "__pycache__"}
 )
+T = TypeVar("T")
 
 
 class DataError(ValueError):
@@ -109,14 +110,19 @@ class DocumentStream:
 
 def interleave_documents(sources: Iterable[SourceConfig]) -> Iterator[str]:
     """Round-robin over the sources' documents, so a budget-capped consumer (tokenizer training) sees every source."""
-    streams = [iter_documents(source) for source in sources]
-    while streams:
-        for stream in list(streams):
-            document = next(stream, None)
-            if document is None:
-                streams.remove(stream)
+    return interleave(iter_documents(source) for source in sources)
+
+
+def interleave(streams: Iterable[Iterator[T]]) -> Iterator[T]:
+    """One item of each stream in turn, until all are spent."""
+    active, done = list(streams), object()
+    while active:
+        for stream in list(active):
+            item = next(stream, done)
+            if item is done:
+                active.remove(stream)
             else:
-                yield document
+                yield item
 
 
 def iter_records(source: SourceConfig) -> Iterator[tuple[str, dict]]:

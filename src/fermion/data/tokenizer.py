@@ -12,7 +12,8 @@ tokenizer: `load` and `save` carry them, and so does pickling (the shard writer'
 object), so no copy of a tokenizer falls back to Fermion's default names.
 
 A tokenizer a run trains is saved with a record of what it was trained on (`training_inputs`: the trainer's
-settings, the sources, their files' sizes and times) in tokenizer_trained_on.json beside it, naming the tokenizer
+settings, the sources, their files' sizes and times, the validation split it left out) in tokenizer_trained_on.json
+beside it, naming the tokenizer
 by its hash; a later run compares it with what it would train on now (`changed_inputs`) and trains anew, or refuses,
 when they differ, rather than reuse a tokenizer made from other data without a word.
 """
@@ -34,8 +35,9 @@ from tokenizers import decoders, models, pre_tokenizers, trainers
 
 from fermion import layout
 from fermion.atomic import replaced_file
-from fermion.config import SourceConfig, TokenizerConfig, file_states
+from fermion.config import DataConfig, TokenizerConfig, file_states
 from fermion.data.sources import DataError
+from fermion.data.splits import split_settings
 
 BOS, EOS, PAD = "<|bos|>", "<|eos|>", "<|pad|>"
 
@@ -206,13 +208,14 @@ class Tokenizer:
         return pieces
 
 
-def training_inputs(sources: list[SourceConfig], config: TokenizerConfig) -> dict:
-    """What a tokenizer trained on the sources' documents depends on: the trainer's settings, the sources as written
-    (mixing weights aside: the trainer takes the sources in turn; fields at their defaults aside, so a field added
-    to SourceConfig later changes no record) and the path, size and mtime of every file they read."""
-    written = [source.model_dump(mode="json", exclude={"weight"}, exclude_defaults=True) for source in sources]
+def training_inputs(data: DataConfig, config: TokenizerConfig, seed: int) -> dict:
+    """What a tokenizer trained on the train split of the data depends on: the trainer's settings, the sources as
+    written (mixing weights aside: the trainer takes the sources in turn; fields at their defaults aside, so a field
+    added to SourceConfig later changes no record), the path, size and mtime of every file they read, and what
+    decides the split it leaves out (data/splits.py)."""
+    written = [source.model_dump(mode="json", exclude={"weight"}, exclude_defaults=True) for source in data.sources]
     return {"settings": config.model_dump(mode="json", include=TRAINER_SETTINGS), "sources": written,
-            "files": [list(state) for state in file_states(sources)]}
+            "files": [list(state) for state in file_states(data.sources)], "split": split_settings(data, seed)}
 
 
 def recorded_inputs(path: str | os.PathLike) -> dict | None:
@@ -236,6 +239,9 @@ def changed_inputs(then: dict, now: dict) -> str | None:
     for number, (old, new) in enumerate(itertools.zip_longest(then["sources"], now["sources"])):
         if old != new:
             return f"data.sources[{number}] was {json.dumps(old)}, now {json.dumps(new)}"
+    if then.get("split") != now["split"]:
+        before = json.dumps(then["split"]) if "split" in then else "not recorded (validation text was read too)"
+        return f"the validation split it leaves out was {before}, now {json.dumps(now['split'])}"
     before = {path: (size, mtime) for path, size, mtime in then["files"]}
     for path, size, mtime in now["files"]:
         if path not in before:

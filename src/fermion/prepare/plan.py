@@ -326,11 +326,12 @@ def _names(plan: Plan) -> tuple[str, ...]:
 
 def prepared_data(recipe: Recipe) -> DataConfig:
     """The data section training reads after `fermion prepare`: the kept documents under the same source names,
-    kinds and weights. Refuses a preparation that has not finished (no report)."""
+    kinds, weights and validation marks. Refuses a preparation that has not finished (no report)."""
     plan = make_plan(recipe)
     if not (plan.root / REPORT_NAME).is_file():
         raise DataError(f"{plan.root}: no finished preparation of this recipe's data (no {REPORT_NAME}); run "
                         "`fermion prepare RECIPE` first")
     sources = [SourceConfig(name=source.name, paths=[str(plan.kept_dir(source.name) / "*.jsonl.gz")],
-                            kind=source.kind, weight=source.weight) for source in recipe.data.sources]
+                            kind=source.kind, weight=source.weight, validation=source.validation)
+               for source in recipe.data.sources]
     return recipe.data.model_copy(update={"sources": sources, "prepare": None})

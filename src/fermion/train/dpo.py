@@ -334,7 +334,7 @@ class DPOSetup(PostTraining):
         steps = steps_for(self.cfg.epochs, math.ceil(math.ceil(len(self.train) / self.global_batch) /
                                                      train_cfg.grad_accum), train_cfg.steps)
         # A small data set can make fewer steps than the configured warmup; the warmup then spans the run.
-        train_cfg = train_cfg.model_copy(update={"steps": steps, "warmup_steps": min(train_cfg.warmup_steps, steps)})
+        train_cfg = train_cfg.model_copy(update={"steps": steps, "warmup_steps": min(train_cfg.warmup, steps)})
         self.recipe = self.recipe.model_copy(update={"train": train_cfg})
         # Validation scores the first eval_batches batches of held-out pairs (the split has shuffled them).
         self.val = self.val[:train_cfg.eval_batches * train_cfg.micro_batch_size]

@@ -14,7 +14,8 @@ from fermion.chat.templates import ChatTemplate, default_template
 from fermion.checkpoint import find, list_checkpoints, load_recipe_of, trainer_state_of
 from fermion.config import DataConfig, Recipe, RecipeError
 from fermion.data.shards import ShardSet, TokenLoader, check_tokenizer, load_index, val_batches, write_shards
-from fermion.data.sources import DataError, interleave_documents, no_documents
+from fermion.data.sources import DataError, no_documents
+from fermion.data.splits import training_texts
 from fermion.data.tokenizer import Tokenizer, changed_inputs, recorded_inputs, training_inputs
 from fermion.device import DistInfo
 from fermion.model.counting import check_fits
@@ -73,10 +74,10 @@ def _tokenizer_to_train(recipe: Recipe, console: Console, force: bool) -> tuple[
         return None
     require_data(recipe)
     data = training_data(recipe)
-    inputs = training_inputs(data.sources, recipe.tokenizer)
+    inputs = training_inputs(data, recipe.tokenizer, recipe.run.seed)
     if path.is_file() and not force and not _retrain(recipe, inputs, console):
         return None
-    texts = (text for text in interleave_documents(data.sources) if text.strip())  # every source within train_bytes
+    texts = training_texts(data, recipe.run.seed)  # the train split only, every source within train_bytes
     first = next(texts, None)  # refused before training: a tokenizer of the 256 bytes alone would be useless
     if first is None:
         raise DataError(no_documents(data.sources, "to train the tokenizer on"))
@@ -245,9 +246,9 @@ def settle_epochs(recipe: Recipe, world_size: int) -> tuple[Recipe, str | None]:
     windows = sum(shards.num_windows(name, recipe.seq_len) for name in shards.sources)
     batch = train.micro_batch_size * train.grad_accum * world_size
     steps = max(1, math.ceil(train.epochs * windows / batch))
-    if train.warmup_steps > steps:
+    if train.warmup_steps is not None and train.warmup_steps > steps:  # left out, it follows the steps
         raise RecipeError(f"train.warmup_steps ({train.warmup_steps}) exceeds the {steps:,} steps that "
-                          f"train.epochs {train.epochs:g} makes; lower warmup_steps")
+                          f"train.epochs {train.epochs:g} makes; lower warmup_steps, or leave it out")
     note = (f"train.epochs {train.epochs:g}: {windows:,} windows of {recipe.seq_len} tokens in the train shards, "
             f"{batch} sequences a step -> {steps:,} steps")
     return recipe.model_copy(update={"train": train.model_copy(update={"steps": steps, "epochs": None})}), note
