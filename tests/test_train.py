@@ -284,26 +284,27 @@ def test_a_stop_signal_mid_step_stops_before_that_step_and_resumes_exactly(refer
 
 
 def test_compile_auto_compiles_where_the_run_repays_it():
-    """train.compile: auto compiles on a GPU, and on a CPU when the run's eager time saved exceeds the compile time
-    (bench/compile_payback.py's measurements, kept as FLOPs): the tiny recipe's run does not, the demo's does."""
+    """train.compile: auto compiles on a GPU, and on a bf16 CPU when the run's eager time saved exceeds the compile
+    time (bench/compile_payback.py's measurements, kept as FLOPs): the tiny recipe's run does not, the demo's does."""
     import torch
 
     from fermion.device import DistInfo
     from fermion.model.counting import count
     from fermion.train.distributed import compile_decision
 
-    def decide(path: str, device: str = "cpu", **train) -> tuple[bool, str]:
+    def decide(path: str, device: str = "cpu", precision: str = "bf16", **train) -> tuple[bool, str]:
         recipe = load_recipe(path, [f"train.{k}={v}" for k, v in {"compile": "auto", **train}.items()],
                              check_paths=False)
         tokens = recipe.train.micro_batch_size * recipe.seq_len * recipe.train.grad_accum
         flops = count(recipe.model, recipe.seq_len).train_flops_per_token * tokens * recipe.train.steps
         info = DistInfo(rank=0, world_size=1, local_rank=0, device=torch.device(device))
-        return compile_decision(recipe.train, info, recipe.model.n_layers, flops)
+        return compile_decision(recipe.train, info, precision, flops)
 
     demo = str(REPO / "src" / "fermion" / "recipes" / "demo.yaml")
     assert decide(TINY) == (False, decide(TINY)[1]) and "would not repay" in decide(TINY)[1]
     assert decide(demo)[0] and "repays" in decide(demo)[1]
     assert not decide(demo, steps=20, warmup_steps=2)[0]  # the same model, too short a run
+    assert not decide(demo, precision="fp32")[0]  # a CPU without bf16 gains too little
     assert decide(TINY, device="cuda") == (True, "compile auto on a GPU")
     assert decide(TINY, compile="true") == (True, "train.compile true")
     assert decide(demo, compile="false") == (False, "train.compile false")

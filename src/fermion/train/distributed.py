@@ -14,17 +14,19 @@ from fermion.device import DistInfo, can_compile, resolve_attention, resolve_cro
 from fermion.model.transformer import Transformer
 from fermion.train.objectives import Objective
 
-# train.compile: auto on CPU (bench/compile_payback.py measures both; see bench/RESULTS.md). Compiling pays when
-# the run's eager time x (1 - 1/speedup) exceeds the compile time. Both scale with the CPU's speed, so the rule is
-# kept in FLOPs: the compile time of a cold cache expressed as the training FLOPs an eager step does meanwhile,
-# per layer (the compiled graph grows with the layers), and the steady speedup.
-CPU_COMPILE_SPEEDUP = 1.15
-CPU_COMPILE_FLOPS_PER_LAYER = 2.6e11
+# train.compile: auto on a CPU, from bench/compile_payback.py (bench/RESULTS.md, 2-core AMD EPYC). Compiling pays
+# when the run's eager time x (1 - 1/speedup) exceeds the compile time. Both scale with the CPU's speed, so the cost
+# is kept in FLOPs: the cold compile time times the eager FLOP/s, 7.2e12 and 7.7e12 for the demo's 6-layer and a
+# 10M 8-layer model (43-48 s of compiling). In bf16 (CPUs with AVX512-BF16) the compiled step measured 1.21-1.55x
+# faster; in fp32 (CPUs without it, imitated with AVX2 kernels) 1.13x at the demo's size and 0.93x at 10M: no
+# dependable gain, so auto leaves fp32 CPU runs eager.
+CPU_COMPILE_COST_FLOPS = 7.5e12
+CPU_BF16_COMPILE_SPEEDUP = 1.25
 
 
-def compile_decision(cfg: TrainConfig, info: DistInfo, n_layers: int, run_flops: float) -> tuple[bool, str]:
+def compile_decision(cfg: TrainConfig, info: DistInfo, precision: str, run_flops: float) -> tuple[bool, str]:
     """Whether to compile, and why in a few words (the plan line says it). `run_flops`: the training FLOPs of the
-    whole run on one process. On CUDA `auto` compiles; on CPU when the run is long enough to repay the compile."""
+    whole run on one process. On a GPU `auto` compiles; on a CPU when the run is long enough to repay it."""
     if cfg.compile is False:
         return False, "train.compile false"
     if not can_compile(info.device):
@@ -33,10 +35,12 @@ def compile_decision(cfg: TrainConfig, info: DistInfo, n_layers: int, run_flops:
         return True, "train.compile true"
     if info.device.type != "cpu":
         return True, "compile auto on a GPU"
-    saved = run_flops * (1 - 1 / CPU_COMPILE_SPEEDUP)
-    cost = CPU_COMPILE_FLOPS_PER_LAYER * n_layers
-    verdict = "repays" if saved > cost else "would not repay"
-    return saved > cost, f"compile auto: the run {verdict} compiling ({saved / cost:.1f}x its cost)"
+    if precision != "bf16":
+        return False, "compile auto: in fp32 a CPU gains too little from it"
+    saved = run_flops * (1 - 1 / CPU_BF16_COMPILE_SPEEDUP)
+    verdict = "repays" if saved > CPU_COMPILE_COST_FLOPS else "would not repay"
+    return saved > CPU_COMPILE_COST_FLOPS, f"compile auto: the run {verdict} compiling " \
+        f"({saved / CPU_COMPILE_COST_FLOPS:.1f}x its cost)"
 
 
 def parallelize(model: Transformer, objective: Objective, cfg: TrainConfig, info: DistInfo, precision: str,

@@ -206,7 +206,7 @@ class Trainer:
         self.tokens_per_step = self.cfg.micro_batch_size * recipe.seq_len * self.cfg.grad_accum * info.world_size
         self.counts = count(recipe.model, recipe.seq_len)
         run_flops = self.counts.train_flops_per_token * self.tokens_per_step * self.cfg.steps / info.world_size
-        compile, self.compile_reason = compile_decision(self.cfg, info, recipe.model.n_layers, run_flops)
+        compile, self.compile_reason = compile_decision(self.cfg, info, self.precision, run_flops)
         self.model, self.loss_fn, self.compiled = parallelize(model, objective, self.cfg, info, self.precision,
                                                               self.warn, compile)
         self.optimizer = build_optimizer(self.model, recipe, info.device)
