@@ -205,11 +205,13 @@ def test_demo_export_loads_in_transformers_with_its_chat_template(demo_run):
     assert hf_tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False) == \
         ours.render(messages, tokenizer, add_generation_prompt=True)
     model = load(run_dir / "dpo", dtype=torch.float32).model
-    model = model.to(torch.bfloat16).float()  # the export is bf16: compare the same weights
+    with torch.no_grad():  # the export is bf16: compare the same weights (parameters only: the rotary tables stay fp32)
+        for param in model.parameters():
+            param.copy_(param.to(torch.bfloat16).float())
     with torch.no_grad():
         theirs = hf_model(torch.tensor([ids])).logits
         mine, _ = model(torch.tensor([ids]))
-    assert (theirs - mine).abs().max().item() < 2e-3
+    assert (theirs - mine).abs().max().item() < 1e-4
 
 
 def test_demo_card_has_every_section_and_the_runs_numbers(demo_run):
