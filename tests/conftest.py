@@ -164,6 +164,13 @@ def tiny_run(tmp_path_factory) -> Path:
     assert not changed, f"tests wrote into the shared tiny_run (copy it first): {sorted(changed)[:10]}"
 
 
+def openai_client(url: str, api_key: str = "unused"):
+    """The official openai client on a fermion server's base URL, without retries (a refusal is the answer)."""
+    import openai
+
+    return openai.OpenAI(base_url=f"{url}/v1", api_key=api_key, max_retries=0)
+
+
 @contextlib.contextmanager
 def running_server(engine, config):
     """`fermion serve`'s app on a free loopback port in a background thread; yields its base URL."""

@@ -13,7 +13,7 @@ import time
 import httpx
 import openai
 import pytest
-from conftest import HANG, REPO, cli, running_server, tiny_model
+from conftest import HANG, REPO, cli, openai_client, running_server, tiny_model
 
 from fermion.chat.templates import ChatTemplate
 from fermion.infer.engine import Engine, SamplingParams
@@ -38,7 +38,7 @@ def server(engine):
 
 @pytest.fixture(scope="module")
 def client(server) -> openai.OpenAI:
-    return openai.OpenAI(base_url=f"{server}/v1", api_key="unused", max_retries=0)
+    return openai_client(server)
 
 
 def health(url: str) -> dict:
@@ -87,7 +87,7 @@ def cli_server(tiny_run):
     pytest.param({"temperature": 0.0}, id="greedy"),
     pytest.param({"temperature": 0.9, "seed": 7}, id="seeded")])
 def test_openai_client_gets_what_fermion_generate_gets(cli_server, tiny_run, sampling):
-    client = openai.OpenAI(base_url=f"{cli_server}/v1", api_key="unused", max_retries=0)
+    client = openai_client(cli_server)
     assert [m.id for m in client.models.list()] == ["tiny"]
     options = ["--temperature", str(sampling["temperature"]), "--top-k", "0", "--seed", str(sampling.get("seed", 0)),
            "--max-new-tokens", "24", "--dtype", "fp32"]
@@ -343,8 +343,8 @@ def test_the_bearer_key_guards_the_api_when_configured(engine):
             response = httpx.get(f"{url}/v1/models", headers=headers)
             assert response.status_code == 401 and response.json()["error"]["code"] == "invalid_api_key"
         with pytest.raises(openai.AuthenticationError):
-            openai.OpenAI(base_url=f"{url}/v1", api_key="wrong", max_retries=0).models.list()
-        keyed = openai.OpenAI(base_url=f"{url}/v1", api_key="s3cret", max_retries=0)
+            openai_client(url, "wrong").models.list()
+        keyed = openai_client(url, "s3cret")
         assert keyed.completions.create(model=MODEL, prompt="Hi", max_tokens=2).choices
         assert httpx.get(f"{url}/health").status_code == 200 and httpx.get(url).status_code == 200
 

@@ -10,7 +10,7 @@ import openai
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import running_server, tiny_model
+from conftest import openai_client, running_server, tiny_model
 from openai.lib.streaming.chat import ChatCompletionStreamState
 
 from fermion.chat.templates import BUILTIN, ChatTemplate
@@ -76,7 +76,7 @@ def server(tuned):
 
 @pytest.fixture(scope="module")
 def client(server) -> openai.OpenAI:
-    return openai.OpenAI(base_url=f"{server}/v1", api_key="unused", max_retries=0)
+    return openai_client(server)
 
 
 def held_out_problem(name: str) -> tinytask.Problem:

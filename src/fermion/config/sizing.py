@@ -20,7 +20,6 @@ from dataclasses import dataclass
 
 HEAD_DIM = 64
 MAX_MICRO_BATCH = 16  # sequences per micro-step when the batch is derived; more goes to gradient accumulation
-TRAIN_FIELDS = ("lr", "micro_batch_size", "grad_accum", "steps", "warmup_steps")
 
 
 def shape(depth: int) -> dict:
