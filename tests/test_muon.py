@@ -22,8 +22,9 @@ MOE = {"moe": {"n_experts": 4, "top_k": 2}}
 
 
 @pytest.mark.parametrize("shape", [(64, 32), (32, 256), (4, 16, 48)])
-def test_the_update_is_orthogonal_and_has_adamw_rms_at_every_shape(shape):
-    update = orthogonalise(torch.randn(shape, generator=torch.Generator().manual_seed(0)))
+@pytest.mark.parametrize("dtype", [None, torch.bfloat16])  # fp32 on CPU, and bf16 as a bf16 run computes it
+def test_the_update_is_orthogonal_and_has_adamw_rms_at_every_shape(shape, dtype):
+    update = orthogonalise(torch.randn(shape, generator=torch.Generator().manual_seed(0)), dtype=dtype)
     singular = torch.linalg.svdvals(update)
     # The quintic iteration's published behaviour: singular values in about [0.7, 1.2], none left small.
     assert singular.min() > 0.6 and singular.max() < 1.25, singular
@@ -201,3 +202,11 @@ def test_model_info_predicts_muons_optimizer_state():
                    if name != "step")
         assert training_memory(model.cfg, 2, 8, "fp32", optimizer="muon").optimizer == held
         assert training_memory(model.cfg, 2, 8, "fp32").optimizer == 8 * sum(p.numel() for p in model.parameters())
+
+
+def test_a_bf16_run_orthogonalises_in_bf16_and_an_fp32_run_in_fp32():
+    cfg = TrainConfig(optimizer="muon", steps=10)
+    model = tiny_model()
+    bf16 = build_optimizer(model, SimpleNamespace(train=cfg), torch.device("cpu"), "bf16")
+    fp32 = build_optimizer(model, SimpleNamespace(train=cfg), torch.device("cpu"), "fp32")
+    assert (bf16._ns_dtype, fp32._ns_dtype) == (torch.bfloat16, None)  # None: fp32 on a CPU, bf16 on CUDA

@@ -35,12 +35,12 @@ NS_STEPS = 5
 RMS_MATCH = 0.2  # the update RMS of AdamW that Muon's scaled update matches
 
 
-def orthogonalise(update: torch.Tensor, steps: int = NS_STEPS) -> torch.Tensor:
+def orthogonalise(update: torch.Tensor, steps: int = NS_STEPS, dtype: torch.dtype | None = None) -> torch.Tensor:
     """The quintic Newton-Schulz iteration on the last two dimensions (a stack of matrices is done matrix by
-    matrix): a matrix with the same singular vectors and singular values near 1. bf16 on CUDA (as published: the
-    iteration is robust to it), fp32 elsewhere."""
+    matrix): a matrix with the same singular vectors and singular values near 1. In `dtype`; None: bf16 on CUDA (as
+    published: the iteration is robust to it), fp32 elsewhere."""
     a, b, c = NS_COEFFICIENTS
-    dtype = torch.bfloat16 if update.is_cuda else torch.float32
+    dtype = dtype or (torch.bfloat16 if update.is_cuda else torch.float32)
     x = update.to(dtype)
     tall = x.size(-2) > x.size(-1)
     if tall:  # iterate on the wide orientation: A = X X^T is then the smaller Gram matrix
@@ -72,11 +72,14 @@ def _like(full: torch.Tensor, param: torch.Tensor) -> torch.Tensor:
 class Muon(torch.optim.Optimizer):
     """One optimizer over two kinds of parameter group: `{"muon": True}` groups get Muon (momentum, nesterov,
     weight_decay), the others AdamW (betas, eps, weight_decay), each with its own lr. Every group may carry
-    `lr_scale`, the ratio of its learning rate to the schedule's (the trainer sets lr = schedule x lr_scale)."""
+    `lr_scale`, the ratio of its learning rate to the schedule's (the trainer sets lr = schedule x lr_scale).
+    `ns_dtype`: what the orthogonalisation computes in (see `orthogonalise`); the trainer passes bf16 when it trains
+    in bf16, which on a CPU with native bf16 halves its cost (at 384 wide, five iterations on one thread: 101 ms
+    in fp32, 41 ms in bf16; beside a 2,048-token step of a 10M model it was a third of the step in fp32)."""
 
     def __init__(self, groups: list[dict], *, lr: float, betas: tuple[float, float] = (0.9, 0.95),
                  eps: float = 1e-8, momentum: float = 0.95, nesterov: bool = True, weight_decay: float = 0.0,
-                 fused: bool | None = None):
+                 fused: bool | None = None, ns_dtype: torch.dtype | None = None):
         if not 0 <= momentum < 1:
             raise ValueError(f"momentum {momentum} must be in [0, 1)")
         defaults = {"lr": lr, "betas": betas, "eps": eps, "momentum": momentum, "nesterov": nesterov,
@@ -86,7 +89,7 @@ class Muon(torch.optim.Optimizer):
                 bad = [tuple(p.shape) for p in group["params"] if p.ndim not in (2, 3)]
                 if bad:
                     raise ValueError(f"Muon takes matrices (or stacks of them); got shapes {bad}")
-        self._fused = fused
+        self._fused, self._ns_dtype = fused, ns_dtype
         super().__init__(groups, defaults)
 
     @torch.no_grad()
@@ -116,7 +119,7 @@ class Muon(torch.optim.Optimizer):
             update = grad.add(buffer, alpha=mu) if group["nesterov"] else buffer
             full = _full(update)
             scale = RMS_MATCH * max(full.size(-2), full.size(-1)) ** 0.5
-            direction = _like(orthogonalise(full) * scale, param)
+            direction = _like(orthogonalise(full, dtype=self._ns_dtype) * scale, param)
             if wd:
                 param.mul_(1 - lr * wd)
             param.add_(direction, alpha=-lr)

@@ -80,9 +80,11 @@ def hardware(info: DistInfo) -> dict:
     return {"device": device.type, "name": name, "count": info.world_size, "cpu_cores": os.cpu_count()}
 
 
-def build_optimizer(model: torch.nn.Module, recipe: Recipe, device: torch.device) -> torch.optim.Optimizer:
+def build_optimizer(model: torch.nn.Module, recipe: Recipe, device: torch.device,
+                    precision: str = "fp32") -> torch.optim.Optimizer:
     """train.optimizer: AdamW for every parameter, or Muon for the blocks' matrices and AdamW for the rest
-    (train/muon.py). Weight decay goes to matmul weights only (norms and embeddings excluded unless configured)."""
+    (train/muon.py), its orthogonalisation in bf16 when training is (as on CUDA always). Weight decay goes to matmul
+    weights only (norms and embeddings excluded unless configured)."""
     cfg = recipe.train
     fused = device.type in ("cpu", "cuda")  # one kernel for all parameters where PyTorch has it
     decay, no_decay, matrices = [], [], []
@@ -98,7 +100,8 @@ def build_optimizer(model: torch.nn.Module, recipe: Recipe, device: torch.device
     muon_lr = cfg.muon_lr or cfg.lr
     groups.append({"params": matrices, "muon": True, "weight_decay": cfg.weight_decay, "lr": muon_lr,
                    "lr_scale": muon_lr / cfg.lr})
-    return Muon(groups, lr=cfg.lr, betas=cfg.betas, eps=cfg.eps, momentum=cfg.muon_momentum, fused=fused)
+    return Muon(groups, lr=cfg.lr, betas=cfg.betas, eps=cfg.eps, momentum=cfg.muon_momentum, fused=fused,
+                ns_dtype=torch.bfloat16 if precision == "bf16" else None)
 
 
 def muon_takes(name: str, param: torch.nn.Parameter) -> bool:
@@ -209,7 +212,7 @@ class Trainer:
         compile, self.compile_reason = compile_decision(self.cfg, info, self.precision, run_flops)
         self.model, self.loss_fn, self.compiled = parallelize(model, objective, self.cfg, info, self.precision,
                                                               self.warn, compile)
-        self.optimizer = build_optimizer(self.model, recipe, info.device)
+        self.optimizer = build_optimizer(self.model, recipe, info.device, self.precision)
         self.hardware = hardware(info)
         gpu_name = self.hardware["name"] if info.device.type == "cuda" else None
         self.peak_flops = self.cfg.peak_flops or peak_flops(gpu_name)
