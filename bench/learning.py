@@ -251,8 +251,11 @@ def command(side: str, corpus: str, work: Path, settings: dict | None, steps: in
     from fermion import layout  # a fresh run each time, on the tokenizer and shards already there
 
     for name in layout.TRAINING_OUTPUTS:
-        shutil.rmtree(directory / "run" / name, ignore_errors=True)
-        (directory / "run" / name).unlink(missing_ok=True) if (directory / "run" / name).is_file() else None
+        path = directory / "run" / name
+        if path.is_dir():
+            shutil.rmtree(path)
+        else:
+            path.unlink(missing_ok=True)
     return fermion_command(recipe, settings, steps)
 
 
