@@ -143,7 +143,10 @@ def fermion_command(recipe: Path, settings: dict, steps: int) -> list[str]:
 
 
 def metrics(path: Path) -> list[dict]:
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip() and '"tokens_per_s"' in line]
+    """The training-step records of a side's metrics.jsonl (fermion's one reader of the file; evals left out)."""
+    from fermion.train.logging import read_metrics
+
+    return [record for record in read_metrics(path) if "tokens_per_s" in record]
 
 
 # ------------------------------------------------------------------------------------------- the nanoGPT baseline
