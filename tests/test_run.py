@@ -261,3 +261,25 @@ def test_demo_data_swaps_in_the_users_corpora(tmp_path):
     nothing = cli("demo", "--data", str(empty))
     assert nothing.returncode == 2 and "no .txt, .jsonl, .jsonl.gz, .jsonl.zst files" in nothing.stderr
     assert not (REPO / "runs" / "demo-empty").exists() and not (REPO / "runs" / "demo-nope").exists()
+
+
+def test_gain_table_marks_changes_beyond_two_standard_errors():
+    from rich.console import Console
+
+    from fermion.run import gain_table, stage_gains
+
+    def results(exact, se, args):
+        return {"results": [{"task": "arithmetic", "metrics": [{"name": "exact", "value": exact, "stderr": se}]},
+                            {"task": "tinytask", "metrics": [{"name": "arguments", "value": args}]}]}
+
+    tables = {"pretrain": results(0.04, 0.02, 0.0), "sft": results(0.06, 0.024, 0.18),
+              "rl": results(0.20, 0.04, 0.30)}
+    gains = {(g[0], g[2]): g for g in stage_gains(tables)}
+    _, _, _, change, se = gains["arithmetic", "sft − pretrain"]
+    assert change == pytest.approx(0.02) and se == pytest.approx((0.02**2 + 0.024**2) ** 0.5)
+    assert gains["tinytask", "rl − sft"][4] is None  # no standard error reported, none invented
+    console = Console(record=True, width=120)
+    console.print(gain_table(tables))
+    text = console.export_text()
+    assert "+0.020 ± 0.031" in text and "+0.140 ± 0.047 ▲" in text and "+0.120" in text
+    assert gain_table({"pretrain": tables["pretrain"]}) is None

@@ -257,6 +257,9 @@ def plan(recipe: Recipe, console: Console) -> list[Step]:
                 continue
             tables[name] = evaluate_stage(recipe, name, directory, console, key)
         console.print(comparison_table(tables))
+        gains = gain_table(tables)
+        if gains is not None:
+            console.print(gains)
         note = f" ({', '.join(reused)} as before)" if reused else ""
         return f"{len(models)} model(s) on {', '.join(recipe.eval.tasks)}{note}"
 
@@ -407,6 +410,43 @@ def comparison_table(tables: dict[str, dict]) -> Table:
                 rows.setdefault((task["task"], metric["name"]), {})[stage] = f"{metric['value']:.3f}{err}"
     for (task, metric), values in rows.items():
         table.add_row(task, metric, *(values.get(stage, "–") for stage in tables))
+    return table
+
+
+def stage_gains(tables: dict[str, dict]) -> list[tuple[str, str, str, float, float | None]]:
+    """What each stage added over the one before it, on the same held-out problems: (task, metric, "b − a", change,
+    its standard error) for every metric both stages report. The error is sqrt(se_a² + se_b²), the unpaired one:
+    pairing by problem would shrink it, so a change beyond two of these is beyond two paired ones too."""
+    def scores(data: dict) -> dict[tuple[str, str], tuple[float, float | None]]:
+        return {(task["task"], m["name"]): (m["value"], m.get("stderr")) for task in data["results"]
+                for m in task["metrics"]}
+
+    names = list(tables)
+    gains = []
+    for before, after in zip(names, names[1:]):
+        old, new = scores(tables[before]), scores(tables[after])
+        for key in [k for k in new if k in old]:
+            (a, se_a), (b, se_b) = old[key], new[key]
+            se = None if se_a is None or se_b is None else (se_a**2 + se_b**2) ** 0.5
+            gains.append((*key, f"{after} − {before}", b - a, se))
+    return gains
+
+
+def gain_table(tables: dict[str, dict]) -> Table | None:
+    """Rows task/metric, a column per stage after the first: its change over the stage before, ± the standard error
+    of the change, and "▲"/"▼" where the change is beyond two of them."""
+    gains = stage_gains(tables)
+    if not gains:
+        return None
+    columns = list(dict.fromkeys(g[2] for g in gains))
+    table = Table("task", "metric", *columns, title="held-out gain by stage (▲ ▼: beyond 2 standard errors)")
+    rows: dict[tuple[str, str], dict[str, str]] = {}
+    for task, metric, column, change, se in gains:
+        mark = "" if se is None or abs(change) <= 2 * se else (" ▲" if change > 0 else " ▼")
+        err = "" if se is None else f" ± {se:.3f}"
+        rows.setdefault((task, metric), {})[column] = f"{change:+.3f}{err}{mark}"
+    for (task, metric), values in rows.items():
+        table.add_row(task, metric, *(values.get(column, "–") for column in columns))
     return table
 
 
