@@ -170,3 +170,13 @@ def test_tiny_positive_temperature_and_top_p_sample_the_top_token():
         draws = {sample(logits.clone(), params, torch.tensor([], dtype=torch.long), torch.Generator().manual_seed(s))
                  for s in range(50)}
         assert draws == {0}, params
+
+
+def test_decoding_under_autocast_from_fp32_weights(tokenizer):
+    # RL samples rollouts from the policy's fp32 master weights under the trainer's bf16 autocast: the KV cache holds
+    # the weights' dtype and takes the bf16 keys and values (it used to raise "Index put requires ... dtypes match").
+    model = build(tokenizer.vocab_size)
+    prompts = [tokenizer.encode(t) for t in ("First Citizen:\nBefore we", "O")]
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        done = Engine(model, tokenizer, max_batch=2).generate(prompts, GREEDY)
+    assert [len(c.token_ids) for c in done] == [40, 40]

@@ -161,9 +161,10 @@ class KVCache:
     def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         """Store k/v [n, H_kv, T, hd] at each row's positions; attention of q [n, H, T, hd] over the cache."""
         n, heads, T, head_dim = q.shape
-        # Scatter to each row's own positions: [n, T, H_kv, hd] at (slot, :, position).
-        self.k[layer][self.rows, :, self.positions] = k.transpose(1, 2)
-        self.v[layer][self.rows, :, self.positions] = v.transpose(1, 2)
+        # Scatter to each row's own positions: [n, T, H_kv, hd] at (slot, :, position). In the cache's dtype: under
+        # autocast (RL's rollouts from fp32 master weights) k and v arrive in bf16 while the cache has the weights'.
+        self.k[layer][self.rows, :, self.positions] = k.transpose(1, 2).to(self.k.dtype)
+        self.v[layer][self.rows, :, self.positions] = v.transpose(1, 2).to(self.v.dtype)
         slots = slice(self.first_slot, self.first_slot + n)
         k_all, v_all = self.k[layer, slots, :, :self.keys], self.v[layer, slots, :, :self.keys]
         q = q.reshape(n, k.shape[1], self.group * T, head_dim)
