@@ -1,4 +1,4 @@
-"""Export to GGUF, the single-file format of llama.cpp and Ollama, plus an Ollama `Modelfile` beside it.
+"""Export to GGUF, the single-file format of llama.cpp and Ollama, plus an Ollama Modelfile beside it.
 
 Architecture choice. llama.cpp has no "fermion" architecture, so the model is written as the architecture that
 computes the same function: `llama` for dense models and for MoE (the Mixtral layout: softmax router, top-k,
@@ -26,6 +26,7 @@ import numpy as np
 import torch
 from gguf import MODEL_TENSOR, GGMLQuantizationType, LlamaFileType, TokenType
 
+from fermion import layout
 from fermion.atomic import replaced_file
 from fermion.chat.templates import STOP_STRINGS
 from fermion.config import ModelConfig
@@ -72,7 +73,8 @@ OLLAMA_TEMPLATES = {
 
 def export_gguf(model: Transformer, tokenizer: Tokenizer, out_dir: Path, *, dtype: str = "f16",
                 chat_template: str | None = None, template_name: str | None = None, name: str = "model") -> Path:
-    """Write `out_dir/<name>-<dtype>.gguf` and an Ollama `Modelfile` beside it; return the GGUF's path.
+    """Write `out_dir/<name>-<dtype>.gguf` and the Ollama Modelfile naming it, `<name>-<dtype>.Modelfile`, beside it
+    (other dtypes' files in the folder are left as they are); return the GGUF's path.
 
     dtype: "f32", "f16" or "q8_0" for the weight matrices; norms, the MoE router and other 1-D tensors stay F32
     (as convert_hf_to_gguf.py keeps them). `chat_template` (Jinja, as in tokenizer_config.json) is embedded for
@@ -111,7 +113,7 @@ def export_gguf(model: Transformer, tokenizer: Tokenizer, out_dir: Path, *, dtyp
 
     _write_atomically(path, write)
     modelfile = _modelfile(path.name, cfg, tokenizer, template_name)
-    _write_atomically(out_dir / "Modelfile", lambda temporary: temporary.write_text(modelfile, encoding="utf-8"))
+    _write_atomically(layout.modelfile(path), lambda temporary: temporary.write_text(modelfile, encoding="utf-8"))
     return path
 
 
