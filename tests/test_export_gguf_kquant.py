@@ -34,6 +34,7 @@ def test_quantized_blocks_dequantize_close_to_the_originals(qtype):
     weights[2] = 0  # all-zero blocks stay exactly zero
     weights[3, :256] = 0.5  # a constant block
     weights[4, :32] = -1e-3  # one sub-block much smaller than the others of its super-block
+    weights[4, 256:] = 1e-39  # so small that its reciprocal overflows float32: stored as zero
     data = kquant.quantize(weights, qtype)
     assert data.dtype == np.uint8 and data.shape == (64, 2 * gguf.GGML_QUANT_SIZES[qtype][1])
     back = gguf.quants.dequantize(data, qtype)
@@ -50,6 +51,7 @@ def test_quantized_blocks_dequantize_close_to_the_originals(qtype):
     sub_error = np.sqrt((error.reshape(-1, 8, 32) ** 2).mean(axis=2))
     assert (sub_error <= 3 * RELATIVE_RMS[qtype] * super_rms[:, None]).all()
     np.testing.assert_array_equal(back[2], 0)
+    np.testing.assert_array_equal(back[4, 256:], 0)
     np.testing.assert_allclose(back[3, :256], 0.5, rtol=2 * RELATIVE_RMS[qtype])
 
 
@@ -151,9 +153,28 @@ def test_fermion_export_names_the_fallbacks(tokenizer, tmp_path):  # noqa: F811
 # ------------------------------------------------------------------------------------------------- llama.cpp
 
 
+@pytest.mark.parametrize("dtype, ftype", [("q4_k_m", 15), ("q5_k_m", 17), ("q6_k", 18)])  # LLAMA_FTYPE_MOSTLY_*
+def test_files_equal_llama_cpps_own_quantization_of_the_f32_export(dtype, ftype, tokenizer, tmp_path):  # noqa: F811
+    """llama.cpp's quantizer (llama_model_quantize) on fermion's f32 file: the same type for every tensor (its mix
+    and its fallbacks: ffn_hidden 96 makes ffn_down fall back) and the same bytes but for float rounding."""
+    llama_cpp = pytest.importorskip("llama_cpp")
+    model = build(**{**WIDE, "ffn_hidden": 96}, n_layers=8)
+    f32 = export_gguf(model, tokenizer, tmp_path, dtype="f32")
+    params = llama_cpp.llama_model_quantize_default_params()
+    params.ftype = ftype
+    theirs_path = tmp_path / f"llama-cpp-{dtype}.gguf"
+    assert llama_cpp.llama_model_quantize(str(f32).encode(), str(theirs_path).encode(), params) == 0
+    ours = {t.name: t for t in gguf.GGUFReader(export_gguf(model, tokenizer, tmp_path, dtype=dtype)).tensors}
+    theirs = {t.name: t for t in gguf.GGUFReader(theirs_path).tensors}
+    assert ours.keys() == theirs.keys()
+    assert {n: t.tensor_type for n, t in ours.items()} == {n: t.tensor_type for n, t in theirs.items()}
+    for name, tensor in ours.items():
+        assert (np.asarray(tensor.data) == np.asarray(theirs[name].data)).mean() > 0.99, name
+
+
 @pytest.fixture(scope="module")
 def trained(tokenizer):  # noqa: F811
-    """A 256-wide model trained for a few steps on Shakespeare, so its next-token choices are decided (a random
+    """A 256-wide model trained for 40 steps on Shakespeare, so its next-token choices are decided (a random
     model's top-1 is a coin toss that any rounding flips), with the text it is then scored on."""
     pytest.importorskip("llama_cpp")
     text = CORPUS.read_text(encoding="utf-8")
@@ -162,25 +183,31 @@ def trained(tokenizer):  # noqa: F811
     model = build(**WIDE, n_layers=2).train()
     optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
     generator = torch.Generator().manual_seed(0)
-    for _ in range(60):
-        starts = torch.randint(0, len(train_ids) - 65, (16,), generator=generator)
-        batch = torch.stack([train_ids[s : s + 65] for s in starts.tolist()])
-        logits, _ = model(batch[:, :-1])
-        loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1), batch[:, 1:].flatten())
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # on a loaded machine two threads wait on each other: 7 s a step instead of 0.15 s
+    try:
+        for _ in range(40):
+            starts = torch.randint(0, len(train_ids) - 65, (8,), generator=generator)
+            batch = torch.stack([train_ids[s : s + 65] for s in starts.tolist()])
+            logits, _ = model(batch[:, :-1])
+            loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1), batch[:, 1:].flatten())
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+    finally:
+        torch.set_num_threads(threads)
     return model.eval(), [held_out[i * 64 : (i + 1) * 64] for i in range(3)]  # 3 full-context sequences
 
 
 @pytest.mark.parametrize("dtype", ["q4_k_m", "q6_k"])
 def test_llama_cpp_runs_k_quants_with_fermions_top_1(dtype, trained, tokenizer, tmp_path):  # noqa: F811
+    # Measured: q4_k_m 187 of 192 positions, q6_k 189 (q8_0 188: the few misses are near-ties any rounding flips).
     import llama_cpp
 
     model, sequences = trained
     path = export_gguf(model, tokenizer, tmp_path, dtype=dtype)
     llm = llama_cpp.Llama(model_path=str(path), n_ctx=64, n_batch=64, logits_all=True, verbose=False, seed=0)
-    agree = total = 0
+    agree, choices = 0, set()
     for ids in sequences:
         llm.reset()
         llm.eval(ids)
@@ -188,5 +215,6 @@ def test_llama_cpp_runs_k_quants_with_fermions_top_1(dtype, trained, tokenizer, 
         with torch.no_grad():
             ours = model(torch.tensor([ids]))[0][0].numpy()
         agree += int((theirs.argmax(-1) == ours.argmax(-1)).sum())
-        total += len(ids)
-    assert total == 192 and agree / total >= 0.95, f"{dtype}: top-1 agrees on {agree} of {total}"
+        choices |= set(ours.argmax(-1).tolist())
+    assert len(choices) >= 5  # a model that says one token everywhere would agree trivially
+    assert agree / (3 * 64) >= 0.95, f"{dtype}: top-1 agrees on {agree} of 192"

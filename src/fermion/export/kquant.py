@@ -21,6 +21,8 @@ QK_K = 256  # values per super-block
 # Where a tensor's rows are not a multiple of QK_K, llama.cpp's quantizer (tensor_type_fallback) uses a 32-value
 # type of about the same precision; rows not a multiple of 32 either are stored as F16.
 FALLBACK = {Q.Q4_K: Q.Q5_0, Q.Q5_K: Q.Q5_1, Q.Q6_K: Q.Q8_0}
+# Ranges below this are treated as all zero (ggml's GROUP_MAX_EPS): their reciprocals would overflow float32.
+TINY = 1e-15
 
 
 def quantize(array: np.ndarray, qtype: Q) -> np.ndarray:
@@ -81,12 +83,12 @@ def _fit_with_min(x: np.ndarray, nmax: int, rmin: float, rdelta: float, nstep: i
     weights = np.sqrt(np.mean(x * x, axis=1, keepdims=True)) + np.abs(x)
     high = x.max(axis=1, keepdims=True)
     offset = np.minimum(x.min(axis=1, keepdims=True), 0)
-    flat = (high == offset)[:, 0]
+    flat = (high - offset < TINY)[:, 0]  # all (nearly) equal: levels 0, the minimum carries the value
 
     def levels(numerator):
         # Candidates are spread over the range from the best minimum found so far, as ggml's loop does.
         span = high - offset
-        return np.clip(np.rint(numerator / np.where(span > 0, span, 1) * (x - offset)), 0, nmax)
+        return np.clip(np.rint(numerator / np.where(span >= TINY, span, 1) * (x - offset)), 0, nmax)
 
     best_levels = levels(nmax)
     scale = (high - offset) / nmax
@@ -118,7 +120,7 @@ def _fit_symmetric(x: np.ndarray, nmax: int) -> tuple[np.ndarray, np.ndarray]:
     magnitude landing on -nmax, then 18 nearby scales tried, weighted by x² (ggml's make_qx_quants, rmse_type 1)."""
     weights = x * x
     peak = np.take_along_axis(x, np.abs(x).argmax(axis=1)[:, None], axis=1)
-    zero = np.abs(peak[:, 0]) < 1e-15
+    zero = np.abs(peak[:, 0]) < TINY
     peak = np.where(zero[:, None], 1, peak)
 
     def fit(target):
@@ -153,8 +155,8 @@ def _with_min(blocks: np.ndarray, nmax: int, rmin: float, nstep: int) -> tuple[n
     scales, mins, levels = _fit_with_min(sub, nmax, rmin, 0.1, nstep)
     scales, mins = scales.reshape(n, 8), mins.reshape(n, 8)
     max_scale, max_min = scales.max(axis=1, keepdims=True), mins.max(axis=1, keepdims=True)
-    inv_scale = np.where(max_scale > 0, 63 / np.where(max_scale > 0, max_scale, 1), 0)
-    inv_min = np.where(max_min > 0, 63 / np.where(max_min > 0, max_min, 1), 0)
+    inv_scale = np.where(max_scale > TINY, 63 / np.where(max_scale > TINY, max_scale, 1), 0)
+    inv_min = np.where(max_min > TINY, 63 / np.where(max_min > TINY, max_min, 1), 0)
     ls = np.minimum(63, np.rint(inv_scale * scales)).astype(np.uint8)
     lm = np.minimum(63, np.rint(inv_min * mins)).astype(np.uint8)
     d, dmin = _fp16(max_scale / 63), _fp16(max_min / 63)
@@ -195,7 +197,7 @@ def _q6_k(blocks: np.ndarray) -> np.ndarray:
     scales = scales.reshape(n, 16)
     # The largest-magnitude scale, sign kept, lands on -128 (the int8 scales' full range).
     peak = np.take_along_axis(scales, np.abs(scales).argmax(axis=1)[:, None], axis=1)
-    empty = np.abs(peak[:, 0]) < 1e-15
+    empty = np.abs(peak[:, 0]) < TINY
     peak = np.where(empty[:, None], 1, peak)
     d = _fp16(np.where(empty[:, None], 0, -peak / 128))
     ls = np.minimum(127, np.rint(-128 / peak * scales)).astype(np.int8)
