@@ -284,16 +284,14 @@ def _encode(array: np.ndarray, qtype: GGMLQuantizationType) -> tuple[np.ndarray,
     """The stored bytes and their type: `qtype`, or for rows that do not fit its blocks the type llama.cpp's
     quantizer falls back to (a K-quant to the 32-value type of about its precision, Q8_0 to F16)."""
     row = array.shape[-1]
-    if qtype in kquant.FALLBACK:
-        stored = kquant.fallback(qtype, row) or qtype
-        if stored == qtype:
-            return kquant.quantize(array, qtype), qtype
-        qtype = stored
-    if qtype not in (GGMLQuantizationType.F32, GGMLQuantizationType.F16) and row % gguf.GGML_QUANT_SIZES[qtype][0]:
-        qtype = GGMLQuantizationType.F16
-    if qtype == GGMLQuantizationType.F32:
-        return array, qtype
-    return gguf.quants.quantize(array, qtype), qtype
+    stored = kquant.fallback(qtype, row) or qtype
+    if stored in kquant.FALLBACK:  # a K-quant that fits: gguf cannot quantize those
+        return kquant.quantize(array, stored), stored
+    if stored not in (GGMLQuantizationType.F32, GGMLQuantizationType.F16) and row % gguf.GGML_QUANT_SIZES[stored][0]:
+        stored = GGMLQuantizationType.F16
+    if stored == GGMLQuantizationType.F32:
+        return array, stored
+    return gguf.quants.quantize(array, stored), stored
 
 
 def _modelfile(gguf_name: str, cfg: ModelConfig, tokenizer: Tokenizer, template_name: str | None) -> str:
