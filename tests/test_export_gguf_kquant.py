@@ -153,12 +153,19 @@ def test_fermion_export_names_the_fallbacks(tokenizer, tmp_path):  # noqa: F811
 # ------------------------------------------------------------------------------------------------- llama.cpp
 
 
-@pytest.mark.parametrize("dtype, ftype", [("q4_k_m", 15), ("q5_k_m", 17), ("q6_k", 18)])  # LLAMA_FTYPE_MOSTLY_*
-def test_files_equal_llama_cpps_own_quantization_of_the_f32_export(dtype, ftype, tokenizer, tmp_path):  # noqa: F811
+FALLING_BACK = dict(WIDE, ffn_hidden=96, n_layers=8)  # ffn_down's 96-value rows fall back
+EIGHT_EXPERTS = dict(WIDE, n_layers=2, moe={"n_experts": 8, "top_k": 2})  # llama.cpp's own rules for 8 experts
+
+
+@pytest.mark.parametrize("dtype, ftype, shape", [("q4_k_m", 15, FALLING_BACK), ("q5_k_m", 17, FALLING_BACK),
+                                                 ("q6_k", 18, FALLING_BACK), ("q4_k_m", 15, EIGHT_EXPERTS)],
+                         ids=["q4_k_m", "q5_k_m", "q6_k", "q4_k_m-8-experts"])  # ftype: LLAMA_FTYPE_MOSTLY_*
+def test_files_equal_llama_cpps_own_quantization_of_the_f32_export(dtype, ftype, shape, tokenizer,  # noqa: F811
+                                                                   tmp_path):
     """llama.cpp's quantizer (llama_model_quantize) on fermion's f32 file: the same type for every tensor (its mix
-    and its fallbacks: ffn_hidden 96 makes ffn_down fall back) and the same bytes but for float rounding."""
+    and its fallbacks) and the same bytes but for float rounding."""
     llama_cpp = pytest.importorskip("llama_cpp")
-    model = build(**{**WIDE, "ffn_hidden": 96}, n_layers=8)
+    model = build(**shape)
     f32 = export_gguf(model, tokenizer, tmp_path, dtype="f32")
     params = llama_cpp.llama_model_quantize_default_params()
     params.ftype = ftype
