@@ -96,7 +96,7 @@ def test_card_renders_every_section_from_the_records(run_copy):
 
     hf, gguf = run_copy / "export" / "hf", run_copy / "export" / "gguf"
     assert f'AutoModelForCausalLM.from_pretrained("{hf}")' in text
-    assert f"llama-cli -m {gguf / 'tiny-f16.gguf'}" in text and f"-f {gguf / 'Modelfile'}" in text
+    assert f"llama-cli -m {gguf / 'tiny-f16.gguf'}" in text and f"-f {gguf / 'tiny-f16.Modelfile'}" in text
     assert f"fermion chat {run_copy}" in text
     assert not list(readme.parent.glob(".*tmp*"))  # nothing half-written left behind
 

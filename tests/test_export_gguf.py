@@ -123,7 +123,7 @@ def test_f32_export_holds_every_tensor_exactly(case, tokenizer, tmp_path):
     model = build(**overrides)
     path = export_gguf(model, tokenizer, tmp_path, dtype="f32", name="tiny")
     assert path == tmp_path / "tiny-f32.gguf"
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["Modelfile", "tiny-f32.gguf"]  # no temporaries left
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["tiny-f32.Modelfile", "tiny-f32.gguf"]  # no temporaries
     fields, tensors = read(path)
     assert fields["general.architecture"] == arch
     expected = expected_tensors(model, arch)
@@ -284,6 +284,18 @@ def test_failed_export_leaves_no_file(tokenizer, tmp_path, monkeypatch):
     assert not any(tmp_path.iterdir())
 
 
+def test_each_dtype_in_one_folder_keeps_a_modelfile_naming_its_own_file(tokenizer, tmp_path):
+    model = build()
+    export_gguf(model, tokenizer, tmp_path, dtype="f16", name="tiny")
+    first = (tmp_path / "tiny-f16.Modelfile").read_text()
+    export_gguf(model, tokenizer, tmp_path, dtype="q8_0", name="tiny")
+    assert (tmp_path / "tiny-f16.Modelfile").read_text() == first  # not overwritten by the second dtype
+    for dtype in ("f16", "q8_0"):
+        assert (tmp_path / f"tiny-{dtype}.Modelfile").read_text().splitlines()[0] == f"FROM ./tiny-{dtype}.gguf"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["tiny-f16.Modelfile", "tiny-f16.gguf",
+                                                           "tiny-q8_0.Modelfile", "tiny-q8_0.gguf"]
+
+
 @pytest.mark.parametrize("template_name, stops", [
     ("chatml", ["<|im_end|>", "<|eos|>"]), ("alpaca", ["<|eos|>"]), ("tagged", ["</assistant>", "<|eos|>"]),
     ("my-own", ["<|eos|>"]), (None, ["<|eos|>"]),
@@ -291,7 +303,7 @@ def test_failed_export_leaves_no_file(tokenizer, tmp_path, monkeypatch):
 def test_modelfile(template_name, stops, tokenizer, tmp_path):
     export_gguf(build(), tokenizer, tmp_path, dtype="q8_0", chat_template=CHAT_TEMPLATE, template_name=template_name,
                 name="fermion-tiny")
-    text = (tmp_path / "Modelfile").read_text()
+    text = (tmp_path / "fermion-tiny-q8_0.Modelfile").read_text()
     lines = text.splitlines()
     assert lines[0] == "FROM ./fermion-tiny-q8_0.gguf"
     assert [line for line in lines if line.startswith("PARAMETER stop")] == [f'PARAMETER stop "{s}"' for s in stops]
@@ -363,7 +375,8 @@ def go_renderer(tmp_path_factory) -> Path:
 @pytest.mark.parametrize("template_name", BUILTIN)
 def test_modelfile_template_renders_like_the_chat_template(template_name, go_renderer, tokenizer, tmp_path):
     export_gguf(build(), tokenizer, tmp_path, template_name=template_name)
-    go_template = re.search(r'^TEMPLATE """(.*?)"""$', (tmp_path / "Modelfile").read_text(), re.S | re.M).group(1)
+    go_template = re.search(r'^TEMPLATE """(.*?)"""$', (tmp_path / "model-f16.Modelfile").read_text(), re.S | re.M)
+    go_template = go_template.group(1)
     (tmp_path / "template.tmpl").write_text(go_template)
     conversations = [[{"Role": m["role"], "Content": m["content"]} for m in c] for c in CONVERSATIONS]
     (tmp_path / "conversations.json").write_text(json.dumps(conversations))

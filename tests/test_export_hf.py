@@ -16,7 +16,7 @@ from fermion.data.tokenizer import Tokenizer
 from fermion.errors import ExportError
 from fermion.export.hf import export_hf
 from fermion.infer.engine import Engine, SamplingParams
-from fermion.model.hf import architecture, hf_config, import_hf, to_hf_state_dict
+from fermion.model.hf import architecture, hf_config, import_hf, imported_recipe, to_hf_state_dict
 from fermion.model.transformer import Transformer
 
 CONVERSATION = [
@@ -166,3 +166,67 @@ def test_an_option_no_architecture_has_is_refused_by_name(tokenizer, tmp_path):
     assert not (tmp_path / "hf").exists()
     model.cfg = WithParallelBlocks(**model.cfg.model_dump(exclude={"parallel_blocks"}))  # off: exports as usual
     assert (export_hf(model, tokenizer, tmp_path / "hf", template=ChatTemplate.get("chatml")) / "config.json").is_file()
+
+
+# What `fermion import` reads: folders transformers itself writes (its config class + save_pretrained), one per
+# architecture the map lists, each with options that change the computation where the architecture has them.
+SIZES = dict(hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+             max_position_embeddings=64, rope_theta=5000.0, rms_norm_eps=1e-5)
+SAVED_BY_TRANSFORMERS = {
+    "llama": ("LlamaConfig", {}),
+    "llama-tied": ("LlamaConfig", dict(tie_word_embeddings=True)),
+    "mistral-window": ("MistralConfig", dict(sliding_window=8)),
+    "qwen3": ("Qwen3Config", dict(head_dim=32)),
+    "qwen3-window": ("Qwen3Config", dict(use_sliding_window=True, sliding_window=8, max_window_layers=0)),
+    # Windows only from layer 28 on, so none of these 2: full attention throughout, as transformers computes it.
+    "qwen3-window-past-depth": ("Qwen3Config", dict(use_sliding_window=True, sliding_window=8, max_window_layers=28)),
+    "mixtral": ("MixtralConfig", dict(num_local_experts=4, num_experts_per_tok=2)),
+    # transformers 5.x saves the expert count as num_local_experts; 4.x as num_experts.
+    "qwen3_moe": ("Qwen3MoeConfig", dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=48,
+                                         norm_topk_prob=True)),
+}
+
+
+def save_with_transformers(tokenizer, folder, config_class: str, **options):
+    config = getattr(transformers, config_class)(vocab_size=tokenizer.vocab_size, **{**SIZES, **options})
+    torch.manual_seed(0)
+    hf = transformers.AutoModelForCausalLM.from_config(config, attn_implementation="eager").eval()
+    with torch.no_grad():  # norms away from one, so a misplaced norm shows
+        for name, param in hf.named_parameters():
+            if name.endswith("norm.weight"):
+                param.uniform_(0.5, 1.5)
+    hf.save_pretrained(folder)
+    tokenizer.inner.save(str(folder / "tokenizer.json"))
+    return hf
+
+
+@pytest.mark.parametrize("variant", list(SAVED_BY_TRANSFORMERS))
+def test_import_of_a_folder_transformers_wrote_gives_its_logits(tokenizer, tmp_path, variant):
+    config_class, options = SAVED_BY_TRANSFORMERS[variant]
+    hf = save_with_transformers(tokenizer, tmp_path / "saved", config_class, **options)
+    model, _, recipe = imported_recipe(tmp_path / "saved")  # what `fermion import` runs
+    assert architecture(recipe.model) == variant.split("-")[0]
+    ids = torch.randint(0, tokenizer.vocab_size, (2, 40), generator=torch.Generator().manual_seed(2))  # > window
+    with torch.no_grad():
+        ours, _ = model(ids)
+        theirs = hf(ids).logits
+    assert (ours - theirs).abs().max().item() < 1e-4
+    assert (ours.argmax(-1) == theirs.argmax(-1)).all()
+
+
+@pytest.mark.parametrize("key, value, message", [
+    ("num_attention_heads", 3, "num_attention_heads \\(3\\) must be a multiple of num_key_value_heads \\(2\\)"),
+    ("hidden_size", None, "hidden_size is missing"),
+    ("layer_types", ["sliding_attention", "full_attention"], "layer_types"),
+])
+def test_import_names_a_config_key_it_cannot_honour(tokenizer, tmp_path, key, value, message):
+    save_with_transformers(tokenizer, tmp_path / "saved", "Qwen3Config")
+    path = tmp_path / "saved" / "config.json"
+    config = json.loads(path.read_text())
+    if value is None:
+        del config[key]
+    else:
+        config[key] = value
+    path.write_text(json.dumps(config))
+    with pytest.raises(ExportError, match=f"config.json: .*{message}"):
+        imported_recipe(tmp_path / "saved")

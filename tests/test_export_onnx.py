@@ -10,7 +10,7 @@ import torch
 import fermion.export.onnx as onnx_export
 from fermion.config import ModelConfig
 from fermion.errors import ExportError
-from fermion.export.onnx import export_onnx
+from fermion.export.onnx import OnnxModel, export_onnx
 from fermion.model.transformer import Transformer
 
 TINY = dict(vocab_size=97, d_model=64, n_layers=2, n_heads=4, n_kv_heads=2, ffn_hidden=96, context_length=48,
@@ -109,3 +109,21 @@ def test_unsupported_options_are_refused(tmp_path, options, message):
     with pytest.raises(ExportError, match=message):
         export_onnx(build(), tmp_path / "out", **options)
     assert not (tmp_path / "out").exists()
+
+
+def test_an_input_longer_than_the_context_is_refused_naming_the_context_length(tmp_path):
+    model = build()
+    path = export_onnx(model, tmp_path)
+    meta = session(path).get_modelmeta()  # what any onnxruntime user can read
+    assert meta.custom_metadata_map["context_length"] == "48"
+    assert "at most 48 tokens per row (the context length)" in meta.description
+    runner = OnnxModel(path)
+    assert runner.context_length == 48
+    ids = torch.randint(0, model.cfg.vocab_size, (2, 49), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        expected = model(ids[:, :48])[0].numpy()
+    np.testing.assert_allclose(runner.logits(ids[:, :48].numpy()), expected, atol=1e-4, rtol=0)  # the whole context
+    with pytest.raises(ExportError, match=r"input of 49 tokens is longer than the model's context length \(48\)"):
+        runner.logits(ids.numpy())
+    with pytest.raises(ExportError, match=r"shape \[49\]; the ONNX model takes \[batch, sequence\]"):
+        runner.logits(ids[0].numpy())

@@ -29,7 +29,7 @@ def test_export_every_format_from_a_run(trained, tmp_path):
     export = trained / "export"
     config = json.loads((export / "hf" / "config.json").read_text())
     assert config["model_type"] == "llama" and config["torch_dtype"] == "bfloat16"
-    assert (export / "gguf" / "Modelfile").is_file() and list((export / "gguf").glob("*.gguf"))
+    assert (export / "gguf" / "tiny-f16.Modelfile").is_file() and list((export / "gguf").glob("*.gguf"))
     assert (export / "onnx" / "model.onnx").is_file()
     bad = run("export", str(trained), "--format", "safetensors")
     assert bad.returncode == 2 and "not one of hf, gguf, onnx" in bad.stderr

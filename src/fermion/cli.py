@@ -483,8 +483,8 @@ def export_cmd(
     run: ModelArg,
     format_: Annotated[list[str], typer.Option("--format", help="hf, gguf or onnx; repeat for several.")] = ["hf"],  # noqa: B006
     out: Annotated[Path | None, typer.Option(help="Output folder (default: <run>/export/<format>).")] = None,
-    dtype: Annotated[str | None, typer.Option(help="hf: bf16|fp16|fp32 (bf16); gguf: f32|f16|q8_0 (f16); "
-                                                   "onnx: fp32|fp16 (fp32).")] = None,
+    dtype: Annotated[str | None, typer.Option(help="hf: bf16|fp16|fp32 (bf16); gguf: f32|f16|q8_0|q4_k_m|q5_k_m|"
+                                                   "q6_k (f16); onnx: fp32|fp16 (fp32).")] = None,
     template: Annotated[str | None, typer.Option(help="Chat template (default: the recipe's).")] = None,
 ) -> None:
     """Export a checkpoint to a Hugging Face folder, a GGUF file (+ Ollama Modelfile) or an ONNX model."""

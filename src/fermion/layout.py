@@ -149,6 +149,12 @@ def export_dir(directory: Path, fmt: str) -> Path:
     return Path(directory) / EXPORT / fmt
 
 
+def modelfile(gguf: Path) -> Path:
+    """The Ollama Modelfile that names this GGUF file: one per file (demo-q4_k_m.gguf, demo-q4_k_m.Modelfile), so
+    dtypes exported into one folder each keep their own."""
+    return Path(gguf).with_suffix(".Modelfile")
+
+
 def card_file(directory: Path) -> Path:
     """The model card: README.md in the Hugging Face export."""
     return export_dir(directory, "hf") / CARD

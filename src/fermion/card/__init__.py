@@ -251,7 +251,7 @@ def usage_section(run_arg: str, final: StageRecord, recipe: Recipe) -> list[str]
             lines += [f"Export first: `fermion export {run_arg} --format gguf` (writes `{gguf}` and a Modelfile).",
                       ""]
         lines += ["```sh", f'llama-cli -m {gguf} -p "Once upon a time" -n 64', "",
-                  f"ollama create {name} -f {gguf_dir / 'Modelfile'}", f"ollama run {name}", "```", ""]
+                  f"ollama create {name} -f {layout.modelfile(gguf)}", f"ollama run {name}", "```", ""]
     lines += ["### fermion", "", "```sh", f"fermion chat {run_arg}",
               f'fermion generate {run_arg} "Once upon a time"', f"fermion serve {run_arg}", "```", ""]
     return lines

@@ -65,7 +65,7 @@ def export(run, formats: list[str], out=None, dtype: str | None = None, template
             from fermion.export.gguf import export_gguf
 
             paths.append(export_gguf(model, tokenizer, folder, dtype=fmt_dtype, chat_template=chat_template.source,
-                                     template_name=chat_template.name, name=recipe.run.name))
+                                     template_name=chat_template.name, name=recipe.run.name, warn=warn))
         else:
             from fermion.export.onnx import export_onnx
 

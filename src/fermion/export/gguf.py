@@ -1,4 +1,4 @@
-"""Export to GGUF, the single-file format of llama.cpp and Ollama, plus an Ollama `Modelfile` beside it.
+"""Export to GGUF, the single-file format of llama.cpp and Ollama, plus an Ollama Modelfile beside it.
 
 Architecture choice. llama.cpp has no "fermion" architecture, so the model is written as the architecture that
 computes the same function: `llama` for dense models and for MoE (the Mixtral layout: softmax router, top-k,
@@ -26,20 +26,27 @@ import numpy as np
 import torch
 from gguf import MODEL_TENSOR, GGMLQuantizationType, LlamaFileType, TokenType
 
+from fermion import layout
 from fermion.atomic import replaced_file
 from fermion.chat.templates import STOP_STRINGS
 from fermion.config import ModelConfig
 from fermion.data.tokenizer import Tokenizer
 from fermion.errors import ExportError
+from fermion.export import kquant
 from fermion.model.hf import check_mapped
 from fermion.model.transformer import Transformer
 
-# dtype name -> (type of the 2-D weight matrices, the file type recorded in the header).
+# dtype name -> (type of the 2-D weight matrices, the file type recorded in the header). The K-quant mixes give some
+# tensors more bits, as llama.cpp's quantizer does (kquant.tensor_type).
 DTYPES = {
     "f32": (GGMLQuantizationType.F32, LlamaFileType.ALL_F32),
     "f16": (GGMLQuantizationType.F16, LlamaFileType.MOSTLY_F16),
     "q8_0": (GGMLQuantizationType.Q8_0, LlamaFileType.MOSTLY_Q8_0),
+    "q4_k_m": (GGMLQuantizationType.Q4_K, LlamaFileType.MOSTLY_Q4_K_M),
+    "q5_k_m": (GGMLQuantizationType.Q5_K, LlamaFileType.MOSTLY_Q5_K_M),
+    "q6_k": (GGMLQuantizationType.Q6_K, LlamaFileType.MOSTLY_Q6_K),
 }
+K_MIXES = ("q4_k_m", "q5_k_m", "q6_k")
 
 # Ollama prompt templates (Go text/template) that render the same text as fermion's built-in Jinja chat templates
 # (fermion.chat.templates). With `.Messages` Ollama passes the whole conversation; `.System` joins its system messages.
@@ -71,12 +78,16 @@ OLLAMA_TEMPLATES = {
 
 
 def export_gguf(model: Transformer, tokenizer: Tokenizer, out_dir: Path, *, dtype: str = "f16",
-                chat_template: str | None = None, template_name: str | None = None, name: str = "model") -> Path:
-    """Write `out_dir/<name>-<dtype>.gguf` and an Ollama `Modelfile` beside it; return the GGUF's path.
+                chat_template: str | None = None, template_name: str | None = None, name: str = "model",
+                warn: Callable[[str], object] = print) -> Path:
+    """Write `out_dir/<name>-<dtype>.gguf` and the Ollama Modelfile naming it, `<name>-<dtype>.Modelfile`, beside it
+    (other dtypes' files in the folder are left as they are); return the GGUF's path.
 
-    dtype: "f32", "f16" or "q8_0" for the weight matrices; norms, the MoE router and other 1-D tensors stay F32
-    (as convert_hf_to_gguf.py keeps them). `chat_template` (Jinja, as in tokenizer_config.json) is embedded for
-    llama.cpp; `template_name` picks the Modelfile's Go template when it is one of fermion's named templates.
+    dtype: "f32", "f16", "q8_0" or the K-quant mixes "q4_k_m", "q5_k_m", "q6_k" for the weight matrices; norms,
+    the MoE router and other 1-D tensors stay F32 (as llama.cpp keeps them). A weight whose rows do not fit the
+    type's blocks is stored in the type llama.cpp falls back to, and `warn` names it with the reason.
+    `chat_template` (Jinja, as in tokenizer_config.json) is embedded for llama.cpp; `template_name` picks the
+    Modelfile's Go template when it is one of fermion's named templates.
     """
     cfg = model.cfg
     spec = json.loads(tokenizer.inner.to_str())  # the tokenizer.json: pipeline and merges
@@ -84,7 +95,7 @@ def export_gguf(model: Transformer, tokenizer: Tokenizer, out_dir: Path, *, dtyp
     if tokenizer.vocab_size > cfg.vocab_size:
         raise ExportError(f"model.vocab_size ({cfg.vocab_size}) is smaller than the tokenizer's vocabulary "
                           f"({tokenizer.vocab_size}); the GGUF needs an embedding row for every token")
-    matrix_type, file_type = DTYPES[dtype]
+    file_type = DTYPES[dtype][1]
     arch = "qwen3" if cfg.qk_norm else "llama"
     if cfg.qk_norm and cfg.moe:
         arch = "qwen3moe"
@@ -92,7 +103,10 @@ def export_gguf(model: Transformer, tokenizer: Tokenizer, out_dir: Path, *, dtyp
     out_dir = Path(out_dir)  # made by the first write (atomic.replaced_file), which names it if it cannot be
     path = out_dir / f"{name}-{dtype}.gguf"
 
+    fallbacks: dict[tuple, list[str]] = {}  # (asked, stored, row length) -> tensor names
+
     def write(temporary: Path) -> None:
+        fallbacks.clear()
         writer = gguf.GGUFWriter(temporary, arch)
         try:
             writer.add_name(name)
@@ -101,7 +115,10 @@ def export_gguf(model: Transformer, tokenizer: Tokenizer, out_dir: Path, *, dtyp
             _add_hyperparameters(writer, cfg)
             _add_tokenizer(writer, tokenizer, spec["model"]["merges"], cfg.vocab_size, chat_template)
             for tensor_name, array in _tensors(model, permute_qk=arch == "llama"):
-                data, stored_as = _encode(tensor_name, array, matrix_type)
+                asked = _asked_type(tensor_name, array, dtype, cfg)
+                data, stored_as = _encode(array, asked)
+                if stored_as != asked:
+                    fallbacks.setdefault((asked, stored_as, array.shape[-1]), []).append(tensor_name)
                 writer.add_tensor(tensor_name, data, raw_dtype=stored_as)
             writer.write_header_to_file()
             writer.write_kv_data_to_file()
@@ -110,8 +127,12 @@ def export_gguf(model: Transformer, tokenizer: Tokenizer, out_dir: Path, *, dtyp
             writer.close()
 
     _write_atomically(path, write)
+    for (asked, stored, row), names in fallbacks.items():
+        block = gguf.GGML_QUANT_SIZES[asked][0]
+        warn(f"gguf {dtype}: {', '.join(names)} stored as {stored.name} instead of {asked.name}: rows of {row} "
+             f"values are not a multiple of {asked.name}'s {block}-value block")
     modelfile = _modelfile(path.name, cfg, tokenizer, template_name)
-    _write_atomically(out_dir / "Modelfile", lambda temporary: temporary.write_text(modelfile, encoding="utf-8"))
+    _write_atomically(layout.modelfile(path), lambda temporary: temporary.write_text(modelfile, encoding="utf-8"))
     return path
 
 
@@ -248,15 +269,29 @@ def _array(tensor: torch.Tensor) -> np.ndarray:
     return tensor.detach().to("cpu", torch.float32).numpy()
 
 
-def _encode(name: str, array: np.ndarray, matrix_type: GGMLQuantizationType) -> tuple[np.ndarray, GGMLQuantizationType]:
-    """The stored bytes and their type. Norms and 1-D tensors stay F32 (llama.cpp's kernels for them expect F32);
-    the MoE router stays F32 as llama.cpp's own quantizer leaves it, since small errors there change expert choices."""
+def _asked_type(name: str, array: np.ndarray, dtype: str, cfg: ModelConfig) -> GGMLQuantizationType:
+    """The type a tensor gets in a `dtype` file, before any fallback for its row length. Norms and 1-D tensors stay
+    F32 (llama.cpp's kernels for them expect F32); the MoE router stays F32 as llama.cpp's own quantizer leaves it,
+    since small errors there change expert choices."""
     if array.ndim == 1 or name.endswith("_norm.weight") or ".ffn_gate_inp." in name:
-        return array, GGMLQuantizationType.F32
-    try:
-        return gguf.quants.quantize(array, matrix_type), matrix_type
-    except gguf.QuantError:  # rows not a multiple of the 32-value Q8_0 block: F16, as convert_hf_to_gguf does
-        return gguf.quants.quantize(array, GGMLQuantizationType.F16), GGMLQuantizationType.F16
+        return GGMLQuantizationType.F32
+    if dtype not in K_MIXES:
+        return DTYPES[dtype][0]
+    return kquant.tensor_type(name, dtype, cfg.n_layers, cfg.moe.n_experts if cfg.moe else 0, cfg.tie_embeddings)
+
+
+def _encode(array: np.ndarray, qtype: GGMLQuantizationType) -> tuple[np.ndarray, GGMLQuantizationType]:
+    """The stored bytes and their type: `qtype`, or for rows that do not fit its blocks the type llama.cpp's
+    quantizer falls back to (a K-quant to the 32-value type of about its precision, Q8_0 to F16)."""
+    row = array.shape[-1]
+    stored = kquant.fallback(qtype, row) or qtype
+    if stored in kquant.FALLBACK:  # a K-quant that fits: gguf cannot quantize those
+        return kquant.quantize(array, stored), stored
+    if stored not in (GGMLQuantizationType.F32, GGMLQuantizationType.F16) and row % gguf.GGML_QUANT_SIZES[stored][0]:
+        stored = GGMLQuantizationType.F16
+    if stored == GGMLQuantizationType.F32:
+        return array, stored
+    return gguf.quants.quantize(array, stored), stored
 
 
 def _modelfile(gguf_name: str, cfg: ModelConfig, tokenizer: Tokenizer, template_name: str | None) -> str:

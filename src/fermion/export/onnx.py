@@ -12,6 +12,11 @@ grouping tokens by expert, whose counts follow the routing of the traced tokens 
 
 fp16 exports store weights and compute in fp16 (RMSNorm and the router's softmax stay fp32 inside, as in PyTorch)
 and return fp32 logits, so a consumer reads the same output type whichever dtype was exported.
+
+The graph cannot take more tokens than the context length (its rotary tables have that many rows), and ONNX has no
+operator to refuse such an input with a message: onnxruntime fails with a broadcast error deep inside. So the file
+states the limit where tools show it (the model's description and its `context_length` metadata, which
+onnxruntime returns from `get_modelmeta()`), and `OnnxModel`, fermion's way to run the file, checks it first.
 """
 
 from __future__ import annotations
@@ -24,6 +29,7 @@ import warnings
 from collections.abc import Iterator
 from pathlib import Path
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -39,6 +45,7 @@ DTYPES = {"fp32": torch.float32, "fp16": torch.float16}
 EXTERNAL_DATA_BYTES = int(1.5 * 2**30)
 # torch's ONNX functions start at opset 18; asked for less, it exports 18 anyway after a failed down-conversion.
 MIN_OPSET = 18
+CONTEXT_KEY = "context_length"  # the metadata entry holding the most tokens a row may have
 
 
 def export_onnx(model: Transformer, out_dir: Path, *, dtype: str = "fp32", opset: int | None = None) -> Path:
@@ -61,6 +68,10 @@ def export_onnx(model: Transformer, out_dir: Path, *, dtype: str = "fp32", opset
             module, (example,), input_names=["input_ids"], output_names=["logits"],
             dynamic_shapes=dynamic, opset_version=opset, dynamo=True, verbose=False,
         )
+    program.model.metadata_props[CONTEXT_KEY] = str(context)
+    program.model.doc_string = (f"fermion model. input_ids: int64 [batch, sequence], at most {context} tokens per "
+                                f"row (the context length); logits: float32 [batch, sequence, "
+                                f"{subject.cfg.vocab_size}].")
     weight_bytes = sum(p.numel() * p.element_size() for p in subject.parameters())
     return _save_atomically(program, Path(out_dir), external_data=weight_bytes > EXTERNAL_DATA_BYTES)
 
@@ -75,6 +86,28 @@ def check_exportable(cfg: ModelConfig, dtype: str = "fp32", tokenizer: dict | No
     if missing:
         raise ExportError(f"the ONNX export needs the {' and '.join(missing)} package(s): "
                           "pip install 'fermion[export]'")
+
+
+class OnnxModel:
+    """An exported model in onnxruntime (CPU), refusing with a message an input the graph cannot take."""
+
+    def __init__(self, path: str | Path):
+        import onnxruntime
+
+        self.session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+        limit = self.session.get_modelmeta().custom_metadata_map.get(CONTEXT_KEY)
+        self.context_length = int(limit) if limit is not None else None  # None: exported before it was recorded
+
+    def logits(self, input_ids) -> np.ndarray:
+        """Logits [batch, sequence, vocab] for token ids [batch, sequence]."""
+        ids = np.asarray(input_ids, dtype=np.int64)
+        if ids.ndim != 2:
+            raise ExportError(f"input_ids has shape {list(ids.shape)}; the ONNX model takes [batch, sequence]")
+        if self.context_length is not None and ids.shape[1] > self.context_length:
+            raise ExportError(f"input of {ids.shape[1]} tokens is longer than the model's context length "
+                              f"({self.context_length}); pass at most {self.context_length} tokens per row, e.g. the "
+                              "last ones of a longer text")
+        return self.session.run(None, {"input_ids": ids})[0]
 
 
 class _LogitsOnly(nn.Module):

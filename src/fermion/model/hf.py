@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -49,6 +50,9 @@ def check_mapped(cfg, target: str) -> None:
 CLASSES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen3": "Qwen3ForCausalLM",
            "mixtral": "MixtralForCausalLM", "qwen3_moe": "Qwen3MoeForCausalLM"}
 WEIGHTS_INDEX = "model.safetensors.index.json"
+# The config.json key each fermion size comes from, for messages about a folder.
+HF_KEYS = {"vocab_size": "vocab_size", "d_model": "hidden_size", "n_layers": "num_hidden_layers",
+           "n_heads": "num_attention_heads", "n_kv_heads": "num_key_value_heads", "ffn_hidden": "intermediate_size"}
 
 
 def architecture(cfg: ModelConfig) -> str:
@@ -175,6 +179,16 @@ def _config_from_hf(hf: dict, folder: Path) -> ModelConfig:
     where = f"{folder / 'config.json'}"
     if arch not in CLASSES:
         raise ExportError(f"{where}: model_type {arch!r} cannot be imported; fermion reads {', '.join(CLASSES)}")
+
+    def need(*names: str):
+        """The first of `names` the config holds. transformers versions spell some fields differently: 5.x saves
+        the expert count of Mixtral and Qwen3-MoE as num_local_experts (both configs map num_experts onto it),
+        4.x saved Qwen3-MoE's as num_experts."""
+        for name in names:
+            if hf.get(name) is not None:
+                return hf[name]
+        raise ExportError(f"{where}: {' or '.join(names)} is missing; fermion needs it to build the model")
+
     checks = {"hidden_act": ("silu", hf.get("hidden_act", "silu")),
               "attention_bias": (False, hf.get("attention_bias", False)),
               "mlp_bias": (False, hf.get("mlp_bias", False))}
@@ -185,39 +199,62 @@ def _config_from_hf(hf: dict, folder: Path) -> ModelConfig:
     if rope.get("rope_type", rope.get("type", "default")) != "default":
         raise ExportError(f"{where}: rope scaling {rope.get('rope_type', rope.get('type'))!r} is not supported; "
                           "fermion implements plain RoPE")
+    if rope.get("partial_rotary_factor", 1.0) != 1.0:
+        raise ExportError(f"{where}: partial_rotary_factor = {rope['partial_rotary_factor']} is not supported; "
+                          "fermion rotates every dimension of a head")
     theta = rope.get("rope_theta", hf.get("rope_theta", 10000.0))
-    window = hf.get("sliding_window")
-    if arch in ("qwen3", "qwen3_moe"):
-        if not hf.get("use_sliding_window", False):
-            window = None
-        elif arch == "qwen3" and hf.get("max_window_layers", 0) != 0:
-            raise ExportError(f"{where}: max_window_layers = {hf['max_window_layers']} windows only some layers; "
-                              "fermion windows all layers or none")
-    if arch == "llama":
-        window = None
+    window = _window(hf, arch, where)
     moe = None
-    if arch == "mixtral":
-        moe = MoEConfig(n_experts=hf["num_local_experts"], top_k=hf["num_experts_per_tok"],
-                        aux_loss_coef=hf.get("router_aux_loss_coef", 0.01))
-    elif arch == "qwen3_moe":
-        if not hf.get("norm_topk_prob", False):
+    if arch in ("mixtral", "qwen3_moe"):
+        if arch == "qwen3_moe" and not hf.get("norm_topk_prob", False):
             raise ExportError(f"{where}: norm_topk_prob = false (top-k weights not renormalised) is not supported")
         if hf.get("decoder_sparse_step", 1) != 1 or hf.get("mlp_only_layers"):
             raise ExportError(f"{where}: dense layers mixed with sparse ones (decoder_sparse_step/mlp_only_layers) "
                               "are not supported")
-        moe = MoEConfig(n_experts=hf["num_experts"], top_k=hf["num_experts_per_tok"],
-                        aux_loss_coef=hf.get("router_aux_loss_coef", 0.001))
-    heads, d_model = hf["num_attention_heads"], hf["hidden_size"]
+        moe = MoEConfig(n_experts=need("num_local_experts", "num_experts"), top_k=need("num_experts_per_tok"),
+                        aux_loss_coef=hf.get("router_aux_loss_coef", 0.01 if arch == "mixtral" else 0.001))
+    heads, d_model = need("num_attention_heads"), need("hidden_size")
     kv_heads, head_dim = hf.get("num_key_value_heads") or heads, hf.get("head_dim") or d_model // heads
-    return ModelConfig(  # defaults left as None, as a recipe would write them
-        vocab_size=hf["vocab_size"], d_model=d_model, n_layers=hf["num_hidden_layers"], n_heads=heads,
-        n_kv_heads=None if kv_heads == heads else kv_heads, head_dim=None if head_dim == d_model // heads else head_dim,
-        ffn_hidden=hf["moe_intermediate_size"] if arch == "qwen3_moe" else hf["intermediate_size"],
-        context_length=hf.get("max_position_embeddings", 2048), rope_theta=float(theta),
-        norm_eps=hf.get("rms_norm_eps", 1e-6), tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
-        qk_norm=arch in ("qwen3", "qwen3_moe"), sliding_window=window, moe=moe,
-        init_std=hf.get("initializer_range", 0.02),
-    )
+    try:
+        return ModelConfig(  # defaults left as None, as a recipe would write them
+            vocab_size=need("vocab_size"), d_model=d_model, n_layers=need("num_hidden_layers"), n_heads=heads,
+            n_kv_heads=None if kv_heads == heads else kv_heads,
+            head_dim=None if head_dim == d_model // heads else head_dim,
+            ffn_hidden=need("moe_intermediate_size") if arch == "qwen3_moe" else need("intermediate_size"),
+            context_length=hf.get("max_position_embeddings", 2048), rope_theta=float(theta),
+            norm_eps=hf.get("rms_norm_eps", 1e-6), tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
+            qk_norm=arch in ("qwen3", "qwen3_moe"), sliding_window=window, moe=moe,
+            init_std=hf.get("initializer_range", 0.02),
+        )
+    except ValueError as err:  # pydantic's ValidationError: sizes fermion cannot build (heads not dividing, ...)
+        detail = err.errors()[0]["msg"].removeprefix("Value error, ") if hasattr(err, "errors") else str(err)
+        # Said in the folder's own keys: fermion's names would send the reader looking for fields it does not have.
+        detail = re.sub(r"\b(\w+)\b", lambda m: HF_KEYS.get(m.group(1), m.group(1)), detail)
+        raise ExportError(f"{where}: {detail}") from None
+
+
+def _window(hf: dict, arch: str, where: str) -> int | None:
+    """The sliding window fermion applies to every layer, or None. Fermion windows all layers or none."""
+    if arch == "llama":
+        return None
+    window = hf.get("sliding_window")
+    if arch == "qwen3_moe" and not hf.get("use_sliding_window", False):
+        return None
+    if arch == "qwen3":
+        # transformers >= 4.54 saves which layers slide as layer_types; older folders derive it from
+        # use_sliding_window and max_window_layers (layers from that index on slide), as transformers does.
+        layer_types = hf.get("layer_types")
+        if layer_types is None:
+            windowed = hf.get("use_sliding_window", False) and window is not None
+            start = hf.get("max_window_layers", 0)
+            layer_types = ["sliding_attention" if windowed and i >= start else "full_attention"
+                           for i in range(hf.get("num_hidden_layers", 0))]
+        kinds = set(layer_types)
+        if kinds - {"sliding_attention", "full_attention"} or len(kinds) > 1:
+            raise ExportError(f"{where}: layer_types = {sorted(kinds)} mixes or names attention kinds fermion "
+                              "cannot compute; fermion windows all layers or none")
+        return window if kinds == {"sliding_attention"} else None
+    return window
 
 
 def _read_weights(folder: Path) -> dict[str, torch.Tensor]:
