@@ -163,6 +163,21 @@ def test_adapters_refuse_a_base_that_changed_or_is_gone(tiny_run, tmp_path):
     assert not (tmp_path / "never").exists()
 
 
+def test_dpo_trains_qlora_adapters_on_a_four_bit_base(tiny_run, tmp_path):
+    stage_dir = tmp_path / "dpo"
+    result = cli("dpo", TINY, "--set", f"run.dir={tiny_run}", "--set", f"dpo.dir={stage_dir}",
+                 "--set", f"dpo.train.init_from={tiny_run}", "--set", "dpo.epochs=null", "--set", "dpo.train.steps=3",
+                 "--set", "dpo.train.checkpoint_every=3", "--set", "dpo.lora={rank: 2, targets: [wqkv, w_down], "
+                 "quantize: int4}")
+    assert result.returncode == 0, result.stderr
+    final = checkpoint.find(stage_dir)
+    assert set(load_file(final / "model.safetensors")) == {f"blocks.{i}.{path}.lora_{side}" for i in range(2)
+                                                           for path in ("attn.wqkv", "ffn.w_down") for side in "AB"}
+    assert json.loads((final / "adapter.json").read_text())["lora"]["quantize"] == "int4"
+    loaded = checkpoint.load(stage_dir)  # merged into the float base
+    assert loaded.stage == "dpo" and not any(isinstance(m, lora.LoRALinear) for m in loaded.model.modules())
+
+
 @pytest.mark.parametrize("setting, message", [
     ("{targets: [q_proj, wo]}", "sft.lora.targets: 'q_proj' is not a projection of this model; valid: wqkv, wo, "
                                 "w_gate_up, w_down (q_proj is Hugging Face's name; here it is part of wqkv)"),
