@@ -2,6 +2,7 @@
 base, exports that PEFT and transformers load with fermion's logits, and QLoRA's memory below LoRA's."""
 
 import copy
+import importlib.util
 import json
 import shutil
 from pathlib import Path
@@ -13,13 +14,9 @@ from safetensors.torch import load_file
 
 from fermion import checkpoint
 from fermion.config import LoRAConfig, ModelConfig, RecipeError, recipe_from_dict
-from fermion.device import DistInfo
-from fermion.errors import CheckpointError
 from fermion.model import lora
-from fermion.model.counting import allocation_peak
-from fermion.train.objectives import Pretrain
 from fermion.train.qlora import Int4Frozen, quantize_frozen
-from fermion.train.trainer import Trainer, build_optimizer
+from fermion.train.trainer import build_optimizer
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = str(REPO / "configs" / "tiny.yaml")
@@ -234,34 +231,12 @@ def test_adapter_export_of_a_run_without_adapters_is_refused(tiny_run, tmp_path)
 # ----------------------------------------------------------------------------------------------------- memory
 
 
-def training_peak(tmp_path, quantize: str) -> int:
-    """Bytes held at the peak of a LoRA training step: weights and buffers, optimizer state, and the most the step
-    allocates beyond them (measured by the project's allocation profiler, the second step, as test_memory)."""
-    from torch.profiler import ProfilerActivity, profile
-
-    recipe = recipe_from_dict({"run": {"dir": str(tmp_path / quantize)}, "train": {
-        "steps": 4, "micro_batch_size": 1, "seq_len": 32, "precision": "fp32", "compile": False, "progress": False,
-        "tensorboard": False, "device": "cpu", "cross_entropy": "full"}, "model": {
-        "vocab_size": 256, "d_model": 128, "n_layers": 4, "n_heads": 4, "ffn_hidden": 512, "context_length": 32}},
-        check_paths=False)
-    model = tiny_model(**recipe.model.model_dump())
-    lora.add_adapters(model, LoRAConfig(rank=4, quantize=quantize), {"digest": ""})
-    if quantize == "int4":
-        quantize_frozen(model)
-    batch = (torch.randint(0, 256, (1, 32)), torch.randint(0, 256, (1, 32)))
-    loader = type("Fixed", (), {"next_batch": lambda self: batch, "state_dict": lambda self: {}})()
-    trainer = Trainer(recipe, model.train(), Pretrain(torch.ones(256)), loader, [],
-                      DistInfo(rank=0, world_size=1, local_rank=0, device=torch.device("cpu")), tmp_path / "tok.json")
-    trainer.train_step()
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-        trainer.train_step()
-    held = sum(t.numel() * t.element_size() for t in [*model.parameters(), *model.buffers()])
-    moments = sum(t.numel() * t.element_size() for s in trainer.optimizer.state.values() for t in s.values()
-                  if torch.is_tensor(t))
-    return held + moments + allocation_peak(prof)
-
-
 def test_qlora_trains_in_less_memory_than_lora(tmp_path):
-    plain, quantized = training_peak(tmp_path, "none"), training_peak(tmp_path, "int4")
+    """bench/lora.py's measurement (the allocation profiler over a whole training step) on a small model."""
+    spec = importlib.util.spec_from_file_location("lora_bench", REPO / "bench" / "lora.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    small = {"vocab_size": 256, "d_model": 128, "n_layers": 4, "n_heads": 4, "ffn_hidden": 512, "context_length": 32}
+    plain, quantized = (bench.training_peak(small, quantize, 1, 32, tmp_path) for quantize in ("none", "int4"))
     # The block matrices are ~0.8M weights: 3.1 MiB in fp32, about 0.45 MiB packed with their scales.
     assert quantized < plain - (2 << 20), (quantized, plain)
