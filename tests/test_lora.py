@@ -238,5 +238,6 @@ def test_qlora_trains_in_less_memory_than_lora(tmp_path):
     spec.loader.exec_module(bench)
     small = {"vocab_size": 256, "d_model": 128, "n_layers": 4, "n_heads": 4, "ffn_hidden": 512, "context_length": 32}
     plain, quantized = (bench.training_peak(small, quantize, 1, 32, tmp_path) for quantize in ("none", "int4"))
-    # The block matrices are ~0.8M weights: 3.1 MiB in fp32, about 0.45 MiB packed with their scales.
-    assert quantized < plain - (2 << 20), (quantized, plain)
+    # The block matrices are ~1M weights: 4 MiB in fp32, about 0.6 MiB packed with their scales; dequantizing one
+    # matrix for its matmul takes a few float copies of it for a moment, so the peak drops by less (about 25%).
+    assert quantized < 0.85 * plain, (quantized, plain)
