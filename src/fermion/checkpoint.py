@@ -7,6 +7,8 @@
         trainer_state.json     step, tokens seen, data-loader position, non-finite streak, lr, wall time,
                                hardware, resolved precision, compiled, the stage kind (STAGES), objective state
         recipe.yaml            the resolved recipe
+        adapter.json           with LoRA only: the adapters' settings and the base they were trained on (path and
+                               weights digest); model.safetensors and optimizer.pt then hold the adapters alone
         tokenizer.json         the tokenizer the run uses
         manifest.json          sha256 of every file above (damage is detected before anything is loaded)
     <run>/checkpoints/latest   the name of the newest complete checkpoint
@@ -43,10 +45,11 @@ from safetensors.torch import load_file, save_file
 from fermion import layout
 from fermion.atomic import discard, free_space, no_space, replaced_dir, replaced_file, storage_errors
 from fermion.chat.templates import ChatTemplate
-from fermion.config import ModelConfig, Recipe, recipe_from_dict
+from fermion.config import LoRAConfig, ModelConfig, Recipe, recipe_from_dict
 from fermion.data.tokenizer import Tokenizer
 from fermion.device import DistInfo, all_reduce, barrier
 from fermion.errors import CheckpointError, StorageError
+from fermion.model import lora
 from fermion.model.hf import imported_recipe, is_hf_folder, read_config
 from fermion.model.transformer import Transformer
 
@@ -275,6 +278,8 @@ def start_save(
                 (tmp / "trainer_state.json").write_text(json.dumps(state, indent=2))
                 layout.recipe_file(tmp).write_text(recipe.to_yaml())
                 Tokenizer.load(tokenizer_path).save(layout.tokenizer_file(tmp))  # with its tokenizer_config.json
+                if lora.adapted(model):
+                    layout.adapter_file(tmp).write_text(json.dumps(model.adapters, indent=2))
     except Exception:
         if info.is_main:
             discard(tmp)
@@ -293,7 +298,7 @@ def start_save(
         else:
             write = lambda: dcp.save(bundle, checkpoint_id=str(tmp / "dcp"))  # noqa: E731
     elif info.is_main:
-        weights = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
+        weights = {k: v.detach().contiguous() for k, v in _saved_state(model).items()}
         optim_state = optimizer.state_dict()
         if asynchronous:
             weights, optim_state = _cpu_copy(weights), _cpu_copy(optim_state)
@@ -309,6 +314,11 @@ def start_save(
                 _write_manifest(tmp, step)
 
     return PendingSave(run_dir, final, tmp, _Job(work, background=asynchronous), info, keep)
+
+
+def _saved_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """What a checkpoint keeps of a model: its adapters alone when it has them (the base is referenced), else all."""
+    return lora.adapter_state(model) if lora.adapted(model) else model.state_dict()
 
 
 def save_weights(model: torch.nn.Module, recipe: Recipe, tokenizer: Tokenizer, out: Path) -> Path:
@@ -347,10 +357,37 @@ def load_training(ckpt: Path, model, optimizer, info: DistInfo, sharded: bool) -
     elif sharded:
         _load_full_into_sharded(ckpt, model, optimizer, info)
     else:
-        model.load_state_dict(load_file(ckpt / "model.safetensors", device=str(info.device)))
+        _load_state(ckpt, model, load_file(ckpt / "model.safetensors", device=str(info.device)))
         optimizer.load_state_dict(torch.load(ckpt / "optimizer.pt", weights_only=True, map_location=info.device))
     _restore_rng(ckpt, info.rank)
     return state
+
+
+def _load_state(ckpt: Path, model: torch.nn.Module, weights: dict[str, torch.Tensor]) -> None:
+    """A checkpoint's model.safetensors into a model: adapters into an adapted model trained on the same base (the
+    digest adapter.json records), all weights into a plain one."""
+    record = lora.read_record(ckpt)
+    if (record is None) != (not lora.adapted(model)):
+        raise CheckpointError(f"{ckpt} holds {'adapters' if record else 'a whole model'}, but this stage trains "
+                              f"{'adapters' if lora.adapted(model) else 'every weight'}: the recipe's lora section "
+                              "changed; restore it or use another run.dir")
+    if record is None:
+        model.load_state_dict(weights)
+        return
+    if record["base"]["digest"] != model.adapters["base"]["digest"]:
+        raise CheckpointError(f"{ckpt}'s adapters were trained on {record['base']['checkpoint']}, whose weights "
+                              f"differ from those this stage starts from ({model.adapters['base']['checkpoint']}); "
+                              "resume from the same base or use another run.dir")
+    lora.load_adapter_state(model, weights, str(ckpt))
+
+
+def base_reference(source: str | os.PathLike, weights: dict[str, torch.Tensor]) -> dict:
+    """What adapters trained on the weights loaded from `source` (a run, checkpoint or HF folder) record of it: the
+    path given, the checkpoint it resolved to, and the weights' digest (checked whenever the adapters are loaded)."""
+    source = Path(source)
+    resolved = source if is_hf_folder(source) else find(source)
+    digest = lora.weights_digest(weights)
+    return {"path": str(source.resolve()), "checkpoint": str(resolved.resolve()), "digest": digest}
 
 
 def _load_dcp(ckpt: Path, model, optimizer) -> None:
@@ -476,6 +513,23 @@ def stage_by_name(recipe: Recipe) -> str:
     return "continued" if recipe.train.init_from else "pretrain"
 
 
+def _adapted(ckpt: Path, record: dict, device: str, warn, merge_adapters: bool) -> Transformer:
+    """The base an adapter checkpoint names (its checkpoint, else the path it was given as), verified by digest,
+    with the checkpoint's adapters."""
+    base = record["base"]
+    source = base["checkpoint"] if Path(base["checkpoint"]).exists() else base["path"]
+    if not Path(source).exists():
+        raise CheckpointError(f"{ckpt} holds LoRA adapters for the base model {base['checkpoint']}, which is gone "
+                              f"(and {base['path']} too); put the base back to use them")
+    model = load(source, device, warn=warn).model
+    if lora.weights_digest(model.state_dict()) != base["digest"]:
+        raise CheckpointError(f"{ckpt} holds LoRA adapters trained on other weights than {source} now has (it "
+                              "changed since): they fit only the base they were trained on; restore it")
+    lora.add_adapters(model, LoRAConfig(**record["lora"]), base)
+    lora.load_adapter_state(model, load_file(ckpt / "model.safetensors", device=str(device)), str(ckpt))
+    return lora.merge(model) if merge_adapters else model
+
+
 def load_weights(ckpt: Path, model: torch.nn.Module) -> None:
     """Load a checkpoint's weights into an unwrapped model, from safetensors or from DCP shards."""
     if (ckpt / "model.safetensors").is_file():
@@ -508,16 +562,23 @@ class Loaded:
         return ChatTemplate.get(spec or self.recipe.tokenizer.chat_template)
 
 
-def load(path: str | os.PathLike, device: str = "cpu", dtype: torch.dtype | None = None, warn=print) -> Loaded:
-    """A run directory (its newest good checkpoint), a checkpoint directory or a Hugging Face folder."""
+def load(path: str | os.PathLike, device: str = "cpu", dtype: torch.dtype | None = None, warn=print,
+         merge_adapters: bool = True) -> Loaded:
+    """A run directory (its newest good checkpoint), a checkpoint directory or a Hugging Face folder. A checkpoint
+    trained with LoRA is its base (loaded the same way, and checked against the digest it recorded) with the
+    adapters merged in, or with `merge_adapters=False` kept apart (model/lora.py; the PEFT export)."""
     if is_hf_folder(path):
         model, tokenizer, recipe = imported_recipe(Path(path))
         stage = stage_by_name(recipe)
     else:
         ckpt = find(path, warn=warn)
         recipe = load_recipe_of(ckpt)
-        model = Transformer.build(recipe.model, device)
-        load_weights(ckpt, model)
+        record = lora.read_record(ckpt)
+        if record is None:
+            model = Transformer.build(recipe.model, device)
+            load_weights(ckpt, model)
+        else:
+            model = _adapted(ckpt, record, device, warn, merge_adapters)
         tokenizer = Tokenizer.load(layout.tokenizer_file(ckpt))
         stage = _recorded_stage(ckpt, recipe)
     model.reset_rope()

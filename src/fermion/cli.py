@@ -486,17 +486,17 @@ def export_cmd(
     dtype: Annotated[str | None, typer.Option(help="hf: bf16|fp16|fp32 (bf16); gguf: f32|f16|q8_0|q4_k_m|q5_k_m|"
                                                    "q6_k (f16); onnx: fp32|fp16 (fp32).")] = None,
     template: Annotated[str | None, typer.Option(help="Chat template (default: the recipe's).")] = None,
+    adapter: Annotated[bool, typer.Option(help="LoRA: a PEFT adapter folder (base inside), not merged.")] = False,
 ) -> None:
     """Export a checkpoint to a Hugging Face folder, a GGUF file (+ Ollama Modelfile) or an ONNX model."""
     from fermion.export import export
-
     formats = [f.strip() for spec in format_ for f in spec.split(",") if f.strip()]
     try:
-        paths = run_guarded(lambda: export(run, formats, out, dtype, template, warn=console.print))
+        paths = run_guarded(lambda: export(run, formats, out, dtype, template, console.print, adapter=adapter))
     except ModuleNotFoundError as err:
         fail(f"the export needs the '{err.name}' package: pip install 'fermion[export]'")
     for fmt, path in zip(formats, paths, strict=True):
-        console.print(f"{fmt}: {path}")
+        console.print(f"{'adapter' if adapter else fmt}: {path}")
 
 
 @app.command()

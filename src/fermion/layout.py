@@ -42,6 +42,7 @@ METRICS = "metrics.jsonl"
 TENSORBOARD = "tensorboard"
 REPORT = "report.json"
 REFERENCE_CACHE = "reference_logps.safetensors"
+ADAPTER = "adapter.json"
 EVAL = "eval"
 EVAL_RESULTS = "results.json"
 EXPORT = "export"
@@ -112,6 +113,11 @@ def step_of(folder: Path) -> int | None:
 def latest_file(directory: Path) -> Path:
     """checkpoints/latest: the name of the newest complete checkpoint."""
     return checkpoints_dir(directory) / LATEST
+
+
+def adapter_file(checkpoint: Path) -> Path:
+    """A LoRA checkpoint's record of its adapters and their base (checkpoint.py)."""
+    return checkpoint / ADAPTER
 
 
 def metrics_file(directory: Path) -> Path:

@@ -214,6 +214,21 @@ def _post_train(lr: float, steps: int = 200) -> TrainConfig:
                        log_every=10)
 
 
+class LoRAConfig(Section):
+    """Low-rank adapters (model/lora.py) on the chosen projections, the model's own weights frozen: a post-training
+    stage's `lora` sub-section (sft.lora, dpo.lora). Its checkpoints then hold the adapters and a reference to the
+    base; loading merges them."""
+
+    rank: int = Field(8, ge=1)
+    alpha: float = Field(16.0, gt=0)  # the adapters' output is scaled by alpha / rank
+    dropout: float = Field(0.0, ge=0, lt=1)  # on the adapters' input only
+    # The model's own projection names: wqkv, wo, w_gate_up, w_down (an MoE model: wqkv, wo). None: all of them.
+    targets: list[str] | None = Field(None, min_length=1)
+    # int4: QLoRA. The frozen matrices of every block are held in 4 bits while training (infer/quantize.py's int4
+    # quantizer, dequantized on the fly); the adapters stay fp32. Inference merges them into the float base.
+    quantize: Literal["none", "int4"] = "none"
+
+
 class SFTConfig(Section):
     sources: list[SourceConfig] = Field(min_length=1)
     dir: str | None = None  # default: <run dir>/sft
@@ -223,6 +238,7 @@ class SFTConfig(Section):
     epochs: float | None = Field(1.0, gt=0)  # when set, the step count follows from it and train.steps is unused
     # Its own optimisation: lr, schedule, batch. train.init_from defaults to this recipe's pretraining run.
     train: TrainConfig = Field(default_factory=lambda: _post_train(lr=1e-4))
+    lora: LoRAConfig | None = None  # train adapters instead of every weight
 
 
 class DPOConfig(Section):
@@ -241,6 +257,7 @@ class DPOConfig(Section):
     epochs: float | None = Field(1.0, gt=0)
     # train.init_from defaults to this recipe's SFT run.
     train: TrainConfig = Field(default_factory=lambda: _post_train(lr=5e-6))
+    lora: LoRAConfig | None = None  # train adapters instead of every weight
 
 
 class SmokePromptConfig(Section):

@@ -36,11 +36,12 @@ def check(fmt: str, cfg, dtype: str | None = None, tokenizer: dict | None = None
 
 
 def export(run, formats: list[str], out=None, dtype: str | None = None, template: str | None = None,
-           warn=print, dtypes: dict[str, str | None] | None = None) -> list:
+           warn=print, dtypes: dict[str, str | None] | None = None, adapter: bool = False) -> list:
     """Export a run or checkpoint (loaded once) to each format: <run>/export/<format>, or `out` for one format.
     The dtype of a format is dtypes[format] (a recipe's export.<format>.dtype), else `dtype`, else the format's
     default (DEFAULT_DTYPES). Returns the written paths. Import errors of an optional exporter's package propagate
-    (ModuleNotFoundError)."""
+    (ModuleNotFoundError). A LoRA checkpoint is exported with its adapters merged; with `adapter` (hf only), as a
+    PEFT adapter folder (<run>/export/adapter) holding its base's HF export (export/peft.py)."""
     from pathlib import Path
 
     from fermion import checkpoint
@@ -50,9 +51,17 @@ def export(run, formats: list[str], out=None, dtype: str | None = None, template
         raise ExportError(f"format {unknown[0]!r} is not one of {', '.join(FORMATS)}")
     if out is not None and len(formats) > 1:
         raise ExportError("an output folder names one format; export one format at a time with it")
-    loaded = checkpoint.load(Path(run), warn=warn)
+    if adapter and formats != ["hf"]:
+        raise ExportError("--adapter writes a PEFT adapter folder beside the hf export of its base; other formats "
+                          "take the adapters merged: export them without --adapter")
+    loaded = checkpoint.load(Path(run), warn=warn, merge_adapters=not adapter)
     model, tokenizer, recipe = loaded.model, loaded.tokenizer, loaded.recipe
     chat_template = loaded.chat_template(template)
+    if adapter:
+        from fermion.export.peft import export_adapter
+
+        folder = Path(out) if out is not None else layout.output_root(Path(run), layout.EXPORT) / "adapter"
+        return [export_adapter(model, tokenizer, folder, template=chat_template, dtype=dtype or DEFAULT_DTYPES["hf"])]
     paths = []
     for fmt in formats:
         folder = Path(out) if out is not None else layout.output_root(Path(run), layout.EXPORT) / fmt

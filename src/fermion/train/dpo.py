@@ -43,6 +43,7 @@ from fermion.config import Recipe
 from fermion.data.sources import DataError
 from fermion.data.tokenizer import Tokenizer
 from fermion.device import DistInfo, all_reduce, resolve_cross_entropy, resolve_precision
+from fermion.model.lora import weights_digest
 from fermion.train.objectives import DPO, IGNORE_INDEX, sequence_logps
 from fermion.train.posttrain import (
     PostTraining,
@@ -243,15 +244,6 @@ def reference_logps(model: torch.nn.Module, pairs: list[TokenPair], batch_size: 
     return all_reduce(found, info).cpu().numpy()
 
 
-def weights_digest(weights: dict[str, torch.Tensor]) -> str:
-    digest = hashlib.sha256()
-    for name in sorted(weights):
-        tensor = weights[name].detach().cpu().contiguous()
-        digest.update(f"{name} {tensor.dtype} {tuple(tensor.shape)}".encode())
-        digest.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes())
-    return digest.hexdigest()
-
-
 def cached_reference(stage: Stage, model: torch.nn.Module, train: list[TokenPair], val: list[TokenPair],
                      precision: str, info: DistInfo, console: Console) -> tuple[np.ndarray, np.ndarray]:
     """The reference log-probabilities of the train and val pairs, from the stage's cache when its key matches."""
@@ -353,6 +345,7 @@ class DPOSetup(PostTraining):
         model = build_model(self.recipe, info.device, stage.weights)
         precision = resolve_precision(train_cfg.precision, info.device)
         if cfg.reference == "precomputed":
+            # Scored before any adapters are added (with B = 0 they add nothing; QLoRA's 4-bit base would).
             train_ref, val_ref = cached_reference(stage, model, self.train, self.val, precision, info, console)
             objective = DPO(cfg.beta, cfg.loss, sft_weight=cfg.sft_weight)
         else:
@@ -361,8 +354,8 @@ class DPOSetup(PostTraining):
                             .requires_grad_(False), sft_weight=cfg.sft_weight)
         loader = PairLoader(self.train, train_cfg.micro_batch_size, self.seed, pad_id, seq_len, train_ref, info.rank,
                             info.world_size)
-        return Parts(model, objective, loader, val_batches(self.val, train_cfg.micro_batch_size, pad_id, seq_len,
-                                                           val_ref))
+        validation = val_batches(self.val, train_cfg.micro_batch_size, pad_id, seq_len, val_ref)
+        return Parts(self.with_adapters(model, info), objective, loader, validation)
 
 
 def dpo(recipe: Recipe, resume: str = "auto", console: Console | None = None) -> TrainResult:

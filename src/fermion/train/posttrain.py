@@ -22,9 +22,12 @@ from fermion import layout
 from fermion.atomic import replaced_file
 from fermion.chat.conversations import Skipped
 from fermion.chat.templates import ChatTemplate
+from fermion.checkpoint import base_reference
 from fermion.config import Recipe, RecipeError, SourceConfig
 from fermion.data.sources import DataError, iter_records, what_sources_read
 from fermion.data.tokenizer import Tokenizer
+from fermion.model.lora import add_adapters, check_targets
+from fermion.train.qlora import quantize_frozen
 from fermion.train.stage import StageSetup
 
 
@@ -53,7 +56,7 @@ def check_same_model(recipe: Recipe, source_recipe: Recipe, source: str, field_n
 class Stage:
     name: str  # "sft" or "dpo"
     recipe: Recipe  # the run's recipe with this stage's train section and directory
-    weights: dict[str, torch.Tensor]
+    weights: dict[str, torch.Tensor] | None  # the starting weights (released once a LoRA model is built)
     tokenizer: Tokenizer
     tokenizer_path: Path
     template: ChatTemplate
@@ -85,6 +88,8 @@ def setup_stage(recipe: Recipe, name: str) -> Stage:
     if stage_recipe.train.seq_len and stage_recipe.train.seq_len > stage_recipe.model.context_length:
         raise RecipeError(f"{name}.train.seq_len ({stage_recipe.train.seq_len}) exceeds the model's context length "
                           f"({stage_recipe.model.context_length})")
+    if section.lora is not None:  # refused here, before the stage writes anything
+        check_targets(source_recipe.model, section.lora, f"{name}.lora")
     template = ChatTemplate.get(template_spec)
     template.require_tokens(tokenizer)
     return Stage(name, stage_recipe, weights, tokenizer, layout.tokenizer_file(directory), template, init_from)
@@ -184,6 +189,19 @@ class PostTraining(StageSetup):
     @recipe.setter
     def recipe(self, recipe: Recipe) -> None:
         self.stage.recipe = recipe
+
+    def with_adapters(self, model: torch.nn.Module, info) -> torch.nn.Module:
+        """The model to train: with the section's `lora`, its adapters (QLoRA: on a 4-bit base) and the rest
+        frozen, recording the base they are trained on; else the model itself."""
+        if self.cfg.lora is None:
+            return model
+        if info.distributed and self.recipe.train.distributed == "fsdp":
+            raise RecipeError(f"{self.kind}.lora: adapters train under DDP, not FSDP (the frozen base would be "
+                              f"sharded into every checkpoint); set {self.kind}.train.distributed: ddp")
+        base = base_reference(self.stage.init_from, self.stage.weights)
+        self.stage.weights = None  # the model holds its own copy: a second float one would undo QLoRA's saving
+        add_adapters(model, self.cfg.lora, base, field=self.kind + ".lora")
+        return quantize_frozen(model) if self.cfg.lora.quantize == "int4" else model
 
     def write_files(self, console) -> None:
         directory = self.recipe.run_dir

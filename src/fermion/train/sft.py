@@ -204,7 +204,7 @@ class SFTSetup(PostTraining):
         train_cfg, tokenizer = self.recipe.train, self.stage.tokenizer
         validation = val_batches(self.val, self.recipe.seq_len, train_cfg.micro_batch_size, tokenizer.pad_id,
                                  self.cfg.packing, train_cfg.eval_batches)
-        return Parts(build_model(self.recipe, info.device, self.stage.weights),
+        return Parts(self.with_adapters(build_model(self.recipe, info.device, self.stage.weights), info),
                      SFT(torch.from_numpy(tokenizer.token_bytes())), self.loader, validation)
 
 

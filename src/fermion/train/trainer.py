@@ -26,6 +26,7 @@ from fermion.device import (
     all_reduce,
     resolve_precision,
 )
+from fermion.model import lora
 from fermion.model.counting import count
 from fermion.train.distributed import compile_decision, parallelize
 from fermion.train.logging import MetricsLogger, format_stats, make_progress, peak_flops
@@ -84,11 +85,13 @@ def build_optimizer(model: torch.nn.Module, recipe: Recipe, device: torch.device
                     precision: str = "fp32") -> torch.optim.Optimizer:
     """train.optimizer: AdamW for every parameter, or Muon for the blocks' matrices and AdamW for the rest
     (train/muon.py), its orthogonalisation in bf16 when training is (as on CUDA always). Weight decay goes to matmul
-    weights only (norms and embeddings excluded unless configured)."""
+    weights only (norms and embeddings excluded unless configured). Frozen parameters (a LoRA base) get no state."""
     cfg = recipe.train
     fused = device.type in ("cpu", "cuda")  # one kernel for all parameters where PyTorch has it
     decay, no_decay, matrices = [], [], []
     for name, param in model.named_parameters():
+        if not param.requires_grad:
+            continue
         if cfg.optimizer == "muon" and muon_takes(name, param):
             matrices.append(param)
             continue
@@ -106,8 +109,10 @@ def build_optimizer(model: torch.nn.Module, recipe: Recipe, device: torch.device
 
 def muon_takes(name: str, param: torch.nn.Parameter) -> bool:
     """Whether Muon trains this parameter: the matrices inside the transformer blocks, the MoE router excepted
-    (see train/muon.py for why)."""
-    return param.ndim in (2, 3) and re.search(r"(^|\.)blocks\.", name) is not None and ".router." not in name
+    (see train/muon.py for why), and LoRA's factors too: rank-r matrices, B starting at zero, which AdamW trains
+    as LoRA was designed and tuned with."""
+    return (param.ndim in (2, 3) and re.search(r"(^|\.)blocks\.", name) is not None and ".router." not in name
+            and ".lora_" not in name)
 
 
 # ------------------------------------------------------------------------------------------------- callbacks
@@ -398,7 +403,10 @@ class Trainer:
     def plan(self) -> str:
         counts, steps = self.counts, self.cfg.steps
         mode = f" ({self.cfg.distributed})" if self.info.distributed else ""
-        return (f"plan: {counts.total_params:,} parameters ({counts.active_params:,} active) · {steps:,} steps × "
+        adapters = lora.adapted(self.raw_model)
+        trained = f", {lora.trainable_parameters(self.raw_model):,} trainable in LoRA adapters" if adapters else ""
+        return (f"plan: {counts.total_params:,} parameters ({counts.active_params:,} active{trained}) · {steps:,} "
+                f"steps × "
                 f"{self.tokens_per_step:,} tokens = {steps * self.tokens_per_step:,} tokens · "
                 f"{self.info.world_size} × {self.info.device.type}{mode} · {self.precision}"
                 f" · {'compiled' if self.compiled else 'eager'} ({self.compile_reason}) · {self.run_dir}")
