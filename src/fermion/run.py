@@ -423,7 +423,7 @@ def stage_gains(tables: dict[str, dict]) -> list[tuple[str, str, str, float, flo
 
     names = list(tables)
     gains = []
-    for before, after in zip(names, names[1:]):
+    for before, after in zip(names, names[1:], strict=False):
         old, new = scores(tables[before]), scores(tables[after])
         for key in [k for k in new if k in old]:
             (a, se_a), (b, se_b) = old[key], new[key]
