@@ -21,8 +21,10 @@ same machine with `ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2`, bench/deco
 - The kernels accept fp32, fp16 and bf16 activations but vectorise only bf16, on both AVX512 and AVX2 builds (the
   AVX2 one widens bf16 with integer shifts, so it needs no native bf16): given fp32 they run 10-30x slower than a
   plain fp32 matmul on either. So the kernels always take bf16 on CPU and the result is cast back; the rounding this
-  adds is small next to the weight quantization error. With bf16 activations the int8 kernel beats the fp32 matmul
-  at 1-8 rows by 1.5-2x on both, the int4 kernel by 2-3x on AVX512 and by 1-1.7x on AVX2 (slower than int8 there).
+  adds is small next to the weight quantization error. At 1 row and bf16 activations, against the fp32 matmul: on
+  layers too big for the cache (a 768 -> 6144 one, the 8192-row output projection) int8 is 1.7-2x faster on both,
+  int4 2.1x on AVX512 and 1.0-1.4x on AVX2; on cache-sized ones (512 -> 1024) int8 is level on AVX2 and 1.4x on
+  AVX512, int4 1.5x on AVX512 but 0.6x on AVX2, whose int4 kernel is compute-bound.
 - The int8 kernel is tuned for decode (a few rows); for many rows (prefill) widening the weights for the ordinary
   matmul is faster, in bf16 where the CPU has native bf16 matmuls (2-3x faster than fp32 there) and in fp32 where
   it has not (bf16 matmuls are emulated: 3x slower than fp32).
