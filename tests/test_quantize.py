@@ -6,18 +6,23 @@ import copy
 
 import pytest
 import torch
+from conftest import cli
 from torch import nn
 
 from fermion.config import ModelConfig, MoEConfig
+from fermion.infer import quantize as quantize_module
 from fermion.infer.quantize import (
     KERNEL_MAX_ROWS,
     Int4Linear,
     Int8Linear,
+    _quantized_linear,
+    int4_group_size,
     quantize,
     quantize_experts,
     quantize_int4,
     quantize_int8,
     quantized_bytes,
+    report_lines,
 )
 from fermion.model.moe import MoEFeedForward
 from fermion.model.transformer import Transformer
@@ -165,13 +170,79 @@ def test_quantizing_a_copy_leaves_the_tied_float_model_tied():
     assert quantized.tok_emb.weight.dtype == torch.float32
 
 
-def test_int4_layers_off_the_group_size_fall_back_to_int8():
-    model = quantize(build(), "int4")  # default group 128 divides neither 64 nor 96 in-features
-    assert set(model.quant_report["layers"].values()) == {"int8"}
-    assert model.quant_report["fallbacks"]["blocks.1.ffn.w_down"] == "in-features 96 not a multiple of group_size 128"
+def test_int4_group_size_adapts_to_the_in_features_instead_of_falling_back():
+    float_model = build()
     with torch.no_grad():
-        logits, _ = model(tokens())
-    assert torch.isfinite(logits).all()
+        expected, _ = float_model(tokens())
+        model = quantize(float_model, "int4")  # the default group 128 divides neither 64 nor 96 in-features
+        got, _ = model(tokens())
+    report = model.quant_report
+    assert {name for name, kind in report["layers"].items() if kind == "int8"} == {"lm_head"}  # 97 rows: off the tile
+    assert report["group_sizes"]["blocks.0.attn.wqkv"] == 64 and report["group_sizes"]["blocks.1.ffn.w_down"] == 32
+    assert model.get_submodule("blocks.1.ffn.w_down").group_size == 32
+    assert report["adapted"]["blocks.0.attn.wqkv"] == "group size 64: in-features 64 not a multiple of 128"
+    assert report["adapted"]["blocks.1.ffn.w_down"] == "group size 32: in-features 96 not a multiple of 128"
+    assert relative_error(got, expected) < 0.08  # as good as asking for group 32 outright
+
+
+def test_int4_group_size_never_grows_past_the_asked_one():
+    assert int4_group_size(512, 64) == 64 and int4_group_size(512, 256) == 256 and int4_group_size(704, 128) == 64
+    assert int4_group_size(96, 32) == 32 and int4_group_size(80, 128) is None
+
+
+# One test per reason a layer asked to be int4 ends up int8; each reason reaches the command's output.
+
+
+def test_int4_falls_back_when_no_group_size_divides_the_in_features():
+    model = quantize(build(ffn_hidden=80), "int4")  # w_down takes 80 in-features: a multiple of 16, not of 32
+    assert model.quant_report["fallbacks"]["blocks.0.ffn.w_down"] == (
+        "in-features 80 not a multiple of 32, the smallest int4 group size")
+    assert isinstance(model.get_submodule("blocks.0.ffn.w_down"), Int8Linear)
+
+
+def test_int4_falls_back_when_the_out_features_are_off_the_tile():
+    model = quantize(build(), "int4", group_size=GROUP)
+    assert model.quant_report["fallbacks"] == {"lm_head": "out-features 97 not a multiple of 16"}
+
+
+def test_int4_falls_back_on_a_device_without_the_kernel():
+    layer, why = _quantized_linear(torch.zeros(32, 64, device="meta"), "int4", 64)
+    assert isinstance(layer, Int8Linear) and why == "no int4 kernel on meta"
+
+
+def test_int4_falls_back_when_the_kernel_fails(monkeypatch):
+    def broken(*args):
+        raise RuntimeError("no kernel image for this CPU\nmore detail")
+
+    monkeypatch.setattr(quantize_module, "_INT4_MM_CPU", broken)
+    model = quantize(build(), "int4", group_size=GROUP)
+    assert model.quant_report["fallbacks"]["blocks.0.attn.wo"] == "int4 kernel failed: no kernel image for this CPU"
+
+
+def test_report_lines_name_every_layer_not_quantized_as_asked_with_the_reason():
+    heard = []
+    quantize(build(n_layers=3, ffn_hidden=80), "int4", say=heard.append)
+    head, *notes = heard
+    assert head.startswith("quantized (int4, group size 128): 9 int4, 4 int8 layers · CPU ")
+    assert notes == [
+        "  int4 with a smaller group size: blocks.0-2.attn.wqkv, blocks.0-2.attn.wo, blocks.0-2.ffn.w_gate_up: "
+        "group size 64: in-features 64 not a multiple of 128",
+        "  int8 instead of int4: blocks.0-2.ffn.w_down: in-features 80 not a multiple of 32, the smallest int4 group "
+        "size",
+        "  int8 instead of int4: lm_head: out-features 97 not a multiple of 16"]
+    assert report_lines({"mode": "int8", "group_size": 128, "layers": {"lm_head": "int8"}, "adapted": {},
+                         "fallbacks": {}}) == ["quantized (int8): 1 int8 layers"]
+
+
+def test_quantized_layers_compute_in_the_cpus_fast_dtype(monkeypatch):
+    # Kernels take bf16 on every CPU; a prefill's widened int8 matmul runs in bf16 only where bf16 is native.
+    for native, widened in ((True, torch.bfloat16), (False, torch.float32)):
+        monkeypatch.setattr(quantize_module, "resolve_precision", lambda *_, n=native: "bf16" if n else "fp32")
+        layer = Int8Linear(uneven_weight(48, 64))
+        assert layer.scales.dtype == torch.bfloat16 and layer.widened_dtype == widened
+        x = torch.randn(KERNEL_MAX_ROWS + 8, 64, generator=torch.Generator().manual_seed(3))
+        expected = x.to(widened).float() @ (layer.qweight.float() * layer.scales.float()[:, None]).t()
+        assert_matches_to_bf16_rounding(layer(x), expected)
 
 
 # ------------------------------------------------------------------------------------------------- MoE
@@ -246,3 +317,24 @@ def test_modes():
     quantize(model, "int8")
     with pytest.raises(ValueError, match="already quantized"):
         quantize(model, "int4")
+
+
+# ------------------------------------------------------------------------------------------------- commands
+
+
+def test_generate_and_eval_print_what_was_quantized(tiny_run, tmp_path):
+    # configs/tiny.yaml: d_model 64 and ffn_hidden 160, so no layer takes the default group size 128.
+    result = cli("generate", str(tiny_run), "--prompt", "Once", "--max-new-tokens", "3", "--temperature", "0",
+                 "--quant", "int4")
+    assert result.returncode == 0, result.stderr
+    assert "quantized (int4, group size 128): 9 int4 layers · CPU " in result.stdout
+    assert ("int4 with a smaller group size: blocks.0-1.attn.wqkv, blocks.0-1.attn.wo, blocks.0-1.ffn.w_gate_up, "
+            "lm_head: group size 64: in-features 64 not a multiple of 128") in result.stdout
+    assert "blocks.0-1.ffn.w_down: group size 32: in-features 160 not a multiple of 128" in result.stdout
+    text = tmp_path / "text.txt"
+    text.write_text("Once upon a time there was a little cat. " * 10, encoding="utf-8")
+    scored = cli("eval", str(tiny_run), "--tasks", f"perplexity={text}", "--out", str(tmp_path / "eval"),
+                 "--quant", "int8")
+    assert scored.returncode == 0, scored.stderr
+    assert "quantized (int8): 9 int8 layers" in scored.stdout and "bits_per_byte" in scored.stdout
+    assert cli("eval", str(tiny_run), "--quant", "int3").returncode == 2

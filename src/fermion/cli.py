@@ -259,7 +259,7 @@ def load_engine(path: Path, quant: str = "none", device: str = "cpu", dtype: str
         fail(str(err))
     loaded = run_guarded(lambda: checkpoint.load(path, device=device, dtype=torch_dtype, warn=console.print))
     try:
-        quantize(loaded.model, quant)
+        quantize(loaded.model, quant, say=console.print)
     except ValueError as err:
         fail(str(err))
     return Engine(prepare_for_decode(loaded.model), loaded.tokenizer, max_batch=max_batch), loaded
@@ -368,7 +368,6 @@ def serve(
     """Serve a model over an OpenAI-compatible API (/v1/chat/completions, /v1/completions) with a chat page at /."""
     import ipaddress
 
-
     try:
         from fermion.serve.app import ServerConfig
         from fermion.serve.app import serve as run_server
@@ -411,6 +410,7 @@ def eval_cmd(
     seed: int = 0,
     device: Annotated[str, typer.Option(help="cpu, cuda, ...")] = "cpu",
     dtype: Annotated[str, typer.Option(help="fp32 (default, what lm-eval compares with), bf16, fp16, auto.")] = "fp32",
+    quant: QuantOption = "none",
 ) -> None:
     """Evaluate a run, checkpoint or Hugging Face folder on benchmarks; writes results.json and results.md."""
     from fermion.eval import runner
@@ -419,7 +419,7 @@ def eval_cmd(
     from fermion.layout import EVAL, output_root
 
     try:
-        model = run_guarded(lambda: eval_lm.load(run, device=device, dtype=dtype, chat=chat))
+        model = run_guarded(lambda: eval_lm.load(run, device=device, dtype=dtype, chat=chat, quant=quant, say=print))
     except ValueError as err:
         fail(str(err))
     recipe_eval = model.recipe.eval
@@ -451,7 +451,7 @@ def eval_cmd(
                           str(result.shots), str(result.n))
     console.print(table)
     path = write(results, out or output_root(run, EVAL), model=str(run),
-                 extra={"chat": model.chat, "limit": options.limit, "seed": seed, "dtype": dtype})
+                 extra={"chat": model.chat, "limit": options.limit, "seed": seed, "dtype": dtype, "quant": quant})
     console.print(f"results: {path} and {path.with_suffix('.md')}")
 
 

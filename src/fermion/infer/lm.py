@@ -188,15 +188,17 @@ def _row_length(context, continuations) -> int:
 
 
 def load(path: str | Path, *, device: str = "cpu", dtype: str = "fp32", chat: bool | None = None,
-         template: str | None = None, max_batch: int = 16) -> EvalModel:
-    """A run, checkpoint or Hugging Face folder as an EvalModel. chat=None: chat prompting when the checkpoint comes
-    from a post-training stage (SFT or DPO), as the checkpoint records (see checkpoint.stage_by_name for those
-    that record none)."""
+         template: str | None = None, max_batch: int = 16, quant: str = "none", say=None) -> EvalModel:
+    """A run, checkpoint or Hugging Face folder as an EvalModel, quantized if asked (`say` hears the quantization
+    report). chat=None: chat prompting when the checkpoint comes from a post-training stage (SFT or DPO), as the
+    checkpoint records (see checkpoint.stage_by_name for those that record none)."""
     from fermion.device import resolve_dtype
     from fermion.infer.engine import prepare_for_decode
+    from fermion.infer.quantize import quantize
 
     torch_dtype = resolve_dtype(dtype, torch.device(device))
     loaded = checkpoint.load(path, device=device, dtype=torch_dtype, warn=lambda *_: None)
+    quantize(loaded.model, quant, say=say)
     chat = loaded.post_trained if chat is None else chat
     return EvalModel(prepare_for_decode(loaded.model), loaded.tokenizer, template=loaded.chat_template(template),
                      chat=chat,

@@ -14,17 +14,31 @@ matmul reads the narrow weights directly instead of widening them first. PyTorch
   a multiple of 16 and group_size one of 32, 64, 128, 256. On CUDA, `_convert_weight_to_int4pack` takes two
   values per uint8 byte (even k in the high nibble) and `_weight_int4pack_mm` wants bf16 and N a multiple of 8.
 
-The CPU kernels accept fp32, fp16 and bf16 activations but vectorise only bf16: given fp32 they run 15-30x slower
-than a plain fp32 matmul (measured, PyTorch 2.13, AVX-512 CPU). So quantized layers on CPU compute in bf16 and cast
-the result back; the rounding this adds is small next to the weight quantization error. The int8 kernel is tuned
-for decode (a few rows); for many rows (prefill) widening the weights to bf16 for the ordinary matmul is faster.
+Which dtype each CPU path computes in is chosen per CPU when the layer is built (`cpu_plan`), from one thread's
+timings at decode shapes (PyTorch 2.13, d_model 512-768 layers; AVX512 = an AMD EPYC with AVX512-BF16, AVX2 = the
+same machine with `ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2`, bench/decode.py):
+
+- The kernels accept fp32, fp16 and bf16 activations but vectorise only bf16, on both AVX512 and AVX2 builds (the
+  AVX2 one widens bf16 with integer shifts, so it needs no native bf16): given fp32 they run 10-30x slower than a
+  plain fp32 matmul on either. So the kernels always take bf16 on CPU and the result is cast back; the rounding this
+  adds is small next to the weight quantization error. At 1 row and bf16 activations, against the fp32 matmul: on
+  layers too big for the cache (a 768 -> 6144 one, the 8192-row output projection) int8 is 1.7-2x faster on both,
+  int4 2.1x on AVX512 and 1.0-1.4x on AVX2; on cache-sized ones (512 -> 1024) int8 is level on AVX2 and 1.4x on
+  AVX512, int4 1.5x on AVX512 but 0.6x on AVX2, whose int4 kernel is compute-bound.
+- The int8 kernel is tuned for decode (a few rows); for many rows (prefill) widening the weights for the ordinary
+  matmul is faster, in bf16 where the CPU has native bf16 matmuls (2-3x faster than fp32 there) and in fp32 where
+  it has not (bf16 matmuls are emulated: 3x slower than fp32).
+- torchao's CPU int4/int8 weight-only layouts call these same aten kernels, so it offers no faster path here.
+
 Off CPU, int8 layers widen the weights to the activations' dtype: the pattern gpt-fast relies on and
 `torch.compile` fuses (the CUDA build of the int8 op is a naive kernel, slower than cuBLAS).
 
 Packed int4 layouts depend on the device (and on CPU the instruction set), so quantize after moving the model to
-the device it will run on, and never save packed weights: quantize at load time. A layer the int4 kernel cannot
-take (in-features not a multiple of group_size, out-features off the tile size, a device without the kernel) is
-stored as int8 instead, and `model.quant_report` names it with the reason.
+the device it will run on, and never save packed weights: quantize at load time. The int4 group size adapts to a
+layer's in-features (the asked one, else the next smaller of 128, 64, 32 that divides them); a layer the int4
+kernel cannot take at all (in-features not a multiple of 32, out-features off the tile size, a device without the
+kernel) is stored as int8 instead. `model.quant_report` names every such layer with the reason, and
+`report_lines` words it for the commands' output.
 """
 
 from __future__ import annotations
@@ -33,20 +47,31 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from fermion.device import resolve_precision
 from fermion.model.moe import MoEFeedForward
 from fermion.model.transformer import Transformer
 
 MODES = ("none", "int8", "int4")
 INT4_GROUP_SIZES = (32, 64, 128, 256)  # the only group sizes the tinygemm kernels are built for
-# Rows at which widening int8 weights to bf16 for the ordinary matmul catches up with the CPU int8 kernel (one thread,
-# a 512 -> 2816 layer, kernel vs widened: 1 row 0.04 vs 0.26 ms, 16 rows 0.33 vs 0.34, 512 rows 10.6 vs 3.7).
+# Rows at which widening int8 weights for the ordinary matmul catches up with the CPU int8 kernel (one thread, a
+# 512 -> 2816 layer, kernel vs widened: 1 row 0.04 vs 0.26 ms, 16 rows 0.33 vs 0.34, 512 rows 10.6 vs 3.7).
 KERNEL_MAX_ROWS = 16
 
 
-def quantize(model: Transformer, mode: str, *, group_size: int = 128) -> Transformer:
-    """Convert `model` in place for inference and return it; `model.quant_report` says what became what.
+def cpu_plan() -> dict[str, str]:
+    """What this CPU's quantized layers compute in (the module docstring has the measurements behind it)."""
+    native_bf16 = resolve_precision("auto", torch.device("cpu")) == "bf16"
+    return {"capability": torch.backends.cpu.get_cpu_capability(), "native_bf16": "yes" if native_bf16 else "no",
+            "kernel": "bf16", "prefill": "bf16" if native_bf16 else "fp32"}
 
-    The report is {"mode", "group_size", "layers": {name: "int8" | "int4" | "float"}, "fallbacks": {name: why}}.
+
+def quantize(model: Transformer, mode: str, *, group_size: int = 128, say=None) -> Transformer:
+    """Convert `model` in place for inference and return it; `model.quant_report` says what became what, and
+    `say`, when given, hears it in words (`report_lines`): a command prints it, so no layer is left int8 silently.
+
+    The report is {"mode", "group_size", "cpu": cpu_plan() (on CPU), "layers": {name: "int8" | "int4" | "float"},
+    "group_sizes": {int4 name: group size}, "adapted": {name: why its group size is not the asked one},
+    "fallbacks": {name: why it is int8 although int4 was asked}}.
     """
     if mode not in MODES:
         raise ValueError(f"unknown quantization mode {mode!r}; valid modes: {', '.join(MODES)}")
@@ -56,13 +81,21 @@ def quantize(model: Transformer, mode: str, *, group_size: int = 128) -> Transfo
         raise ValueError("model is already quantized; quantize a float model")
     if mode == "int4" and group_size not in INT4_GROUP_SIZES:
         raise ValueError(f"int4 group_size must be one of {INT4_GROUP_SIZES} (the kernels' choices), got {group_size}")
-    report = {"mode": mode, "group_size": group_size, "layers": {}, "fallbacks": {}}
+    report = {"mode": mode, "group_size": group_size, "layers": {}, "group_sizes": {}, "adapted": {},
+              "fallbacks": {}}
+    if model.tok_emb.weight.device.type == "cpu":
+        report["cpu"] = cpu_plan()
 
     def convert(weight: torch.Tensor, name: str) -> nn.Module:
-        layer, why_not_int4 = _quantized_linear(weight, mode, group_size)
-        report["layers"][name] = "int4" if isinstance(layer, Int4Linear) else "int8"
-        if why_not_int4:
-            report["fallbacks"][name] = why_not_int4
+        layer, why = _quantized_linear(weight, mode, group_size)
+        if isinstance(layer, Int4Linear):
+            report["layers"][name], report["group_sizes"][name] = "int4", layer.group_size
+            if why:
+                report["adapted"][name] = why
+        else:
+            report["layers"][name] = "int8"
+            if why:
+                report["fallbacks"][name] = why
         return layer
 
     with torch.no_grad():
@@ -78,7 +111,52 @@ def quantize(model: Transformer, mode: str, *, group_size: int = 128) -> Transfo
         # Tied or not, the projection gets its own quantized copy; the embedding lookup keeps the float table.
         model.lm_head = convert(model.output_weight(), "lm_head")
     model.quant_report = report
+    for line in report_lines(report) if say else ():
+        say(line)
     return model
+
+
+def report_lines(report: dict) -> list[str]:
+    """The report in words for a command's output: what was done, then every layer not quantized as asked, with
+    the reason (layers sharing a reason on one line, block indices collapsed: blocks.0-7.ffn.w_down)."""
+    kinds = list(report["layers"].values())
+    counts = ", ".join(f"{kinds.count(kind)} {kind}" for kind in ("int4", "int8", "float") if kind in kinds)
+    asked = f"int4, group size {report['group_size']}" if report["mode"] == "int4" else report["mode"]
+    head = f"quantized ({asked}): {counts} layers"
+    if "cpu" in report:
+        cpu = report["cpu"]
+        head += (f" · CPU {cpu['capability']}, native bf16 {cpu['native_bf16']}: kernels take {cpu['kernel']}, "
+                 f"prefill matmuls {cpu['prefill']}")
+    lines = [head]
+    for what, notes in (("int4 with a smaller group size", report["adapted"]),
+                        ("int8 instead of int4", report["fallbacks"])):
+        by_reason: dict[str, list[str]] = {}
+        for name, why in notes.items():
+            by_reason.setdefault(why, []).append(name)
+        lines += [f"  {what}: {_collapse(names)}: {why}" for why, names in by_reason.items()]
+    return lines
+
+
+def _collapse(names: list[str]) -> str:
+    """blocks.0.x, blocks.1.x, blocks.2.x -> blocks.0-2.x (runs of consecutive block indices), other names as
+    they are, in the order first seen."""
+    indices: dict[str, list[int]] = {}  # a name with its block index left out ("blocks.{}.x") -> the indices
+    for name in names:
+        head, _, tail = name.partition(".")
+        index, _, inner = tail.partition(".")
+        block = head == "blocks" and index.isdigit()
+        indices.setdefault(f"blocks.{{}}.{inner}" if block else name, []).extend([int(index)] if block else [])
+    out = []
+    for pattern, found in indices.items():
+        if not found:
+            out.append(pattern)
+            continue
+        start = found[0]
+        for prev, cur in zip(found, found[1:] + [None], strict=True):
+            if cur != prev + 1:
+                out.append(pattern.format(start if start == prev else f"{start}-{prev}"))
+                start = cur
+    return ", ".join(out)
 
 
 def quantized_bytes(module: nn.Module) -> int:
@@ -91,16 +169,37 @@ def quantized_bytes(module: nn.Module) -> int:
 
 
 def _quantized_linear(weight: torch.Tensor, mode: str, group_size: int) -> tuple[nn.Module, str | None]:
-    """A float [N, K] weight -> (quantized layer, why it is int8 although int4 was asked, or None)."""
-    if mode == "int4":
-        why_not = int4_unsupported(weight, group_size)
+    """A float [N, K] weight -> (quantized layer, a note): for an int4 layer, why its group size is smaller than
+    the asked one; for an int8 layer, why it is not int4 although int4 was asked; else None."""
+    if mode != "int4":
+        return Int8Linear(weight), None
+    group = int4_group_size(weight.shape[1], group_size)
+    if group is None:
+        smallest = min(INT4_GROUP_SIZES)
+        why_not = f"in-features {weight.shape[1]} not a multiple of {smallest}, the smallest int4 group size"
+    else:
+        why_not = int4_unsupported(weight, group)
+    if why_not is None:
+        layer = Int4Linear(weight, group)
+        why_not = _int4_disagrees(layer, weight)
         if why_not is None:
-            layer = Int4Linear(weight, group_size)
-            why_not = _int4_disagrees(layer, weight)
-            if why_not is None:
-                return layer, None
-        return Int8Linear(weight), why_not
-    return Int8Linear(weight), None
+            adapted = f"group size {group}: in-features {weight.shape[1]} not a multiple of {group_size}"
+            return layer, None if group == group_size else adapted
+    return Int8Linear(weight), why_not
+
+
+def int4_group_size(in_features: int, asked: int) -> int | None:
+    """The largest int4 group size up to the asked one that divides the in-features (128 -> 64 -> 32), or None."""
+    return next((g for g in sorted(INT4_GROUP_SIZES, reverse=True) if g <= asked and in_features % g == 0), None)
+
+
+def _as(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    # A cast only when needed: on a tiny model's decode step even a no-op `.to` is a measurable share of the time.
+    return t if t.dtype == dtype else t.to(dtype)
+
+
+_INT8_MM = torch.ops.aten._weight_int8pack_mm.default  # the overload itself: a shorter call than the packet's
+_INT4_MM_CPU = torch.ops.aten._weight_int4pack_mm_for_cpu.default
 
 
 # ------------------------------------------------------------------------------------------------------------ int8
@@ -121,16 +220,20 @@ class Int8Linear(nn.Module):
         super().__init__()
         qweight, scales = quantize_int8(weight)
         self.register_buffer("qweight", qweight)
-        # The scales are kept in the dtype the layer computes in (bf16 on CPU, see the module docstring).
-        self.register_buffer("scales", scales.to(torch.bfloat16 if weight.device.type == "cpu" else weight.dtype))
+        on_cpu = weight.device.type == "cpu"
+        # The scales are kept in the dtype the kernel computes in (bf16 on CPU, see the module docstring); the
+        # widened matmul of many rows runs in the CPU's fast float dtype, elsewhere in the model's.
+        self.register_buffer("scales", scales.to(torch.bfloat16 if on_cpu else weight.dtype))
+        self.widened_dtype = (torch.bfloat16 if cpu_plan()["prefill"] == "bf16" else torch.float32) if on_cpu \
+            else weight.dtype
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x2d = x.reshape(-1, x.shape[-1]).to(self.scales.dtype)
-        if x.device.type == "cpu" and x2d.shape[0] < KERNEL_MAX_ROWS:
-            y = torch.ops.aten._weight_int8pack_mm(x2d.contiguous(), self.qweight, self.scales)
+        x2d = x.reshape(-1, x.shape[-1])
+        if x2d.shape[0] < KERNEL_MAX_ROWS and x.device.type == "cpu":
+            y = _INT8_MM(_as(x2d, self.scales.dtype).contiguous(), self.qweight, self.scales)
         else:
-            y = F.linear(x2d, self.qweight.to(x2d.dtype)) * self.scales
-        return y.to(x.dtype).view(*x.shape[:-1], -1)
+            y = F.linear(_as(x2d, self.widened_dtype), self.qweight.to(self.widened_dtype)) * self.scales
+        return _as(y, x.dtype).view(*x.shape[:-1], -1)
 
 
 # ------------------------------------------------------------------------------------------------------------ int4
@@ -193,12 +296,12 @@ class Int4Linear(nn.Module):
         if x.device.type != self.packed_for:
             raise RuntimeError(f"int4 weights were packed for {self.packed_for}, the input is on {x.device.type}: "
                                "quantize after moving the model")
-        x2d = x.reshape(-1, x.shape[-1]).to(torch.bfloat16).contiguous()
+        x2d = _as(x.reshape(-1, x.shape[-1]), torch.bfloat16).contiguous()
         if self.packed_for == "cpu":
-            y = torch.ops.aten._weight_int4pack_mm_for_cpu(x2d, self.packed, self.group_size, self.scales_and_zeros)
+            y = _INT4_MM_CPU(x2d, self.packed, self.group_size, self.scales_and_zeros)
         else:
             y = torch.ops.aten._weight_int4pack_mm(x2d, self.packed, self.group_size, self.scales_and_zeros)
-        return y.to(x.dtype).view(*x.shape[:-1], self.out_features)
+        return _as(y, x.dtype).view(*x.shape[:-1], self.out_features)
 
 
 def _int4_disagrees(layer: Int4Linear, weight: torch.Tensor) -> str | None:
