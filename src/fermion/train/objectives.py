@@ -289,9 +289,10 @@ class GRPO(_Objective):
     dapo normaliser [1] and the rollout batch's statistics [K] (logged as they are). Per token, with the ratio
     r = exp(logp - old logp) and advantage A:
 
-        loss_t = -min(r A, clip(r, 1 - epsilon, 1 + epsilon_high) A) + beta (exp(ref - logp) - (ref - logp) - 1)
+        loss_t = -min(r A, clip(r, 1 - epsilon, 1 + epsilon_high) A) + beta r (exp(ref - logp) - (ref - logp) - 1)
 
-    the KL term being TRL's (Schulman's k3 estimator), and log-probs those of softmax(logits / temperature), the
+    the KL term being TRL's: Schulman's k3 estimator, times the ratio (use_bias_correction_kl, TRL's default: the
+    unbiased reverse-KL gradient of DeepSeek-V3.2 even off-policy); log-probs are those of softmax(logits / T), the
     distribution the rollouts were sampled from (as TRL scores them). dapo sums loss_t over the micro-batch's model
     tokens and divides by the normaliser (so a step weighs every completion token of the rollout batch alike);
     bnpo divides by the micro-batch's own model tokens.
@@ -330,7 +331,7 @@ class GRPO(_Objective):
         metrics = dict(zip(self.statistics, statistics, strict=True))
         if self.beta:
             delta = ref_logps - logps
-            kl = torch.exp(delta) - delta - 1
+            kl = (torch.exp(delta) - delta - 1) * ratio  # the ratio makes it the unbiased reverse-KL gradient
             per_token = per_token + self.beta * kl
             metrics["kl"] = (kl * mask).sum() / tokens
         total = (per_token * mask).sum()
