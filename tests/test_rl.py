@@ -122,3 +122,123 @@ def test_loss_and_gradients_match_trl(peers, loss_type, beta):
     assert max(g.abs().max() for g in grads.values()) > 1e-3  # gradients that are there to compare
     if beta:
         assert metrics["kl"] > 0
+
+
+# -------------------------------------------------------------------------------------------------- verifiers
+
+TOOLS = [{"name": "calculate", "parameters": {"type": "object", "properties": {
+    "operation": {"type": "string", "enum": ["add", "multiply"]}, "a": {"type": "integer"}, "b": {"type": "integer"}},
+    "required": ["operation", "a", "b"], "additionalProperties": False}}]
+CALL = {"name": "calculate", "arguments": {"operation": "add", "a": 2, "b": 3}}
+
+
+@pytest.mark.parametrize("name, record, right, wrong, malformed", [
+    ("arithmetic", {"answer": 12}, "12", "13", "twelve"),
+    ("gsm8k", {"answer": "She has 3 + 4 = 7 apples.\n#### 7"}, "So 7 in all.\n#### 7", "#### 8", "no idea"),
+    ("tool_call", {"answer": CALL, "tools": TOOLS}, json.dumps(CALL), json.dumps({**CALL, "arguments": {
+        "operation": "add", "a": 2, "b": 4}}), '{"name": "calculate", "arguments": '),
+    ("format", {"answer": 12}, " 12 ", None, "12, I think"),
+    ("format", {"answer": CALL, "tools": TOOLS}, json.dumps(CALL), None, "Sure: " + json.dumps(CALL)),
+])
+def test_verifiers_score_right_wrong_and_malformed_answers(name, record, right, wrong, malformed):
+    verify = rewards.resolve(name)
+    assert verify(right, record) == 1.0
+    if wrong is not None:
+        assert verify(wrong, record) < 1.0
+    assert verify(malformed, record) == 0.0
+
+
+def test_tool_call_gives_partial_credit_and_verifiers_skip_records_not_theirs():
+    two_of_three = json.dumps({**CALL, "arguments": {"operation": "add", "a": 2, "b": 4}})
+    assert rewards.tool_call(two_of_three, {"answer": CALL, "tools": TOOLS}) == pytest.approx(0.2 + 0.2 + 0.6 * 2 / 3)
+    assert rewards.tool_call(json.dumps({"name": "calculate", "arguments": {"x": 1}}),
+                             {"answer": CALL, "tools": TOOLS}) == pytest.approx(0.2)  # JSON, wrong schema, no args
+    assert rewards.arithmetic("5", {"answer": CALL}) is None and rewards.tool_call("5", {"answer": 5}) is None
+    scored = rewards.Rewards.from_recipe({"arithmetic": 1.0, "format": 0.5})
+    assert scored.score("12", {"answer": 12}) == (1.5, [1.0, 1.0])
+    assert scored.score("{}", {"answer": CALL, "tools": TOOLS}) == (0.0, [None, 0.0])
+
+
+def test_user_verifier_by_python_path_and_bad_paths_name_the_field(tmp_path, monkeypatch):
+    (tmp_path / "my_rewards.py").write_text(textwrap.dedent("""
+        def shouting(completion, record):
+            return float(completion.isupper())
+        NOT_A_FUNCTION = 3
+    """))
+    monkeypatch.syspath_prepend(str(tmp_path))
+    verify = rewards.resolve("my_rewards:shouting")
+    assert verify("HELLO", {}) == 1.0 and verify("hello", {}) == 0.0
+    for path, said in [("no_such_module:f", "cannot import no_such_module"),
+                       ("my_rewards:missing", "my_rewards has no attribute 'missing'"),
+                       ("my_rewards:NOT_A_FUNCTION", "has a int, not a function"),
+                       ("exactness", "unknown verifier; built in: arithmetic, gsm8k, tool_call, format")]:
+        with pytest.raises(RecipeError, match=f"rl.verifiers.{path}: .*{said}"):
+            rewards.resolve(path)
+
+
+def test_calculator_evaluates_arithmetic_safely():
+    assert calculate("17 * (3 + 4)") == "119" and calculate("7 / 2") == "3.5" and calculate("-2 - 3") == "-5"
+    run = CALCULATOR.run
+    assert run({"expression": "__import__('os').system('true')"}).startswith("error: only numbers")
+    assert run({"expression": "2 ** 99999"}).startswith("error: only numbers")  # no power: no runaway numbers
+    assert run({"expression": "1 / 0"}) == "error: division by zero"
+    assert run({"expr": "1"}).startswith("error: give the expression")
+
+
+# ------------------------------------------------------------------------------------------------ multi-turn
+
+
+class Scripted(torch.nn.Module):
+    """A policy that writes a fixed reply on each turn, whatever it is asked: the engine's own prefill and decode
+    steps drive it (a new prompt's prefill starts the next turn), and the token the script names at a position gets
+    all the probability. A real tiny model lends it the configuration and embedding the engine's cache reads."""
+
+    def __init__(self, base, replies: list[list[int]], eos: int):
+        super().__init__()
+        self.base, self.cfg, self.tok_emb = base, base.cfg, base.tok_emb
+        self.replies, self.eos, self.turn, self.start = replies, eos, -1, 0
+
+    def hidden(self, tokens, positions, kv_cache=None, **_):
+        if tokens.shape[1] > 1:  # a prompt's prefill: the next turn; its first reply token follows position start
+            self.turn, self.start = self.turn + 1, int(positions[0, -1]) + 1
+        return positions[..., None].float(), None
+
+    def logits(self, x):
+        out = torch.full((*x.shape[:-1], self.cfg.vocab_size), -30.0)
+        for row, position in enumerate(x[..., 0].long().tolist()):
+            reply = self.replies[self.turn]
+            offset = position - self.start
+            out[row, reply[offset] if offset < len(reply) else self.eos] = 30.0
+        return out
+
+
+def test_rollout_calls_the_calculator_reads_its_result_and_only_model_tokens_carry_loss(shakespeare_tokenizer):
+    from fermion.config import RLConfig
+    from fermion.device import DistInfo
+    from fermion.train.rollout import Prompt, Rollouts, collate
+
+    tok, end = shakespeare_tokenizer, shakespeare_tokenizer.token_id("<|im_end|>")
+    call = json.dumps({"name": "calculator", "arguments": {"expression": "17 * 3"}})
+    policy = Scripted(tiny_model(vocab_size=tok.vocab_size, context_length=256),
+                      [tok.encode(call) + [end], tok.encode("51") + [end]], tok.eos_id)
+    cfg = RLConfig(sources=[{"name": "a", "paths": ["x.jsonl"]}], verifiers={"arithmetic": 1.0},
+                   tools=["calculator"], max_turns=3, max_new_tokens=100)
+    rollouts = Rollouts(policy, tok, CHATML, [CALCULATOR], rewards.Rewards.from_recipe(cfg.verifiers), cfg, 256,
+                        "fp32", DistInfo(0, 1, 0, torch.device("cpu")), seed=0)
+    question = [{"role": "user", "content": "What is 17 * 3?"}]
+    prompt = Prompt(question, {"answer": 51, "messages": question}, "test")
+    [rollout] = rollouts.sample([prompt], [rollouts.prompt_ids(question)], [[1, 2, 3]])
+    assert (rollout.turns, rollout.tool_calls, rollout.text, rollout.reward) == (2, 1, "51", 1.0)
+    # The whole conversation is what the chat template renders for it, the calculator's result a tool message.
+    conversation = [*question, {"role": "assistant", "content": call},
+                    {"role": "tool", "name": "calculator", "content": "51"}, {"role": "assistant", "content": "51"}]
+    rendered = CHATML.render(conversation, tok, tools=[CALCULATOR.definition])
+    assert tok.decode(rollout.ids) == rendered.removesuffix("\n")
+    assert "Result of calculator: 51" in rendered
+    # Loss on the model's own tokens, each turn's end marker included, and nothing else.
+    assert tok.decode([t for t, mine in zip(rollout.ids, rollout.model, strict=True) if mine]) == \
+        f"{call}<|im_end|>51<|im_end|>"
+    inputs, targets = collate([{"ids": rollout.ids, "model": rollout.model}], tok.pad_id, 256)
+    scored = (targets[0] != IGNORE_INDEX).tolist()
+    assert scored[:len(rollout.ids) - 1] == rollout.model[1:] and not any(scored[len(rollout.ids) - 1:])
+    assert targets[0][targets[0] != IGNORE_INDEX].tolist() == [t for t, m in zip(rollout.ids, rollout.model) if m]
