@@ -241,4 +241,110 @@ def test_rollout_calls_the_calculator_reads_its_result_and_only_model_tokens_car
     inputs, targets = collate([{"ids": rollout.ids, "model": rollout.model}], tok.pad_id, 256)
     scored = (targets[0] != IGNORE_INDEX).tolist()
     assert scored[:len(rollout.ids) - 1] == rollout.model[1:] and not any(scored[len(rollout.ids) - 1:])
-    assert targets[0][targets[0] != IGNORE_INDEX].tolist() == [t for t, m in zip(rollout.ids, rollout.model) if m]
+    mine = [t for t, m in zip(rollout.ids, rollout.model, strict=True) if m]
+    assert targets[0][targets[0] != IGNORE_INDEX].tolist() == mine
+
+
+# ----------------------------------------------------------------------------------------------- the stage
+
+TINY = REPO / "configs" / "tiny.yaml"
+BREVITY = """
+def brevity(completion, record):
+    return 1.0 - min(len(completion), 30) / 30
+"""
+
+
+def rl_recipe(folder: Path, init_from: Path, **rl) -> Path:
+    """configs/tiny.yaml with an rl section over arithmetic prompts, rewarded for short answers (the pretrained
+    tiny model cannot do arithmetic: brevity gives the group-normalised advantages something to tell apart)."""
+    raw = yaml.safe_load(TINY.read_text())
+    raw["run"]["dir"] = str(folder / "run")
+    train = {"init_from": str(init_from), "steps": 8, "micro_batch_size": 8, "lr": 3e-3, "warmup_steps": 1,
+             "precision": "fp32", "compile": False, "eval_every": 4, "eval_batches": 1, "checkpoint_every": 1,
+             "keep_checkpoints": 20, "log_every": 1, "tensorboard": False, "progress": False}
+    raw["rl"] = {"sources": [{"name": "arithmetic", "builtin": "arithmetic", "max_documents": 40, "seed": 1}],
+                 "verifiers": {"rewards_for_tests:brevity": 1.0, "arithmetic": 1.0}, "group_size": 4,
+                 "prompts_per_step": 4, "max_new_tokens": 12, "iterations": 2, "val_fraction": 0.2, "train": train,
+                 **rl}
+    path = folder / "rl.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    (folder / "rewards_for_tests.py").write_text(BREVITY)
+    return path
+
+
+def rl_metrics(run_dir: Path) -> list[dict]:
+    records = [json.loads(line) for line in (run_dir / "rl" / "metrics.jsonl").read_text().splitlines()]
+    return [{k: v for k, v in r.items() if k not in ("tokens_per_s", "elapsed_s", "mfu")} for r in records]
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tiny_run, tmp_path_factory):
+    folder = tmp_path_factory.mktemp("rl")
+    recipe = rl_recipe(folder, tiny_run)
+    sys.path.insert(0, str(folder))
+    try:
+        result = cli("rl", str(recipe))
+    finally:
+        sys.path.remove(str(folder))
+    assert result.returncode == 0, result.stderr
+    return folder, result.stdout
+
+
+def test_stage_trains_and_records_rewards_clipping_and_validation(uninterrupted):
+    folder, output = uninterrupted
+    steps = [r for r in rl_metrics(folder / "run") if "loss" in r]
+    assert [r["step"] for r in steps] == list(range(1, 9))
+    first = steps[0]
+    assert {"reward", "reward_brevity", "reward_arithmetic", "completion_tokens", "clip_fraction",
+            "zero_std_groups"} <= set(first)
+    assert first["clip_fraction"] == 0 and abs(first["loss"]) < 1e-6  # on-policy: ratio 1, advantages sum to 0
+    assert any(r["clip_fraction"] > 0 for r in steps[1::2])  # the second iteration on a batch moves past the clip
+    assert steps[0]["reward"] == steps[1]["reward"] != steps[2]["reward"]  # two steps per rollout batch
+    assert first["reward"] == pytest.approx(first["reward_brevity"] + first["reward_arithmetic"])
+    validations = [r for r in rl_metrics(folder / "run") if "val_reward" in r]
+    assert [r["step"] for r in validations] == [4, 8] and "val_reward_start" in validations[0]
+    report = json.loads((folder / "run" / "rl" / "report.json").read_text())
+    assert report["train_prompts"] == 32 and report["val_prompts"] == 8 and report["rollouts"] == 4
+    assert "rl: starting model: val reward" in output
+    from fermion import checkpoint
+    assert checkpoint.stage_of(folder / "run" / "rl") == "rl"
+
+
+def test_exact_resume_after_sigkill(uninterrupted, tiny_run, tmp_path):
+    """Killed mid-stage (between the two iterations on a rollout batch, too), resumed: the same rewards and losses
+    at every step and the same final weights as the uninterrupted run."""
+    folder, _ = uninterrupted
+    recipe = rl_recipe(tmp_path, tiny_run)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tmp_path), os.environ.get("PYTHONPATH", "")])}
+    proc = subprocess.Popen([sys.executable, "-m", "fermion", "rl", str(recipe)], cwd=REPO, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    metrics, deadline = tmp_path / "run" / "rl" / "metrics.jsonl", time.monotonic() + HANG
+    while not (metrics.is_file() and '"step": 3,' in metrics.read_text()):
+        assert proc.poll() is None, proc.stdout.read()
+        assert time.monotonic() < deadline, "the RL run did not reach step 3"
+        time.sleep(0.02)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert '"step": 8,' not in metrics.read_text()
+    sys.path.insert(0, str(tmp_path))
+    try:
+        result = cli("rl", str(recipe))
+    finally:
+        sys.path.remove(str(tmp_path))
+    assert result.returncode == 0 and "resuming from" in result.stdout, result.stderr
+    assert rl_metrics(tmp_path / "run") == rl_metrics(folder / "run")
+    final = [load_file(d / "run" / "rl" / "checkpoints" / "step_00000008" / "model.safetensors")
+             for d in (tmp_path, folder)]
+    assert all(final[0][k].equal(final[1][k]) for k in final[1])
+
+
+@pytest.mark.parametrize("change, said", [
+    ({"verifiers": {"exactness": 1.0}}, "rl.verifiers.exactness: unknown verifier"),
+    ({"tools": ["abacus"], "max_turns": 2}, "rl.tools: unknown tool 'abacus'; registered tools: calculator"),
+    ({"tools": ["calculator"]}, "set max_turns to 2 or more"),
+    ({"group_size": 3}, "not a multiple of rl.train.micro_batch_size"),
+])
+def test_bad_rl_recipes_fail_in_one_line(tiny_run, tmp_path, change, said):
+    result = cli("rl", str(rl_recipe(tmp_path, tiny_run, **change)))
+    assert result.returncode == 2 and said in result.stderr, result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
