@@ -307,7 +307,14 @@ def test_stage_trains_and_records_rewards_clipping_and_validation(uninterrupted)
     assert report["train_prompts"] == 32 and report["val_prompts"] == 8 and report["rollouts"] == 4
     assert "rl: starting model: val reward" in output
     from fermion import checkpoint
+    from fermion.card.data import data_section
+    from fermion.card.records import _stage
+    from fermion.config import load_recipe
+
     assert checkpoint.stage_of(folder / "run" / "rl") == "rl"
+    rl_dir = folder / "run" / "rl"
+    card = "\n".join(data_section([_stage("rl", "rl", rl_dir, load_recipe(rl_dir / "recipe.yaml").rl)]))
+    assert "#### RL rewards" in card and f"| mean reward of the rollouts | {first['reward']:.3f} (step 1)" in card
 
 
 def test_exact_resume_after_sigkill(uninterrupted, tiny_run, tmp_path):
