@@ -39,7 +39,7 @@ def read_prompts(stage: Stage, tools: list, report: Report) -> list[Prompt]:
         for where, record in source_records(source):
             report.read += 1
             try:
-                prompt = to_prompt(record, where, source.format)
+                prompt = to_prompt(record, where)
                 length = len(prompt_ids(stage.template, stage.tokenizer, prompt.messages, tools))
                 if length >= room:
                     raise Skipped(where, "no room to answer", f" (the prompt is {length} tokens of {room + 1})")

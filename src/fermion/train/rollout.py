@@ -83,7 +83,7 @@ def source_records(source: SourceConfig):
     return iter_records(source)
 
 
-def to_prompt(record: dict, where: str, format: str = "auto") -> Prompt:
+def to_prompt(record: dict, where: str) -> Prompt:
     """A record {"prompt": text} or {"messages": [...]} with "answer" (or "expected") -> a Prompt."""
     if "answer" not in record and "expected" not in record:
         raise Skipped(where, "no answer", " (an 'answer' or 'expected' field for the verifiers)")
@@ -300,18 +300,21 @@ class RolloutLoader:
         self.data = fingerprint(self.ids)
         self.rollout, self.iteration, self.micro = 0, 0, 0
         self.buffer: dict | None = None  # the current rollout batch: rows, normaliser, statistics
-        self.last_rollouts: list[Rollout] = []  # this rank's rollouts of the newest batch (for tests and logs)
+        self._order: tuple[int, list[int]] = (-1, [])  # (epoch, its order of the prompts)
+
+    def _epoch_order(self, epoch: int) -> list[int]:
+        if self._order[0] != epoch:
+            order = list(range(len(self.prompts)))
+            random.Random(f"fermion.rl/{self.rollouts.seed}/{epoch}").shuffle(order)
+            self._order = (epoch, order)
+        return self._order[1]
 
     def _prompt_indices(self, rollout: int) -> list[int]:
-        """The global positions of this rank's prompts in rollout batch `rollout`, as indices into `prompts`."""
-        n, out = len(self.prompts), []
+        """This rank's prompts in rollout batch `rollout`, as indices into `prompts`: the batch takes the next
+        prompts_per_step positions of a seeded order per epoch."""
         start = rollout * self.cfg.prompts_per_step + self.info.rank * self.per_rank
-        for position in range(start, start + self.per_rank):
-            epoch, index = divmod(position, n)
-            order = list(range(n))
-            random.Random(f"fermion.rl/{self.rollouts.seed}/{epoch}").shuffle(order)
-            out.append(order[index])
-        return out
+        return [self._epoch_order(position // len(self.prompts))[position % len(self.prompts)]
+                for position in range(start, start + self.per_rank)]
 
     def _roll(self) -> None:
         cfg, g = self.cfg, self.cfg.group_size
@@ -322,7 +325,6 @@ class RolloutLoader:
         seeds = [[sample_seed(self.rollouts.seed, self.rollout, first + j, s, t) for t in range(cfg.max_turns)]
                  for j in range(len(chosen)) for s in range(g)]
         done = self.rollouts.sample(prompts, ids, seeds)
-        self.last_rollouts = done
         rewards = torch.tensor([r.reward for r in done], dtype=torch.float32)
         advantage, zero_std = advantages(rewards, g)
         rows = [{"ids": r.ids, "model": r.model, "advantage": float(a)} for r, a in zip(done, advantage, strict=True)]
