@@ -248,27 +248,27 @@ def test_rollout_calls_the_calculator_reads_its_result_and_only_model_tokens_car
 # ----------------------------------------------------------------------------------------------- the stage
 
 TINY = REPO / "configs" / "tiny.yaml"
-BREVITY = """
-def brevity(completion, record):
-    return 1.0 - min(len(completion), 30) / 30
+STARTS_THE = """
+def starts_the(completion, record):
+    return float(completion.strip().lower().startswith("the"))
 """
 
 
 def rl_recipe(folder: Path, init_from: Path, **rl) -> Path:
-    """configs/tiny.yaml with an rl section over arithmetic prompts, rewarded for short answers (the pretrained
-    tiny model cannot do arithmetic: brevity gives the group-normalised advantages something to tell apart)."""
+    """configs/tiny.yaml with an rl section over arithmetic prompts, rewarded (besides the arithmetic it cannot do)
+    for answers that start with "the": rare in the pretrained tiny model's samples, so a reward to climb."""
     raw = yaml.safe_load(TINY.read_text())
     raw["run"]["dir"] = str(folder / "run")
-    train = {"init_from": str(init_from), "steps": 6, "micro_batch_size": 8, "lr": 3e-3, "warmup_steps": 1,
+    train = {"init_from": str(init_from), "steps": 6, "micro_batch_size": 8, "lr": 1e-2, "warmup_steps": 1,
              "precision": "fp32", "compile": False, "eval_every": 3, "eval_batches": 1, "checkpoint_every": 1,
              "keep_checkpoints": 20, "log_every": 1, "tensorboard": False, "progress": False}
     raw["rl"] = {"sources": [{"name": "arithmetic", "builtin": "arithmetic", "max_documents": 40, "seed": 1}],
-                 "verifiers": {"rewards_for_tests:brevity": 1.0, "arithmetic": 1.0}, "group_size": 4,
-                 "prompts_per_step": 4, "max_new_tokens": 12, "iterations": 2, "val_fraction": 0.2, "train": train,
+                 "verifiers": {"rewards_for_tests:starts_the": 1.0, "arithmetic": 1.0}, "group_size": 4,
+                 "prompts_per_step": 4, "max_new_tokens": 6, "iterations": 2, "val_fraction": 0.2, "train": train,
                  **rl}
     path = folder / "rl.yaml"
     path.write_text(yaml.safe_dump(raw))
-    (folder / "rewards_for_tests.py").write_text(BREVITY)
+    (folder / "rewards_for_tests.py").write_text(STARTS_THE)
     return path
 
 
@@ -295,12 +295,12 @@ def test_stage_trains_and_records_rewards_clipping_and_validation(uninterrupted)
     steps = [r for r in rl_metrics(folder / "run") if "loss" in r]
     assert [r["step"] for r in steps] == list(range(1, 7))
     first = steps[0]
-    assert {"reward", "reward_brevity", "reward_arithmetic", "completion_tokens", "clip_fraction",
+    assert {"reward", "reward_starts_the", "reward_arithmetic", "completion_tokens", "clip_fraction",
             "zero_std_groups"} <= set(first)
     assert first["clip_fraction"] == 0 and abs(first["loss"]) < 1e-6  # on-policy: ratio 1, advantages sum to 0
     assert any(r["clip_fraction"] > 0 for r in steps[1::2])  # the second iteration on a batch moves past the clip
     assert steps[0]["reward"] == steps[1]["reward"] != steps[2]["reward"]  # two steps per rollout batch
-    assert first["reward"] == pytest.approx(first["reward_brevity"] + first["reward_arithmetic"])
+    assert first["reward"] == pytest.approx(first["reward_starts_the"] + first["reward_arithmetic"])
     validations = [r for r in rl_metrics(folder / "run") if "val_reward" in r]
     assert [r["step"] for r in validations] == [3, 6] and "val_reward_start" in validations[0]
     report = json.loads((folder / "run" / "rl" / "report.json").read_text())
@@ -372,3 +372,23 @@ def test_bad_rl_recipes_fail_in_one_line(tiny_run, tmp_path, change, said):
     result = cli("rl", str(rl_recipe(tmp_path, tiny_run, **change)))
     assert result.returncode == 2 and said in result.stderr, result.stderr
     assert len(result.stderr.strip().splitlines()) == 1
+
+
+def test_rollouts_decode_in_the_weights_dtype_under_the_trainers_bf16_autocast(shakespeare_tokenizer):
+    """Validation runs under the trainer's autocast; the engine's KV cache holds the weights' dtype, so decoding
+    must not be autocast (it raised a dtype mismatch in the cache) and log-probs still come in the training one."""
+    from fermion.config import RLConfig
+    from fermion.device import DistInfo
+    from fermion.train.rollout import Prompt, Rollouts, collate
+
+    tok = shakespeare_tokenizer
+    cfg = RLConfig(sources=[{"name": "a", "paths": ["x.jsonl"]}], verifiers={"arithmetic": 1.0}, max_new_tokens=4)
+    policy = tiny_model(vocab_size=tok.vocab_size, context_length=64)
+    rollouts = Rollouts(policy, tok, CHATML, [], rewards.Rewards.from_recipe(cfg.verifiers), cfg, 64, "bf16",
+                        DistInfo(0, 1, 0, torch.device("cpu")), seed=0)
+    question = [{"role": "user", "content": "What is 2 + 2?"}]
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        [rollout] = rollouts.sample([Prompt(question, {"answer": 4}, "t")], [rollouts.prompt_ids(question)], None)
+    assert 1 <= sum(rollout.model) <= 5
+    inputs, targets = collate([{"ids": rollout.ids, "model": rollout.model}], tok.pad_id, 64)
+    assert rollouts.logps(policy, inputs, targets).dtype == torch.float32

@@ -172,7 +172,10 @@ class Rollouts:
         names = {tool.name: tool for tool in self.tools}
         live = [i for i, r in enumerate(rollouts) if len(r.ids) < self.seq_len - 1]
         try:
-            with self._autocast():
+            # Decoding runs in the weights' own dtype, as `fermion generate` does (the engine's cache holds that
+            # dtype), whatever autocast the trainer's validation runs under; log-probs for the loss are taken
+            # afterwards in the training precision (`logps`).
+            with torch.autocast(self.info.device.type, enabled=False):
                 for turn in range(self.cfg.max_turns):
                     if not live:
                         break
