@@ -48,7 +48,7 @@ class RLSettings(Section):
     tools: list[str] = Field(default_factory=list)  # registered tools (chat/toolbox.py) offered in every prompt
     max_turns: int = Field(1, ge=1)  # model turns per rollout; a tool's result is only seen from turn 2 on
     val_fraction: float = Field(0.05, ge=0, lt=1)  # prompts held out, answered greedily at every validation
-    overlong: Literal["truncate", "drop"] = "drop"  # a prompt that leaves no room to answer in the context
+    # (A prompt that leaves no room to answer within the context is skipped and counted in report.json.)
 
     @field_validator("verifiers")
     @classmethod
