@@ -392,3 +392,28 @@ def test_rollouts_decode_in_the_weights_dtype_under_the_trainers_bf16_autocast(s
     assert 1 <= sum(rollout.model) <= 5
     inputs, targets = collate([{"ids": rollout.ids, "model": rollout.model}], tok.pad_id, 64)
     assert rollouts.logps(policy, inputs, targets).dtype == torch.float32
+
+
+def test_prompt_records_and_builtin_sources_give_prompts_with_answers():
+    from fermion.chat.conversations import Skipped
+    from fermion.config import SourceConfig
+    from fermion.data.sources import DataError
+    from fermion.data.synthetic import held_out
+    from fermion.train.rollout import source_records, to_prompt
+
+    plain = to_prompt({"prompt": "What is 2 + 2?", "answer": 4}, "f:1")
+    assert plain.messages == [{"role": "user", "content": "What is 2 + 2?"}] and plain.record["answer"] == 4
+    chat = to_prompt({"messages": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}],
+                      "expected": "#### 3"}, "f:2")
+    assert chat.record["answer"] == "#### 3" and len(chat.messages) == 2
+    with pytest.raises(Skipped, match="f:3: no answer"):
+        to_prompt({"prompt": "no answer"}, "f:3")
+    with pytest.raises(DataError, match="f:4: the prompt must end with a user turn"):
+        to_prompt({"messages": [{"role": "assistant", "content": "x"}], "answer": 1}, "f:4")
+    arithmetic = source_records(SourceConfig(name="a", builtin="arithmetic", max_documents=50))
+    operands = [r["prompt"].removeprefix("What is ").removesuffix("?").split(" ") for _, r in arithmetic]
+    assert len(operands) == 50 and not any(held_out(int(a), op, int(b)) for a, op, b in operands)  # train side only
+    [(where, record)] = source_records(SourceConfig(name="t", builtin="tinytask", max_documents=1))
+    assert record["answer"]["name"] in {t["name"] for t in record["tools"]} and where == "builtin tinytask #0"
+    with pytest.raises(DataError, match="builtin 'chat' has no answers to verify"):
+        source_records(SourceConfig(name="c", builtin="chat", max_documents=1))
