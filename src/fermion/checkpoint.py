@@ -55,8 +55,8 @@ from fermion.model.transformer import Transformer
 
 # The kinds of training stage a checkpoint can come from, as trainer_state.json records them ("stage"): pretraining
 # from scratch, continued pretraining (from train.init_from or a previous stage), and the post-training stages.
-STAGES = ("pretrain", "continued", "sft", "dpo")
-POST_TRAINED = ("sft", "dpo")  # their models expect chat-formatted prompts
+STAGES = ("pretrain", "continued", "sft", "dpo", "rl")
+POST_TRAINED = ("sft", "dpo", "rl")  # their models expect chat-formatted prompts
 
 
 def list_checkpoints(run_dir: Path) -> list[Path]:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import sys
 from pathlib import Path
@@ -119,6 +118,15 @@ def dpo(recipe: RecipeArg, set_: SetOption = None, resume: ResumeOption = "auto"
     train_stage(run_dpo, loaded, resume)
 
 
+@app.command()
+def rl(recipe: RecipeArg, set_: SetOption = None, resume: ResumeOption = "auto") -> None:
+    """GRPO with verifiable rewards (rl.verifiers) on rl.sources' prompts, from the DPO or SFT model (into <run>/rl)."""
+    loaded = recipe_or_exit(recipe, set_)
+    from fermion.train.rl import rl as run_rl
+
+    train_stage(run_rl, loaded, resume)
+
+
 @tokenizer_app.command("train")
 def tokenizer_train(recipe: RecipeArg, set_: SetOption = None,
                     force: Annotated[bool, typer.Option(help="Retrain even if the run has a tokenizer.")] = False):
@@ -149,7 +157,7 @@ def model_info(
     gradients, optimizer state, activations under the chosen checkpointing, logits), computed without allocating
     weights."""
     loaded = recipe_or_exit(recipe, set_, check_paths=False)
-    from fermion.model.counting import CHECKPOINTING, count, inference_memory, plan_memory
+    from fermion.model.counting import CHECKPOINTING, as_record, count, inference_memory, plan_memory
 
     if checkpointing is not None and checkpointing not in CHECKPOINTING:
         fail(f"--checkpointing must be one of {', '.join(CHECKPOINTING)}, not {checkpointing!r}")
@@ -167,23 +175,7 @@ def model_info(
     infer_mem = inference_memory(cfg)
     sized = loaded.depth_sizing()
     if as_json:
-        print(json.dumps({"total_params": counts.total_params, "active_params": counts.active_params,
-                          "embedding_params": counts.embedding_params,
-                          "forward_flops_per_token": counts.forward_flops_per_token,
-                          "train_flops_per_token": counts.train_flops_per_token,
-                          "train_memory_bytes": mem.peak, "inference_memory_bytes": infer_mem["total"],
-                          "train_memory": {"weights": mem.weights, "gradients": mem.gradients,
-                                           "optimizer": mem.optimizer, "activations": mem.activations,
-                                           "logits": mem.logits, "distributed": mem.distributed,
-                                           "peak": mem.peak, "peak_phase": mem.phase, "phases": mem.phases,
-                                           "needed": plan.needed},
-                          "train_setup": {"device": plan.device, "device_type": plan.device_type,
-                                          "device_memory_bytes": plan.device_memory, "fits": plan.fits,
-                                          "world_size": plan.world_size, "distributed": plan.distributed,
-                                          "micro_batch": plan.micro_batch, "seq_len": plan.seq_len,
-                                          "precision": plan.precision, "checkpointing": plan.checkpointing,
-                                          "cross_entropy": plan.cross_entropy, "compiled": plan.compiled},
-                          "depth_sizing": dataclasses.asdict(sized) if sized else None}))
+        print(json.dumps(as_record(counts, plan, infer_mem, sized)))
         return
     table = Table(title=f"{loaded.run.name} ({recipe})", show_header=False)
     table.add_column(style="bold")
@@ -538,12 +530,13 @@ def run_cmd(
     set_: SetOption = None,
     from_: Annotated[str | None, typer.Option("--from", help="Run this step and every later one again, even if up "
                                                              "to date (prepare, tokenizer, pretrain, a continued "
-                                                             "stage's name, sft, dpo, eval, export, card).")] = None,
+                                                             "stage's name, sft, dpo, rl, eval, export, "
+                                                             "card).")] = None,
     only: Annotated[str | None, typer.Option(help="Run just this step (again); the ones before it must have "
                                                   "finished.")] = None,
 ) -> None:
-    """Every stage of the recipe in order: prepare, tokenizer, pretrain, continued stages, sft, dpo, eval, export,
-    card; a step whose output is complete and whose inputs are unchanged is skipped, a stopped one resumes."""
+    """Every stage of the recipe in order: prepare, tokenizer, pretrain, continued stages, sft, dpo, rl, eval,
+    export, card; a step whose output is complete and whose inputs are unchanged is skipped, a stopped one resumes."""
     from fermion.run import run as run_all
 
     if from_ is not None and only is not None:
@@ -582,7 +575,7 @@ def demo(
     loaded = run_guarded(lambda: built_in.recipe(list(set_ or []), data))
     sources = ", ".join(f"{s.name}" for s in loaded.data.sources)
     console.print(f"[bold]fermion demo[/]: a {loaded.model.n_layers}-layer model pretrained on {sources}; then "
-                  f"{', '.join(n for n in ('sft', 'dpo') if getattr(loaded, n))}, eval, export, card\n"
+                  f"{', '.join(n for n in ('sft', 'dpo', 'rl') if getattr(loaded, n))}, eval, export, card\n"
                   f"run directory: {loaded.run_dir}")
     result = _run_or_exit(lambda: run_all(loaded, console, start=from_))
     if result.status != "complete":

@@ -91,6 +91,15 @@ def broadcast_object(obj, info: DistInfo):
     return box[0]
 
 
+def all_gather_object(obj, info: DistInfo) -> list:
+    """Every process's `obj`, in rank order (a list of one in a single process)."""
+    if not info.distributed:
+        return [obj]
+    gathered = [None] * info.world_size
+    dist.all_gather_object(gathered, obj)
+    return gathered
+
+
 def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
     """auto: bf16 where the device computes it natively (as training's precision: auto), else fp32."""
     names = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}

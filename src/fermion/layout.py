@@ -13,7 +13,7 @@
       reference_logps.safetensors   reference_cache (DPO)
       eval/results.json, .md        eval_dir, eval_results; eval/step_NNNNNNNN/: eval_step_dir
       stages/<name>/                continued_stage_dir: laid out like the run itself
-      sft/, dpo/                    post_training_dir: likewise
+      sft/, dpo/, rl/               post_training_dir: likewise
       export/<format>/              export_dir; the model card: card_file
       superseded/<time>/            superseded_dir: an earlier attempt's TRAINING_OUTPUTS
 
@@ -52,7 +52,7 @@ PREPARE_REPORT = "prepare_report.json"
 SUPERSEDED = "superseded"
 # What `fermion card` writes into an export folder (README.md and loss_<stage>.png); re-exporting keeps them.
 CARD_FILES = (CARD, "loss_*.png")
-POST_TRAINING = ("sft", "dpo")
+POST_TRAINING = ("sft", "dpo", "rl")
 # What a training stage writes into its directory (moved aside together when the stage starts again).
 TRAINING_OUTPUTS = (CHECKPOINTS, METRICS, TENSORBOARD, EVAL, EXPORT, REPORT)
 
@@ -172,13 +172,13 @@ def continued_stage_dir(run: Path, stage: Section) -> Path:
 
 
 def post_training_dir(run: Path, name: str, section: Section = None) -> Path:
-    """An SFT or DPO stage's directory: its section's dir, else <run>/sft or <run>/dpo."""
+    """An SFT, DPO or RL stage's directory: its section's dir, else <run>/sft, <run>/dpo or <run>/rl."""
     return Path(section.dir) if section is not None and section.dir else Path(run) / name
 
 
 def stages(run: Path, recipe: Section) -> list[tuple[str, Path, Section]]:
     """(name, directory, the section it trains on) of every stage a run of `recipe` laid out under `run` can have,
-    in training order: pretrain (recipe.data), each continued stage (its own section), sft and dpo (their
+    in training order: pretrain (recipe.data), each continued stage (its own section), sft, dpo and rl (their
     sections, None where the recipe has none)."""
     found = [("pretrain", Path(run), recipe.data)]
     found += [(stage.name, continued_stage_dir(run, stage), stage.data) for stage in recipe.stages]

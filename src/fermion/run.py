@@ -1,14 +1,14 @@
 """`fermion run RECIPE`: every stage of a recipe in order, each skipped when its output is complete and its inputs
 are unchanged.
 
-    prepare -> tokenizer -> pretrain -> <continued stages> -> sft -> dpo -> eval -> export -> card
+    prepare -> tokenizer -> pretrain -> <continued stages> -> sft -> dpo -> rl -> eval -> export -> card
 
 The run directory holds everything (the layout is in docs/run.md):
 
     <run>/run.json                  the ledger: per step its inputs' fingerprint, status, timings, outcome
     <run>/recipe.yaml, tokenizer.json, prepared/, prepare_report.json, data/, checkpoints/, metrics.jsonl
     <run>/stages/<name>/            a continued-pretraining stage, laid out like a pretraining run
-    <run>/sft/, <run>/dpo/          post-training stages
+    <run>/sft/, <run>/dpo/, <run>/rl/  post-training stages
     <stage dir>/eval/results.json   every trained stage evaluated on the recipe's eval tasks
     <final stage>/export/<format>/  the final model's exports; the model card (README.md) sits in export/hf
 
@@ -221,6 +221,7 @@ def plan(recipe: Recipe, console: Console) -> list[Step]:
 
     from fermion.train.dpo import dpo
     from fermion.train.pretrain import pretrain
+    from fermion.train.rl import rl
     from fermion.train.sft import sft
 
     steps.append(train_step("pretrain", recipe, pretrain, run_dir,
@@ -230,7 +231,7 @@ def plan(recipe: Recipe, console: Console) -> list[Step]:
         stage_recipe = recipe.stage_recipe(i)
         steps.append(train_step(stage.name, stage_recipe, pretrain, recipe.stage_dir(i),
                                 {"train": _train(stage_recipe.train), "data": _data(stage.data)}))
-    for name, runner in zip(layout.POST_TRAINING, (sft, dpo), strict=True):
+    for name, runner in zip(layout.POST_TRAINING, (sft, dpo, rl), strict=True):
         section = getattr(recipe, name)
         if section is not None:
             directory = dict(trained_stages(recipe))[name]

@@ -1,5 +1,5 @@
 """The card's data: the sources each stage trained on, tokens per source from the shard index, the filtering
-counts of `fermion prepare`, the SFT/DPO record counts."""
+counts of `fermion prepare`, the SFT/DPO/RL record counts and RL's rewards."""
 
 from __future__ import annotations
 
@@ -78,10 +78,32 @@ def _post_training_data(stage: StageRecord) -> list[str]:
     rows = [["records read", number(report["records_read"])], ["records used", number(report["records_used"])]]
     rows += [[f"skipped: {reason}", number(n)] for reason, n in report.get("skipped", {}).items()]
     for key in ("truncated", "train_conversations", "val_conversations", "train_pairs", "val_pairs",
-                "train_tokens", "assistant_tokens"):
+                "train_tokens", "assistant_tokens", "train_prompts", "val_prompts", "rollouts"):
         if isinstance(report.get(key), int):
             rows.append([key.replace("_", " "), number(report[key])])
-    return [*lines, *table(["", "count"], rows), ""]
+    lines += [*table(["", "count"], rows), ""]
+    return lines + (_rl_rewards(stage, report) if stage.kind == "rl" else [])
+
+
+def _rl_rewards(stage: StageRecord, report: dict) -> list[str]:
+    """What RL did to the rewards: the verifiers and settings (report.json), the mean reward of the first and last
+    rollout batches, and the held-out prompts' greedy reward before and after (metrics.jsonl)."""
+    settings = (f"Verifiers {', '.join(f'{n} ×{w:g}' for n, w in report.get('verifiers', {}).items())}; "
+                f"{report.get('prompts_per_step')} prompts × {report.get('group_size')} completions per rollout "
+                f"batch, loss {report.get('loss_type')}, beta {report.get('beta')}, {report.get('iterations')} "
+                f"iteration(s) per batch" + (f", tools {', '.join(report['tools'])}" if report.get("tools") else ""))
+    train = [r for r in stage.metrics if isinstance(r.get("reward"), (int, float))]
+    val = [r for r in stage.metrics if isinstance(r.get("val_reward"), (int, float))]
+    rows = []
+    if train:
+        rows.append(["mean reward of the rollouts", f"{train[0]['reward']:.3f} (step {number(train[0]['step'])})",
+                     f"{train[-1]['reward']:.3f} (step {number(train[-1]['step'])})"])
+    if val:
+        rows.append(["held-out prompts, greedy", f"{val[-1]['val_reward_start']:.3f} (start)",
+                     f"{val[-1]['val_reward']:.3f} (step {number(val[-1]['step'])})"])
+    if not rows:
+        return ["#### RL rewards", "", settings + ".", "", "Rewards not recorded: no metrics.jsonl.", ""]
+    return ["#### RL rewards", "", settings + ".", "", *table(["", "first", "last"], rows), ""]
 
 
 def _filtering(run_dir: Path, recipe: Recipe) -> list[str]:

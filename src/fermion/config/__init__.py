@@ -22,6 +22,7 @@ from fermion.config import sizing
 from fermion.config.base import RecipeError, Section, eval_data_dir
 from fermion.config.data import DataConfig, SourceConfig, file_states, matching_files, no_match_message
 from fermion.config.prepare import PrepareConfig
+from fermion.config.rl import RLSettings
 
 __all__ = ["DataConfig", "PrepareConfig", "RecipeError", "SourceConfig", "file_states", "matching_files",
            "no_match_message"]  # besides what is defined here: re-exported from config/data.py and the others
@@ -260,6 +261,11 @@ class DPOConfig(Section):
     lora: LoRAConfig | None = None  # train adapters instead of every weight
 
 
+class RLConfig(RLSettings):
+    # Its own optimisation; train.grad_accum follows from the rollout batch. init_from: the last post-training stage.
+    train: TrainConfig = Field(default_factory=lambda: _post_train(lr=1e-5))
+
+
 class SmokePromptConfig(Section):
     prompt: str = Field(min_length=1)  # the request as a chat model's user turn
     opening: str | None = None  # the same request as an opening a base model continues; None: the prompt
@@ -318,7 +324,7 @@ class ExportConfig(Section):
         return {fmt: getattr(self, fmt).dtype for fmt in self.formats}
 
 
-RUN_STEPS = ("prepare", "tokenizer", "pretrain", "sft", "dpo", "eval", "export", "card")
+RUN_STEPS = ("prepare", "tokenizer", "pretrain", "sft", "dpo", "rl", "eval", "export", "card")
 
 
 class Recipe(Section):
@@ -330,6 +336,7 @@ class Recipe(Section):
     stages: list[StageConfig] = Field(default_factory=list)  # continued pretraining after train, in order
     sft: SFTConfig | None = None
     dpo: DPOConfig | None = None
+    rl: RLConfig | None = None
     eval: EvalConfig = Field(default_factory=EvalConfig)
     export: ExportConfig = Field(default_factory=ExportConfig)
 
@@ -370,7 +377,8 @@ class Recipe(Section):
         for name in layout.POST_TRAINING:
             section = getattr(self, name)
             if section is not None and section.train.epochs is not None:
-                raise ValueError(f"{name}.train.epochs: {name} counts its passes over the data in {name}.epochs")
+                where = f"{name}.epochs" if name != "rl" else "rl.train.steps (optimisation steps)"
+                raise ValueError(f"{name}.train.epochs: {name} counts its passes over the data in {where}")
             marked = [i for i, source in enumerate(section.sources if section else []) if source.validation]
             if marked:
                 raise ValueError(f"{name}.sources[{marked[0]}].validation: only pretraining data (data.sources) is "
@@ -426,10 +434,11 @@ class Recipe(Section):
             "run": self.run.model_copy(update={"name": f"{self.run.name}-{stage.name}",
                                                "dir": str(self.stage_dir(index))}),
             "tokenizer": self.tokenizer.model_copy(update={"path": str(self.tokenizer_file)}),
-            "data": stage.data, "train": train, "stages": [], "sft": None, "dpo": None})
+            "data": stage.data, "train": train, "stages": [], "sft": None, "dpo": None,
+            "rl": None})
 
     def post_training_dir(self, name: str) -> Path:
-        """The directory of the sft or dpo stage."""
+        """The directory of the sft, dpo or rl stage."""
         return layout.post_training_dir(self.run_dir, name, getattr(self, name))
 
     @property
@@ -576,7 +585,7 @@ def check_data_paths(recipe: Recipe, source: str) -> None:
     if recipe.tokenizer.path and not Path(recipe.tokenizer.path).is_file():
         raise RecipeError(f"{source}: tokenizer.path: file not found: {recipe.tokenizer.path}")
     sections = [("data", recipe.data), *((f"stages[{i}].data", s.data) for i, s in enumerate(recipe.stages)),
-                ("sft", recipe.sft), ("dpo", recipe.dpo)]
+                ("sft", recipe.sft), ("dpo", recipe.dpo), ("rl", recipe.rl)]
     for section, config in sections:
         for i, src in enumerate(config.sources if config is not None else []):
             for j, pattern in enumerate(src.paths):

@@ -49,6 +49,7 @@ class Sequence:
         self.position = len(prompt) - 1  # where `pending` goes in the cache
         self.stop_ids = stop_ids
         self.finish_reason: str | None = None
+        self.stop_token: int | None = None  # the stop token that ended it (not in `generated`)
         self.error: Exception | None = None  # why sampling failed, when finish_reason is "error"
         self.generator = torch.Generator().manual_seed(params.seed if params.seed is not None
                                                        else random.SystemRandom().getrandbits(63))
@@ -67,6 +68,7 @@ class Sequence:
         """Take a sampled token (and its log-probability, when asked for); return the new text that is safe to show
         (never half a character or a stop)."""
         if token in self.stop_ids:
+            self.stop_token = token
             return self._finish("stop", flush=True)
         self.generated.append(token)
         if self.logprobs is not None:
@@ -103,7 +105,8 @@ class Sequence:
         return delta
 
     def completion(self) -> Completion:
-        return Completion(self.prompt, self.generated, self.text, self.finish_reason or "length", self.logprobs)
+        return Completion(self.prompt, self.generated, self.text, self.finish_reason or "length", self.logprobs,
+                          self.stop_token)
 
     def take_logprobs(self) -> list[TokenLogprob] | None:
         """The log-probabilities recorded since the last call (None when the sequence records none): a stream hands

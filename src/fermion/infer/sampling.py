@@ -128,3 +128,6 @@ class Completion:
     text: str
     finish_reason: str  # "stop" (eos, a stop token or a stop string), "length", or "error" (sampling failed)
     logprobs: list[TokenLogprob] | None = None  # one per token_ids entry, when SamplingParams.logprobs asked
+    # The stop token (eos or one of stop_token_ids) that ended it, which token_ids leave out; None otherwise. RL
+    # trains on it: choosing to stop is one of the model's tokens.
+    stop_token: int | None = None

@@ -10,6 +10,7 @@ under the chosen checkpointing, logits, DDP/FSDP buffers), `plan_memory` does it
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from dataclasses import dataclass, field
 
@@ -417,3 +418,23 @@ def allocation_peak(profiler) -> int:
         held += size
         peak = max(peak, held)
     return peak
+
+
+def as_record(counts, plan: MemoryPlan, inference: dict, sized) -> dict:
+    """`fermion model info --json`: the counts, the predicted training memory and setup, inference memory, and what
+    model.depth derived (None without it)."""
+    mem = plan.estimate
+    return {"total_params": counts.total_params, "active_params": counts.active_params,
+            "embedding_params": counts.embedding_params, "forward_flops_per_token": counts.forward_flops_per_token,
+            "train_flops_per_token": counts.train_flops_per_token, "train_memory_bytes": mem.peak,
+            "inference_memory_bytes": inference["total"],
+            "train_memory": {"weights": mem.weights, "gradients": mem.gradients, "optimizer": mem.optimizer,
+                             "activations": mem.activations, "logits": mem.logits, "distributed": mem.distributed,
+                             "peak": mem.peak, "peak_phase": mem.phase, "phases": mem.phases, "needed": plan.needed},
+            "train_setup": {"device": plan.device, "device_type": plan.device_type,
+                            "device_memory_bytes": plan.device_memory, "fits": plan.fits,
+                            "world_size": plan.world_size, "distributed": plan.distributed,
+                            "micro_batch": plan.micro_batch, "seq_len": plan.seq_len, "precision": plan.precision,
+                            "checkpointing": plan.checkpointing, "cross_entropy": plan.cross_entropy,
+                            "compiled": plan.compiled},
+            "depth_sizing": dataclasses.asdict(sized) if sized else None}

@@ -1,5 +1,5 @@
 """Training objectives: how a batch becomes a loss. `Objective` below is the interface the trainer uses, and the only
-one: pretraining, SFT and DPO implement it, and an RL objective would too.
+one: pretraining, SFT, DPO and GRPO (RL) implement it.
 
 Each objective meets the vocabulary in one of two ways (its cross-entropy mode, see `Objective.set_cross_entropy`):
 - "full": the model's logits for the whole micro-batch, [tokens, vocab], then cross-entropy in fp32 on all of them.
@@ -34,7 +34,8 @@ class Objective(Protocol):
     - `logged`: the names in `metrics` the trainer averages over micro-batches and processes and logs each step.
     - `eval_sums(model, batch) -> tensor`: every validation batch, without gradients: a 1-D tensor of sums that
       adds up over batches (and processes), turned into named metrics by `summarise(total) -> {name: value}`.
-      The metrics include "val_loss"; `describe(metrics)` is the one line printed for them.
+      The metrics include "val_loss" (RL's are rewards instead); `describe(metrics)` is the one line printed for
+      them.
     - `name`: the progress bar's label.
     - `state_dict() -> dict` / `load_state_dict(state)`: whatever the objective changes while training (an
       adaptive KL coefficient, say), JSON-serialisable; saved in every checkpoint's trainer_state.json and given
@@ -59,25 +60,28 @@ class Objective(Protocol):
     def load_state_dict(self, state: dict) -> None: ...
 
 
-def _chunk_nll(model, hidden: torch.Tensor, targets: torch.Tensor, reduction: str) -> torch.Tensor:
-    logits = model.logits(hidden)
-    return F.cross_entropy(logits.float(), targets, ignore_index=IGNORE_INDEX, reduction=reduction)
+def _chunk_nll(model, hidden: torch.Tensor, targets: torch.Tensor, reduction: str,
+               temperature: float = 1.0) -> torch.Tensor:
+    logits = model.logits(hidden).float()
+    logits = logits if temperature == 1.0 else logits / temperature
+    return F.cross_entropy(logits, targets, ignore_index=IGNORE_INDEX, reduction=reduction)
 
 
 def chunked_nll(model, hidden: torch.Tensor, targets: torch.Tensor, chunk_tokens: int = CHUNK_TOKENS,
-                reduction: str = "sum") -> torch.Tensor:
-    """Cross-entropy of `model.logits(hidden)` against `targets` (IGNORE_INDEX skipped), `chunk_tokens` rows at a
-    time: the summed NLL (reduction "sum") or each token's ("none", 0 where ignored, in the targets' shape).
-    With gradients on, each chunk is checkpointed, so no chunk's logits outlive its own forward and backward."""
+                reduction: str = "sum", temperature: float = 1.0) -> torch.Tensor:
+    """Cross-entropy of `model.logits(hidden) / temperature` against `targets` (IGNORE_INDEX skipped),
+    `chunk_tokens` rows at a time: the summed NLL (reduction "sum") or each token's ("none", 0 where ignored, in the
+    targets' shape). With gradients on, each chunk is checkpointed, so no chunk's logits outlive its own forward
+    and backward."""
     flat_hidden, flat_targets = hidden.flatten(0, -2), targets.flatten()
     pieces = []
     for start in range(0, flat_targets.shape[0], chunk_tokens):
         h, t = flat_hidden[start : start + chunk_tokens], flat_targets[start : start + chunk_tokens]
         if torch.is_grad_enabled():
-            pieces.append(checkpoint(_chunk_nll, model, h, t, reduction, use_reentrant=False,
+            pieces.append(checkpoint(_chunk_nll, model, h, t, reduction, temperature, use_reentrant=False,
                                      preserve_rng_state=False))
         else:
-            pieces.append(_chunk_nll(model, h, t, reduction))
+            pieces.append(_chunk_nll(model, h, t, reduction, temperature))
     if reduction == "sum":
         return torch.stack(pieces).sum() if pieces else flat_hidden.new_zeros((), dtype=torch.float32)
     return torch.cat(pieces).view(targets.shape)
@@ -170,19 +174,27 @@ def summarise_eval(sums: torch.Tensor) -> dict[str, float]:
     return {"val_loss": nats / max(tokens, 1), "val_bpb": nats / (math.log(2) * max(n_bytes, 1))}
 
 
-def sequence_logps(model, inputs: torch.Tensor, targets: torch.Tensor, cross_entropy: str = "full",
-                   chunk_tokens: int = CHUNK_TOKENS) -> tuple[torch.Tensor, torch.Tensor]:
-    """Each row's summed log-probability of its non-ignored targets (log-softmax in fp32, whatever the autocast
-    dtype of the logits), and the model's MoE auxiliary loss."""
+def token_logps(model, inputs: torch.Tensor, targets: torch.Tensor, temperature: float = 1.0,
+                cross_entropy: str = "full", chunk_tokens: int = CHUNK_TOKENS) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each target's log-probability under softmax(logits / temperature), [rows, T] with 0 where ignored
+    (log-softmax in fp32, whatever the autocast dtype of the logits), and the model's MoE auxiliary loss."""
     if cross_entropy == "chunked":
         def head(inner, hidden):
-            return chunked_nll(inner, hidden, targets, chunk_tokens, reduction="none")
+            return chunked_nll(inner, hidden, targets, chunk_tokens, reduction="none", temperature=temperature)
         token_nll, aux_loss = model(inputs, head=head)
-        return -token_nll.sum(-1), aux_loss
+        return -token_nll, aux_loss
     logits, aux_loss = model(inputs)
-    token_logps = -F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=IGNORE_INDEX,
-                                   reduction="none")  # 0 at ignored positions
-    return token_logps.view(targets.shape).sum(-1), aux_loss
+    logits = logits.flatten(0, 1).float()
+    logits = logits if temperature == 1.0 else logits / temperature
+    nll = F.cross_entropy(logits, targets.flatten(), ignore_index=IGNORE_INDEX, reduction="none")
+    return -nll.view(targets.shape), aux_loss
+
+
+def sequence_logps(model, inputs: torch.Tensor, targets: torch.Tensor, cross_entropy: str = "full",
+                   chunk_tokens: int = CHUNK_TOKENS) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each row's summed log-probability of its non-ignored targets, and the model's MoE auxiliary loss."""
+    logps, aux_loss = token_logps(model, inputs, targets, 1.0, cross_entropy, chunk_tokens)
+    return logps.sum(-1), aux_loss
 
 
 class DPO(_Objective):
@@ -265,3 +277,93 @@ class DPO(_Objective):
                 f"margin {metrics['val_margin']:.3f} (chosen {metrics['val_rewards_chosen']:+.3f}, "
                 f"rejected {metrics['val_rewards_rejected']:+.3f}) · chosen NLL {metrics['val_chosen_nll']:.3f} "
                 f"(start {metrics['val_chosen_nll_start']:.3f})")
+
+
+class GRPO(_Objective):
+    """Group Relative Policy Optimization (Shao et al. 2024) with PPO's clipped ratio, as TRL 1.16's GRPOTrainer
+    computes its loss for loss_type "dapo" or "bnpo" (token-level importance sampling, no entropy bonus).
+
+    A batch is the rollout loader's (train/rollout.py): inputs and targets [B, T] (targets IGNORE_INDEX except on
+    the tokens the policy sampled), advantages [B], the log-probs at rollout time [B, T] (or [0]: one iteration per
+    rollout batch, where they are the current ones, detached), the reference's [B, T] (or [0] when beta is 0), the
+    dapo normaliser [1] and the rollout batch's statistics [K] (logged as they are). Per token, with the ratio
+    r = exp(logp - old logp) and advantage A:
+
+        loss_t = -min(r A, clip(r, 1 - epsilon, 1 + epsilon_high) A) + beta r (exp(ref - logp) - (ref - logp) - 1)
+
+    the KL term being TRL's: Schulman's k3 estimator, times the ratio (use_bias_correction_kl, TRL's default: the
+    unbiased reverse-KL gradient of DeepSeek-V3.2 even off-policy); log-probs are those of softmax(logits / T), the
+    distribution the rollouts were sampled from (as TRL scores them). dapo sums loss_t over the micro-batch's model
+    tokens and divides by the normaliser (so a step weighs every completion token of the rollout batch alike);
+    bnpo divides by the micro-batch's own model tokens.
+
+    Validation answers held-out prompts greedily through `validate(indices) -> sums` (the rollouts' own, so the
+    policy is scored as it would answer), one row of indices per validation batch.
+    """
+
+    name = "rl"
+
+    def __init__(self, verifiers: tuple[str, ...], epsilon: float = 0.2, epsilon_high: float | None = None,
+                 beta: float = 0.0, loss_type: str = "dapo", temperature: float = 1.0, validate=None,
+                 cross_entropy: str = "full", chunk_tokens: int = CHUNK_TOKENS):
+        super().__init__(cross_entropy, chunk_tokens)
+        if loss_type not in ("dapo", "bnpo"):
+            raise ValueError(f"GRPO loss {loss_type!r} is not one of dapo, bnpo")
+        self.epsilon, self.epsilon_high = epsilon, epsilon if epsilon_high is None else epsilon_high
+        self.beta, self.loss_type, self.temperature, self.validate = beta, loss_type, temperature, validate
+        self.verifiers = tuple(reward_name(v) for v in verifiers)
+        # The statistics the rollout loader computes, in its order (rollout.RolloutLoader._statistics).
+        self.statistics = ("reward", "completion_tokens", "zero_std_groups", *self.verifiers)
+        self.logged = (*self.statistics, "clip_fraction", *(("kl",) if beta else ()))
+        self.start: dict[str, float] = {}  # the validation of the starting weights, reported beside every later one
+
+    def loss(self, model, batch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        inputs, targets, advantages, old_logps, ref_logps, normaliser, statistics = batch
+        logps, aux_loss = token_logps(model, inputs, targets, self.temperature, self.cross_entropy,
+                                      self.chunk_tokens)
+        mask = (targets != IGNORE_INDEX).float()
+        old_logps = logps.detach() if old_logps.numel() == 0 else old_logps
+        ratio = torch.exp(logps - old_logps)
+        advantage = advantages[:, None]
+        clipped = torch.clamp(ratio, 1 - self.epsilon, 1 + self.epsilon_high)
+        per_token = -torch.min(ratio * advantage, clipped * advantage)
+        tokens = mask.sum().clamp(min=1.0)
+        metrics = dict(zip(self.statistics, statistics, strict=True))
+        if self.beta:
+            delta = ref_logps - logps
+            kl = (torch.exp(delta) - delta - 1) * ratio  # the ratio makes it the unbiased reverse-KL gradient
+            per_token = per_token + self.beta * kl
+            metrics["kl"] = (kl * mask).sum() / tokens
+        total = (per_token * mask).sum()
+        loss = total / normaliser[0] if self.loss_type == "dapo" else total / tokens
+        was_clipped = (((ratio < 1 - self.epsilon) & (advantage < 0))
+                       | ((ratio > 1 + self.epsilon_high) & (advantage > 0)))
+        metrics["clip_fraction"] = (was_clipped.float() * mask).sum() / tokens
+        return loss + aux_loss, metrics
+
+    @torch.no_grad()
+    def eval_sums(self, model, batch) -> torch.Tensor:
+        """[prompts, summed reward, summed completion tokens, then per verifier: summed reward, prompts it applied
+        to] over the held-out prompts `batch[0]` names."""
+        if self.validate is None:
+            raise RuntimeError("GRPO validation needs the rollouts' validate function")
+        return self.validate(batch[0].tolist())
+
+    def summarise(self, sums: torch.Tensor) -> dict[str, float]:
+        values = sums.tolist()
+        count = max(values[0], 1)
+        out = {"val_reward": values[1] / count, "val_completion_tokens": values[2] / count}
+        for k, name in enumerate(self.verifiers):
+            applied = values[4 + 2 * k]
+            out[f"val_{name}"] = values[3 + 2 * k] / applied if applied else 0.0
+        return {**out, **self.start}
+
+    def describe(self, metrics: dict[str, float]) -> str:
+        each = " · ".join(f"{name} {metrics[f'val_{name}']:.3f}" for name in self.verifiers)
+        return (f"val reward {metrics['val_reward']:.4f} (greedy, held-out prompts) · {each} · "
+                f"{metrics['val_completion_tokens']:.1f} tokens per answer")
+
+
+def reward_name(verifier: str) -> str:
+    """The metric name of a verifier's reward: reward_<name>, a user verifier by its function's name."""
+    return "reward_" + verifier.rpartition(":")[2]

@@ -1,9 +1,9 @@
-"""What the post-training stages (SFT, DPO) share: where they start from, their own run directory and recipe,
+"""What the post-training stages (SFT, DPO, RL) share: where they start from, their own run directory and recipe,
 reading and counting their records, and the train/validation split.
 
 Each stage is the one trainer with its own objective and its own `train` section (learning rate, schedule,
 batch): the stage's recipe is the run's recipe with `train` replaced and `run.dir` pointing at the stage's
-directory (`<run>/sft`, `<run>/dpo`), so checkpoints, metrics and exact resume work as in pretraining.
+directory (`<run>/sft`, `<run>/dpo`, `<run>/rl`), so checkpoints, metrics and exact resume work as in pretraining.
 """
 
 from __future__ import annotations
@@ -54,7 +54,7 @@ def check_same_model(recipe: Recipe, source_recipe: Recipe, source: str, field_n
 
 @dataclass
 class Stage:
-    name: str  # "sft" or "dpo"
+    name: str  # "sft", "dpo" or "rl"
     recipe: Recipe  # the run's recipe with this stage's train section and directory
     weights: dict[str, torch.Tensor] | None  # the starting weights (released once a LoRA model is built)
     tokenizer: Tokenizer
@@ -64,9 +64,11 @@ class Stage:
 
 
 def default_init(recipe: Recipe, name: str) -> str:
-    """SFT starts from the run's pretraining (its last continued stage), DPO from its SFT, unless
-    train.init_from says otherwise."""
-    return str(recipe.pretrained_dir if name == "sft" else recipe.post_training_dir("sft"))
+    """SFT starts from the run's pretraining (its last continued stage), DPO from its SFT, RL from its DPO (or its
+    SFT when the recipe has no dpo section), unless train.init_from says otherwise."""
+    if name == "sft":
+        return str(recipe.pretrained_dir)
+    return str(recipe.post_training_dir("dpo" if name == "rl" and recipe.dpo is not None else "sft"))
 
 
 def setup_stage(recipe: Recipe, name: str) -> Stage:
@@ -173,7 +175,7 @@ def encode_all(examples: Iterator[tuple[str, object]], encode: Callable[[object,
 
 
 class PostTraining(StageSetup):
-    """What SFT and DPO share as stages: the Stage they start from, and the data report the main rank writes with
+    """What SFT, DPO and RL share as stages: the Stage they start from, and the data report the main rank writes with
     the stage's tokenizer and resolved recipe (also printed)."""
 
     def __init__(self, recipe: Recipe, prepared: tuple[Stage, list, list, Report]):

@@ -1,6 +1,6 @@
 """How every training stage runs, written once: process group -> seed -> the main rank's files -> barrier -> model,
-objective and data -> the trainer -> fit -> teardown. Pretraining, SFT and DPO each supply a `StageSetup` with
-what is theirs (see pretrain.py, sft.py, dpo.py)."""
+objective and data -> the trainer -> fit -> teardown. Pretraining, SFT, DPO and RL each supply a `StageSetup` with
+what is theirs (see pretrain.py, sft.py, dpo.py, rl.py)."""
 
 from __future__ import annotations
 
@@ -27,6 +27,9 @@ class Parts:
     objective: Objective
     loader: object  # next_batch(), state_dict(), load_state_dict()
     validation: list
+    # Whether batches may be read ahead of the step that uses them (train/prefetch.py). RL's may not: a rollout
+    # must be sampled by the weights of the step it trains.
+    prefetch: bool = True
 
 
 class StageSetup:
@@ -66,7 +69,8 @@ def run_stage(setup: StageSetup, resume: str, console: Console) -> TrainResult:
     distributed.barrier(info)
     parts = setup.build(info, console)
     trainer = Trainer(setup.recipe, parts.model, parts.objective, parts.loader, parts.validation, info,
-                      setup.tokenizer_path, console, stage=setup.kind, callbacks=callbacks(setup))
+                      setup.tokenizer_path, console, stage=setup.kind, callbacks=callbacks(setup),
+                      prefetch=parts.prefetch)
     result = trainer.fit(resume)
     distributed.teardown(info)
     return result

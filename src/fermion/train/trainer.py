@@ -192,17 +192,18 @@ class Checkpointer(Callback):
 
 class Trainer:
     """`stage` is the kind of stage being trained (checkpoint.STAGES), recorded in every checkpoint; `callbacks` run
-    after every step in order, before the trainer's own checkpointer (see callbacks.py)."""
+    after every step in order, before the trainer's own checkpointer (see callbacks.py); `prefetch` False keeps
+    batches from being read ahead of their step (RL's rollouts need the step's own weights)."""
 
     def __init__(self, recipe: Recipe, model: torch.nn.Module, objective: Objective, loader, val_batches: list,
                  info: DistInfo, tokenizer_path: Path, console: Console | None = None, *, stage: str = "pretrain",
-                 callbacks: Sequence[Callback] = ()):
+                 callbacks: Sequence[Callback] = (), prefetch: bool = True):
         if stage not in checkpoint.STAGES:
             raise ValueError(f"stage {stage!r} is not one of {', '.join(checkpoint.STAGES)}")
         self.recipe, self.cfg, self.info, self.stage = recipe, recipe.train, info, stage
         self.objective, self.val_batches = objective, val_batches
         # Batches reach the device ahead of use (pinned, non-blocking, on CUDA); its state is what was consumed.
-        self.loader = Prefetcher(loader, info.device)
+        self.loader = Prefetcher(loader, info.device, threaded=None if prefetch else False)
         self.console = console or Console()
         self.run_dir = recipe.run_dir
         self.sharded = info.distributed and self.cfg.distributed == "fsdp"

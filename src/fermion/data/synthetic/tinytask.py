@@ -13,6 +13,7 @@ scores answers against and constrains decoding by. The prompt format is chat/too
 an OpenAI `tools` request in, so a model trained on these records calls tools when served.
 
     problems(n, seed)            the evaluation problems
+    training_problems(n, seed)   problems from the training stream (RL's prompts)
     sft_records(n, seed)         training conversations in the evaluation's prompt format
     preference_records(n, seed)  DPO pairs: the right call against the same call with one argument wrong
     documents(n, seed)           the training calls as plain text for a base model to pretrain on
@@ -222,6 +223,11 @@ def _draw(n: int, seed: int, stream: str) -> list[Problem]:
 def problems(n: int, seed: int = 0) -> list[Problem]:
     """The evaluation problems: the same for the same (n, seed), and the first n of a larger n."""
     return _draw(n, seed, "eval")
+
+
+def training_problems(n: int, seed: int = 0) -> list[Problem]:
+    """Problems from the training stream (no evaluated call): the prompts RL trains on, with their answers."""
+    return _draw(n, seed, "train")
 
 
 # ------------------------------------------------------------------------------------------ prompts, training records
