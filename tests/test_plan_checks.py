@@ -72,7 +72,8 @@ def test_each_format_is_checked_in_the_dtype_the_recipe_names(tmp_path):
     with pytest.raises(RecipeError, match=r"^export\.onnx\.dtype: unsupported ONNX dtype 'bf16'; valid: fp32, fp16$"):
         check_before_training(recipe_from_dict(raw))
     raw["export"] = {"formats": ["gguf"], "gguf": {"dtype": "q4_0"}}
-    with pytest.raises(RecipeError, match=r"^export\.gguf\.dtype: GGUF dtype 'q4_0' .* f32, f16, q8_0$"):
+    with pytest.raises(RecipeError, match=r"^export\.gguf\.dtype: GGUF dtype 'q4_0' .* "
+                                         r"f32, f16, q8_0, q4_k_m, q5_k_m, q6_k$"):
         check_before_training(recipe_from_dict(raw))
     raw["export"] = {"formats": ["hf", "gguf", "onnx"], "hf": {"dtype": "fp16"}, "gguf": {"dtype": "q8_0"},
                      "onnx": {"dtype": "fp16"}}

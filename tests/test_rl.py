@@ -417,3 +417,30 @@ def test_prompt_records_and_builtin_sources_give_prompts_with_answers():
     assert record["answer"]["name"] in {t["name"] for t in record["tools"]} and where == "builtin tinytask #0"
     with pytest.raises(DataError, match="builtin 'chat' has no answers to verify"):
         source_records(SourceConfig(name="c", builtin="chat", max_documents=1))
+
+
+def test_rl_trains_lora_adapters_and_the_run_loads_merged(tiny_run, tmp_path):
+    # rl.lora, as sft.lora and dpo.lora: the rollouts decode through the adapters, the checkpoints hold them alone,
+    # and loading the run merges them into the base.
+    from fermion import checkpoint
+    from fermion.checkpoint import find
+
+    recipe = rl_recipe(tmp_path, tiny_run, lora={"rank": 4, "alpha": 8}, train={
+        "init_from": str(tiny_run), "steps": 2, "micro_batch_size": 8, "lr": 1e-2, "warmup_steps": 1,
+        "precision": "fp32", "compile": False, "eval_every": 100, "checkpoint_every": 1, "log_every": 1,
+        "tensorboard": False, "progress": False})
+    sys.path.insert(0, str(tmp_path))
+    try:
+        result = cli("rl", str(recipe))
+    finally:
+        sys.path.remove(str(tmp_path))
+    assert result.returncode == 0, result.stderr
+    rl_dir = tmp_path / "run" / "rl"
+    ckpt = find(rl_dir)
+    assert (ckpt / "adapter.json").is_file()
+    from safetensors.torch import load_file
+
+    names = list(load_file(ckpt / "model.safetensors"))
+    assert names and all("lora" in name for name in names), names[:5]
+    loaded = checkpoint.load(rl_dir)
+    assert not any("lora" in name for name in loaded.model.state_dict())

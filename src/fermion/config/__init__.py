@@ -217,8 +217,8 @@ def _post_train(lr: float, steps: int = 200) -> TrainConfig:
 
 class LoRAConfig(Section):
     """Low-rank adapters (model/lora.py) on the chosen projections, the model's own weights frozen: a post-training
-    stage's `lora` sub-section (sft.lora, dpo.lora). Its checkpoints then hold the adapters and a reference to the
-    base; loading merges them."""
+    stage's `lora` sub-section (sft.lora, dpo.lora, rl.lora). Its checkpoints then hold the adapters and a reference
+    to the base; loading merges them."""
 
     rank: int = Field(8, ge=1)
     alpha: float = Field(16.0, gt=0)  # the adapters' output is scaled by alpha / rank
@@ -264,6 +264,7 @@ class DPOConfig(Section):
 class RLConfig(RLSettings):
     # Its own optimisation; train.grad_accum follows from the rollout batch. init_from: the last post-training stage.
     train: TrainConfig = Field(default_factory=lambda: _post_train(lr=1e-5))
+    lora: LoRAConfig | None = None  # train adapters instead of every weight (rollouts decode through them)
 
 
 class SmokePromptConfig(Section):

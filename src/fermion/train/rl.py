@@ -112,10 +112,10 @@ class RLSetup(PostTraining):
 
     def build(self, info: DistInfo, console: Console) -> Parts:
         cfg, train_cfg, stage = self.cfg, self.recipe.train, self.stage
-        model = build_model(self.recipe, info.device, stage.weights)
         reference = None
-        if cfg.beta > 0:
+        if cfg.beta > 0:  # built first: with adapters the stage lets go of its copy of the starting weights
             reference = build_model(self.recipe, info.device, stage.weights).eval().requires_grad_(False)
+        model = self.with_adapters(build_model(self.recipe, info.device, stage.weights), info)
         precision = resolve_precision(train_cfg.precision, info.device)
         rollouts = Rollouts(model, stage.tokenizer, stage.template, toolbox.get(cfg.tools),
                             Rewards.from_recipe(cfg.verifiers), cfg, self.recipe.seq_len, precision, info, self.seed,
