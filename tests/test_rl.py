@@ -277,15 +277,20 @@ def rl_metrics(run_dir: Path) -> list[dict]:
     return [{k: v for k, v in r.items() if k not in ("tokens_per_s", "elapsed_s", "mfu")} for r in records]
 
 
+def run_rl(folder: Path, recipe: Path):
+    """`fermion rl RECIPE` with the folder holding the recipe's user verifier importable."""
+    sys.path.insert(0, str(folder))
+    try:
+        return cli("rl", str(recipe))
+    finally:
+        sys.path.remove(str(folder))
+
+
 @pytest.fixture(scope="module")
 def uninterrupted(tiny_run, tmp_path_factory):
     folder = tmp_path_factory.mktemp("rl")
     recipe = rl_recipe(folder, tiny_run)
-    sys.path.insert(0, str(folder))
-    try:
-        result = cli("rl", str(recipe))
-    finally:
-        sys.path.remove(str(folder))
+    result = run_rl(folder, recipe)
     assert result.returncode == 0, result.stderr
     return folder, result.stdout
 
@@ -333,11 +338,7 @@ def test_exact_resume_after_sigkill(uninterrupted, tiny_run, tmp_path):
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
     assert '"step": 6,' not in metrics.read_text()
-    sys.path.insert(0, str(tmp_path))
-    try:
-        result = cli("rl", str(recipe))
-    finally:
-        sys.path.remove(str(tmp_path))
+    result = run_rl(tmp_path, recipe)
     assert result.returncode == 0 and "resuming from" in result.stdout, result.stderr
     assert rl_metrics(tmp_path / "run") == rl_metrics(folder / "run")
     final = [load_file(d / "run" / "rl" / "checkpoints" / "step_00000006" / "model.safetensors")
@@ -429,11 +430,7 @@ def test_rl_trains_lora_adapters_and_the_run_loads_merged(tiny_run, tmp_path):
         "init_from": str(tiny_run), "steps": 2, "micro_batch_size": 8, "lr": 1e-2, "warmup_steps": 1,
         "precision": "fp32", "compile": False, "eval_every": 100, "checkpoint_every": 1, "log_every": 1,
         "tensorboard": False, "progress": False})
-    sys.path.insert(0, str(tmp_path))
-    try:
-        result = cli("rl", str(recipe))
-    finally:
-        sys.path.remove(str(tmp_path))
+    result = run_rl(tmp_path, recipe)
     assert result.returncode == 0, result.stderr
     rl_dir = tmp_path / "run" / "rl"
     ckpt = find(rl_dir)
