@@ -17,15 +17,17 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fermion.infer.quantize import dequantize_int4, quantize_int4
+from fermion.infer.quantize import dequantize_int4, int4_group_size, quantize_int4
 from fermion.model.lora import LoRALinear
 from fermion.model.transformer import Transformer
 
-GROUP_SIZES = (64, 32, 16)  # QLoRA's block size first; a layer whose in-features none divides takes one group a row
+QLORA_GROUP = 64  # QLoRA's block size
 
 
 def group_size_for(in_features: int) -> int:
-    return next((g for g in GROUP_SIZES if in_features % g == 0), in_features)
+    """The inference quantizer's choice up to QLoRA's 64 (64, else 32); below the kernels' sizes, which QLoRA's own
+    matmul does not need, 16, else one group a row."""
+    return int4_group_size(in_features, QLORA_GROUP) or (16 if in_features % 16 == 0 else in_features)
 
 
 class _FrozenMatmul(torch.autograd.Function):
