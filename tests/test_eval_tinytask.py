@@ -137,3 +137,19 @@ def test_constrained_decoding_makes_a_random_model_answer_in_schema(shakespeare_
     assert constrained.metric("valid_json").value == constrained.metric("schema").value == 1.0
     assert not any(sample["cut"] for sample in constrained.samples)
     assert all(sample["finish_reason"] == "stop" for sample in constrained.samples)
+
+
+def test_prompts_cut_to_fit_the_context_are_counted_and_said_beside_the_score(shakespeare_tokenizer):
+    """A prompt longer than the context leaves room for loses its beginning (the tools' schemas here), which
+    understates the model: the runner counts such prompts per task and its progress line says so."""
+    from fermion.eval import runner
+
+    options = TaskOptions(data_dir=".", limit=3, max_new_tokens=4)
+    roomy = EvalModel(tiny_model(vocab_size=512, context_length=2048), shakespeare_tokenizer, chat=True)
+    [whole] = runner.run(roomy, ["tinytask"], options)
+    assert whole.cut_prompts == 0 and "warning" not in runner.progress(whole, 1.0)
+    cramped = EvalModel(tiny_model(vocab_size=512, context_length=128), shakespeare_tokenizer, chat=True)
+    [cut] = runner.run(cramped, ["tinytask"], options)
+    assert cut.cut_prompts == 3
+    assert ("warning: 3 of 3 tinytask prompts did not fit the model's context with room to answer"
+            in runner.progress(cut, 1.0))

@@ -441,3 +441,26 @@ def test_rl_trains_lora_adapters_and_the_run_loads_merged(tiny_run, tmp_path):
     assert names and all("lora" in name for name in names), names[:5]
     loaded = checkpoint.load(rl_dir)
     assert not any("lora" in name for name in loaded.model.state_dict())
+
+
+def test_prompts_that_leave_too_little_room_to_answer_are_counted_and_warned_about(tiny_run, tmp_path, monkeypatch):
+    """A completion cut by the end of the context scores as a broken answer, so RL learns to avoid long right
+    answers; the stage counts such prompts and says how to give them room (configs/tiny.yaml: 64 tokens)."""
+    import torch
+    from rich.console import Console
+
+    from fermion.config import load_recipe
+    from fermion.device import DistInfo
+    from fermion.train.rl import RLSetup, prepare
+
+    monkeypatch.syspath_prepend(str(tmp_path))  # the recipe's user verifier
+    fits = prepare(load_recipe(rl_recipe(tmp_path, tiny_run)))[3]
+    assert fits.extra["prompts_short_of_room"] == 0
+    cramped = prepare(load_recipe(rl_recipe(tmp_path, tiny_run, max_new_tokens=48)))
+    assert cramped[3].extra["prompts_short_of_room"] == cramped[3].used == 40
+    console = Console(record=True, width=400)
+    setup = RLSetup(load_recipe(tmp_path / "rl.yaml"), cramped)
+    setup.plan(DistInfo(0, 1, 0, torch.device("cpu")), console)
+    setup.write_files(console)
+    assert ("rl: warning: 40 of 40 prompts leave fewer than rl.max_new_tokens (48) positions in the 64-token "
+            "context") in console.export_text()

@@ -283,3 +283,27 @@ def test_gain_table_marks_changes_beyond_two_standard_errors():
     text = console.export_text()
     assert "+0.020 ± 0.031" in text and "+0.140 ± 0.047 ▲" in text and "+0.120" in text
     assert gain_table({"pretrain": tables["pretrain"]}) is None
+
+
+def test_gain_standard_error_is_paired_by_problem_where_each_problem_was_scored():
+    """Two stages on the same 40 problems: the second gets 4 more right and none wrong that the first got right.
+    Unpaired, +0.10 is within two errors (0.105 each way); paired, the per-problem changes say it is a gain."""
+    from fermion.eval.results import mean_metric
+    from fermion.run import stage_gains
+
+    def results(right: set[int], ids=range(40)):
+        samples = [{"id": f"{i} + 1", "exact": i in right} for i in ids]
+        metric = mean_metric("exact", [float(s["exact"]) for s in samples])
+        return {"results": [{"task": "arithmetic", "metrics": [{"name": metric.name, "value": metric.value,
+                                                                 "stderr": metric.stderr}], "samples": samples}]}
+
+    before, after = results(set(range(10))), results(set(range(14)))
+    [(_, _, _, change, se)] = stage_gains({"sft": before, "rl": after})
+    se_a, se_b = (t["results"][0]["metrics"][0]["stderr"] for t in (before, after))
+    unpaired = (se_a**2 + se_b**2) ** 0.5
+    assert change == pytest.approx(0.1) and change < 2 * unpaired
+    assert se == pytest.approx(mean_metric("d", [1.0] * 4 + [0.0] * 36).stderr) and change > 2 * se
+    # Not the same problems (or no per-problem scores): the unpaired error, never a paired one invented.
+    shifted = results(set(range(14)), ids=range(1, 41))
+    [(_, _, _, _, other)] = stage_gains({"sft": before, "rl": shifted})
+    assert other == pytest.approx((se_a**2 + shifted["results"][0]["metrics"][0]["stderr"] ** 2) ** 0.5)

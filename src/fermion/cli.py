@@ -427,9 +427,7 @@ def eval_cmd(
                   f"{folder}" + (f" · first {options.limit} examples each" if options.limit else ""))
 
     def report(result, seconds):
-        main = result.metrics[0]
-        err = f" ± {main.stderr:.4f}" if main.stderr is not None else ""
-        console.print(f"  {result.task}: {main.name} {main.value:.4f}{err} · n={result.n} · {seconds:.1f} s")
+        console.print(runner.progress(result, seconds))
         if result.task == "smoke":
             from fermion.eval import smoke
 

@@ -390,9 +390,7 @@ def evaluate_stage(recipe: Recipe, name: str, directory: Path, console: Console,
     console.print(f"eval {name} ({'chat' if model.chat else 'base'} prompts): {', '.join(recipe.eval.tasks)}")
 
     def report(result, seconds):
-        main = result.metrics[0]
-        err = f" ± {main.stderr:.3f}" if main.stderr is not None else ""
-        console.print(f"  {result.task}: {main.name} {main.value:.3f}{err} · n={result.n} · {seconds:.1f} s")
+        console.print(runner.progress(result, seconds, digits=3))
 
     results = runner.run(model, runner.task_names(recipe.eval.tasks), options, on_result=report)
     extra = {"chat": model.chat, "limit": options.limit, "stage": name, "fingerprint": fingerprint}
@@ -416,20 +414,24 @@ def comparison_table(tables: dict[str, dict]) -> Table:
 
 def stage_gains(tables: dict[str, dict]) -> list[tuple[str, str, str, float, float | None]]:
     """What each stage added over the one before it, on the same held-out problems: (task, metric, "b − a", change,
-    its standard error) for every metric both stages report. The error is sqrt(se_a² + se_b²), the unpaired one:
-    pairing by problem would shrink it, so a change beyond two of these is beyond two paired ones too."""
-    def scores(data: dict) -> dict[tuple[str, str], tuple[float, float | None]]:
-        return {(task["task"], m["name"]): (m["value"], m.get("stderr")) for task in data["results"]
-                for m in task["metrics"]}
+    its standard error) for every metric both stages report. The error is the paired one (of the per-problem
+    changes, eval/results.paired_stderr) where both stages kept each problem's score, else the unpaired
+    sqrt(se_a² + se_b²), which overstates it: a change is never called beyond two errors that is not."""
+    from fermion.eval.results import paired_stderr
+
+    def scores(data: dict) -> dict[tuple[str, str], tuple[float, float | None, list]]:
+        return {(task["task"], m["name"]): (m["value"], m.get("stderr"), task.get("samples") or [])
+                for task in data["results"] for m in task["metrics"]}
 
     names = list(tables)
     gains = []
     for before, after in zip(names, names[1:], strict=False):
         old, new = scores(tables[before]), scores(tables[after])
         for key in [k for k in new if k in old]:
-            (a, se_a), (b, se_b) = old[key], new[key]
+            (a, se_a, samples_a), (b, se_b, samples_b) = old[key], new[key]
             se = None if se_a is None or se_b is None else (se_a**2 + se_b**2) ** 0.5
-            gains.append((*key, f"{after} − {before}", b - a, se))
+            paired = paired_stderr(samples_a, samples_b, key[1])
+            gains.append((*key, f"{after} − {before}", b - a, se if paired is None else paired))
     return gains
 
 

@@ -33,6 +33,9 @@ class TaskResult:
     n: int  # examples scored
     shots: int
     samples: list[dict] = field(default_factory=list)  # per example: its id, what the model said, the score
+    # Prompts longer than the model's context leaves room for with the answer: each kept its last tokens (its
+    # beginning, often the instructions, was lost), so the score understates the model. Said beside the score.
+    cut_prompts: int = 0
 
     def metric(self, name: str) -> Metric:
         for m in self.metrics:
@@ -51,6 +54,26 @@ def mean_metric(name: str, values: Sequence[float]) -> Metric:
         return Metric(name, mean, None)
     variance = sum((v - mean) ** 2 for v in values) / (n - 1)
     return Metric(name, mean, math.sqrt(variance / n))
+
+
+def paired_stderr(before: Sequence[dict], after: Sequence[dict], metric: str) -> float | None:
+    """The standard error of the mean per-example change of `metric` between two runs of a task on the same
+    examples (matched by id), or None when the samples do not allow it (a score not kept per example, different or
+    repeated ids). Each example's difficulty cancels out of its change, so this is the error a comparison of two
+    models on one problem set has; the unpaired sqrt(se_a² + se_b²) overstates it."""
+    def per_example(samples: Sequence[dict]) -> dict[str, float] | None:
+        out = {}
+        for sample in samples:
+            value = sample.get(metric)
+            if "id" not in sample or not isinstance(value, bool | int | float):
+                return None
+            out[json.dumps(sample["id"])] = float(value)
+        return out if len(out) == len(samples) else None
+
+    old, new = per_example(before), per_example(after)
+    if not old or not new or old.keys() != new.keys() or len(old) < 2:
+        return None
+    return mean_metric("change", [new[key] - old[key] for key in old]).stderr
 
 
 def to_json(results: list[TaskResult], model: str, extra: dict | None = None) -> dict:

@@ -90,8 +90,22 @@ def run(lm: EvalModel, names: list[str], options: TaskOptions,
     results = []
     for name in names:
         started = time.perf_counter()
+        lm.cut_prompts = 0
         result = _task(name)(lm, options)
+        result.cut_prompts = lm.cut_prompts
         results.append(result)
         if on_result is not None:
             on_result(result, time.perf_counter() - started)
     return results
+
+
+def progress(result: TaskResult, seconds: float, digits: int = 4) -> str:
+    """The line a task's result is reported with as it finishes, and a warning when prompts did not fit."""
+    main = result.metrics[0]
+    err = f" ± {main.stderr:.{digits}f}" if main.stderr is not None else ""
+    line = f"  {result.task}: {main.name} {main.value:.{digits}f}{err} · n={result.n} · {seconds:.1f} s"
+    if result.cut_prompts:
+        line += (f"\n  warning: {result.cut_prompts} of {result.n} {result.task} prompts did not fit the model's "
+                 "context with room to answer and lost their beginning; a longer model.context_length scores them "
+                 "whole")
+    return line

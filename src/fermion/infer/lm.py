@@ -49,6 +49,7 @@ class EvalModel:
         self.device = model.tok_emb.weight.device
         self._max_batch = max_batch
         self._engine: Engine | None = None
+        self.cut_prompts = 0  # prompts prompt_ids cut to leave room to generate (eval/runner.py reports them)
 
     @property
     def engine(self) -> Engine:
@@ -162,6 +163,7 @@ class EvalModel:
         else:
             ids = self.template.encode(self.tokenizer, prompt, add_generation_prompt=True).ids
         keep = max(1, self.max_length - room)
+        self.cut_prompts += len(ids) > keep
         return ids[-keep:]
 
     def as_chat(self, text: str, system: str | None = None) -> Prompt:

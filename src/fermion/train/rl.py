@@ -34,7 +34,7 @@ from fermion.train.trainer import TrainResult
 def read_prompts(stage: Stage, tools: list, report: Report) -> list[Prompt]:
     """Every usable prompt of rl.sources; the unusable ones counted in the report by reason."""
     cfg, room = stage.recipe.rl, stage.recipe.seq_len - 1
-    prompts = []
+    prompts, cramped = [], 0
     for source in cfg.sources:
         for where, record in source_records(source):
             report.read += 1
@@ -46,10 +46,14 @@ def read_prompts(stage: Stage, tools: list, report: Report) -> list[Prompt]:
             except Skipped as skipped:
                 report.skip(skipped.reason, where)
                 continue
+            cramped += length + cfg.max_new_tokens > room
             prompts.append(prompt)
     if report.read == 0:
         raise DataError(f"rl.sources: no records found ({', '.join(s.name for s in cfg.sources)})")
     report.used = len(prompts)
+    # Their completions are cut where the context ends: a long right answer scores as a broken one, and RL learns
+    # to avoid it (a tool call with many arguments, say) rather than to get it right.
+    report.extra["prompts_short_of_room"] = cramped
     return prompts
 
 
@@ -109,6 +113,11 @@ class RLSetup(PostTraining):
                       f"{', '.join(f'{n} ×{w:g}' for n, w in cfg.verifiers.items())} · loss {cfg.loss_type}, "
                       f"epsilon {cfg.epsilon:g}/{cfg.clip_high:g}, beta {cfg.beta:g}, {cfg.iterations} "
                       f"iteration(s){tools}")
+        if cramped := self.report.extra["prompts_short_of_room"]:
+            console.print(f"rl: warning: {cramped:,} of {self.report.used:,} prompts leave fewer than "
+                          f"rl.max_new_tokens ({cfg.max_new_tokens}) positions in the {self.recipe.seq_len}-token "
+                          "context, so their answers are cut where it ends and score as broken; raise "
+                          "model.context_length (or rl.train.seq_len) or lower rl.max_new_tokens")
 
     def build(self, info: DistInfo, console: Console) -> Parts:
         cfg, train_cfg, stage = self.cfg, self.recipe.train, self.stage
