@@ -308,6 +308,7 @@ def test_stage_trains_and_records_rewards_clipping_and_validation(uninterrupted)
     assert first["reward"] == pytest.approx(first["reward_starts_the"] + first["reward_arithmetic"])
     validations = [r for r in rl_metrics(folder / "run") if "val_reward" in r]
     assert [r["step"] for r in validations] == [3, 6] and "val_reward_start" in validations[0]
+    assert validations[0]["val_reference_nll_start"] > 0 and validations[0]["val_reference_nll"] > 0
     report = json.loads((folder / "run" / "rl" / "report.json").read_text())
     assert report["train_prompts"] == 32 and report["val_prompts"] == 8 and report["rollouts"] == 3
     assert "rl: starting model: val reward" in output
@@ -320,6 +321,7 @@ def test_stage_trains_and_records_rewards_clipping_and_validation(uninterrupted)
     rl_dir = folder / "run" / "rl"
     card = "\n".join(data_section([_stage("rl", "rl", rl_dir, load_recipe(rl_dir / "recipe.yaml").rl)]))
     assert "#### RL rewards" in card and f"| mean reward of the rollouts | {first['reward']:.3f} (step 1)" in card
+    assert f"| SFT loss on their reference answers | {validations[-1]['val_reference_nll_start']:.3f} (start)" in card
 
 
 def test_exact_resume_after_sigkill(uninterrupted, tiny_run, tmp_path):
@@ -464,3 +466,34 @@ def test_prompts_that_leave_too_little_room_to_answer_are_counted_and_warned_abo
     setup.write_files(console)
     assert ("rl: warning: 40 of 40 prompts leave fewer than rl.max_new_tokens (48) positions in the 64-token "
             "context") in console.export_text()
+
+
+def test_validation_tracks_the_sft_loss_of_the_reference_answers(shakespeare_tokenizer):
+    """RL may raise the reward by unlearning what SFT taught; validation also scores the prompts' reference answers
+    (a record's "completion") as SFT does: the mean NLL of the reply's tokens and its end-of-turn marker."""
+    import torch.nn.functional as F
+
+    from fermion.config import RLConfig
+    from fermion.device import DistInfo
+    from fermion.train.objectives import GRPO
+    from fermion.train.rollout import Prompt, Rollouts
+
+    tok = shakespeare_tokenizer
+    cfg = RLConfig(sources=[{"name": "a", "paths": ["x.jsonl"]}], verifiers={"arithmetic": 1.0}, max_new_tokens=4)
+    policy = tiny_model(vocab_size=tok.vocab_size, context_length=64)
+    rollouts = Rollouts(policy, tok, CHATML, [], rewards.Rewards.from_recipe(cfg.verifiers), cfg, 64, "fp32",
+                        DistInfo(0, 1, 0, torch.device("cpu")), seed=0)
+    asked = [[{"role": "user", "content": f"What is {a} + 2?"}] for a in (2, 3)]
+    prompts = [Prompt(asked[0], {"answer": 4, "completion": "4"}, "t"), Prompt(asked[1], {"answer": 5}, "u")]
+    sums = rollouts.greedy_sums(prompts, [rollouts.prompt_ids(m) for m in asked])
+    encoded = CHATML.encode(tok, [*asked[0], {"role": "assistant", "content": "4"}])
+    ids, mask = torch.tensor(encoded.ids), torch.tensor(encoded.mask)
+    with torch.no_grad():
+        logits, _ = policy(ids[None, :-1])
+    nll = F.cross_entropy(logits[0], ids[1:], reduction="none")[mask[1:]]
+    assert sums[-1] == int(mask[1:].sum()) == len(tok.encode("4<|im_end|>")) and sums[-2] == pytest.approx(nll.sum())
+    summary = GRPO(("arithmetic",)).summarise(sums)
+    assert summary["val_reference_nll"] == pytest.approx(nll.mean().item())
+    assert "reference answers' NLL" in GRPO(("arithmetic",)).describe(summary)
+    none = rollouts.greedy_sums(prompts[1:], [rollouts.prompt_ids(asked[1])])
+    assert "val_reference_nll" not in GRPO(("arithmetic",)).summarise(none)

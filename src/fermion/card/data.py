@@ -87,7 +87,8 @@ def _post_training_data(stage: StageRecord) -> list[str]:
 
 def _rl_rewards(stage: StageRecord, report: dict) -> list[str]:
     """What RL did to the rewards: the verifiers and settings (report.json), the mean reward of the first and last
-    rollout batches, and the held-out prompts' greedy reward before and after (metrics.jsonl)."""
+    rollout batches, and the held-out prompts' greedy reward and SFT loss on their reference answers before and after
+    (metrics.jsonl)."""
     settings = (f"Verifiers {', '.join(f'{n} ×{w:g}' for n, w in report.get('verifiers', {}).items())}; "
                 f"{report.get('prompts_per_step')} prompts × {report.get('group_size')} completions per rollout "
                 f"batch, loss {report.get('loss_type')}, beta {report.get('beta')}, {report.get('iterations')} "
@@ -101,6 +102,9 @@ def _rl_rewards(stage: StageRecord, report: dict) -> list[str]:
     if val:
         rows.append(["held-out prompts, greedy", f"{val[-1]['val_reward_start']:.3f} (start)",
                      f"{val[-1]['val_reward']:.3f} (step {number(val[-1]['step'])})"])
+        if "val_reference_nll" in val[-1]:
+            rows.append(["SFT loss on their reference answers", f"{val[-1]['val_reference_nll_start']:.3f} (start)",
+                         f"{val[-1]['val_reference_nll']:.3f} (step {number(val[-1]['step'])})"])
     if not rows:
         return ["#### RL rewards", "", settings + ".", "", "Rewards not recorded: no metrics.jsonl.", ""]
     return ["#### RL rewards", "", settings + ".", "", *table(["", "first", "last"], rows), ""]

@@ -344,7 +344,7 @@ class GRPO(_Objective):
     @torch.no_grad()
     def eval_sums(self, model, batch) -> torch.Tensor:
         """[prompts, summed reward, summed completion tokens, then per verifier: summed reward, prompts it applied
-        to] over the held-out prompts `batch[0]` names."""
+        to, then the reference answers' summed NLL and tokens] over the held-out prompts `batch[0]` names."""
         if self.validate is None:
             raise RuntimeError("GRPO validation needs the rollouts' validate function")
         return self.validate(batch[0].tolist())
@@ -356,12 +356,17 @@ class GRPO(_Objective):
         for k, name in enumerate(self.verifiers):
             applied = values[4 + 2 * k]
             out[f"val_{name}"] = values[3 + 2 * k] / applied if applied else 0.0
+        nll, tokens = values[3 + 2 * len(self.verifiers):]
+        if tokens:  # SFT's loss on the held-out prompts' reference answers: what RL must not unlearn
+            out["val_reference_nll"] = nll / tokens
         return {**out, **self.start}
 
     def describe(self, metrics: dict[str, float]) -> str:
         each = " · ".join(f"{name} {metrics[f'val_{name}']:.3f}" for name in self.verifiers)
+        reference = (f" · reference answers' NLL {metrics['val_reference_nll']:.4f}"
+                     if "val_reference_nll" in metrics else "")
         return (f"val reward {metrics['val_reward']:.4f} (greedy, held-out prompts) · {each} · "
-                f"{metrics['val_completion_tokens']:.1f} tokens per answer")
+                f"{metrics['val_completion_tokens']:.1f} tokens per answer{reference}")
 
 
 def reward_name(verifier: str) -> str:

@@ -66,12 +66,12 @@ def builtin_prompts(source: SourceConfig) -> list[tuple[str, dict]]:
     """(where, record) of a generated source: training problems only, never those the eval tasks hold out."""
     n, seed = source.max_documents, source.seed
     if source.builtin == "arithmetic":
-        return [(f"builtin arithmetic #{i}", {"prompt": p.question, "answer": p.answer})
+        return [(f"builtin arithmetic #{i}", {"prompt": p.question, "answer": p.answer, "completion": str(p.answer)})
                 for i, p in enumerate(arithmetic_problems(n, seed))]
     if source.builtin == "tinytask":
         return [(f"builtin tinytask #{i}", {"messages": [{"role": "system", "content": SYSTEM},
                                                          {"role": "user", "content": user_text(p)}],
-                                            "answer": p.answer, "tools": p.tools})
+                                            "answer": p.answer, "tools": p.tools, "completion": p.answer_text})
                 for i, p in enumerate(training_problems(n, seed))]
     raise DataError(f"rl source {source.name!r}: builtin {source.builtin!r} has no answers to verify; builtins RL "
                     "can use: arithmetic, tinytask (or records with prompt/messages and answer)")
@@ -84,7 +84,8 @@ def source_records(source: SourceConfig):
 
 
 def to_prompt(record: dict, where: str) -> Prompt:
-    """A record {"prompt": text} or {"messages": [...]} with "answer" (or "expected") -> a Prompt."""
+    """A record {"prompt": text} or {"messages": [...]} with "answer" (or "expected") -> a Prompt. An optional
+    "completion" (SFT's prompt/completion format) is the reference answer whose loss validation tracks."""
     if "answer" not in record and "expected" not in record:
         raise Skipped(where, "no answer", " (an 'answer' or 'expected' field for the verifiers)")
     if isinstance(record.get("messages"), list):
@@ -206,13 +207,39 @@ class Rollouts:
 
     def greedy_sums(self, prompts: list[Prompt], ids: list[list[int]]) -> torch.Tensor:
         """Validation: the prompts answered greedily, as [prompts, summed reward, summed model tokens, then per
-        verifier its summed reward and the prompts it applied to] (objectives.GRPO.summarise reads them)."""
+        verifier its summed reward and the prompts it applied to, then the summed NLL of the reference answers and
+        their tokens] (objectives.GRPO.summarise reads them)."""
         done = self.sample(prompts, ids, None)
         sums = [len(done), sum(r.reward for r in done), sum(sum(r.model) for r in done)]
         for k in range(len(self.rewards.names)):
             applied = [r.each[k] for r in done if r.each[k] is not None]
             sums += [sum(applied), len(applied)]
-        return torch.tensor(sums, dtype=torch.float64)
+        return torch.tensor(sums + self.reference_nll(prompts), dtype=torch.float64)
+
+    @torch.no_grad()
+    def reference_nll(self, prompts: list[Prompt]) -> list[float]:
+        """[summed NLL, tokens] of the reference answers (a record's "completion", the text SFT would have trained
+        on) as the policy's reply to its prompt: SFT's own loss on them, which RL should not drive up while it raises
+        the reward. [0, 0] when no prompt has one."""
+        rows = []
+        for prompt in prompts:
+            reference = prompt.record.get("completion")
+            if isinstance(reference, str) and reference:
+                encoded = self.template.encode(self.tokenizer, [*prompt.messages, {"role": "assistant",
+                                                                                    "content": reference}],
+                                               tools=self.tool_defs)
+                rows.append({"ids": encoded.ids[:self.seq_len], "model": encoded.mask[:self.seq_len]})
+        if not rows:
+            return [0.0, 0.0]
+        inputs, targets = collate(rows, self.tokenizer.pad_id, self.seq_len)
+        training = self.model.training
+        self.model.eval()
+        try:
+            with self._autocast():
+                scores, _ = token_logps(self.model, inputs.to(self.info.device), targets.to(self.info.device))
+        finally:
+            self.model.train(training)
+        return [-float(scores.sum()), float((targets != IGNORE_INDEX).sum())]
 
     def _answer_calls(self, rollout: Rollout, conversation: list[dict], text: str, calls: list[dict],
                       names: dict[str, Tool]) -> bool:
