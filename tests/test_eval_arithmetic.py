@@ -75,7 +75,7 @@ def test_a_random_tiny_model_gets_scores_with_standard_errors(shakespeare_tokeni
         assert 0.0 <= metric.value <= 1.0 and metric.stderr is not None and metric.stderr >= 0
     for sample in result.samples:
         assert sample["logprob_right"] < 0 and sample["logprob_wrong"] < 0
-        assert sample["pref"] == (sample["logprob_right"] > sample["logprob_wrong"])
+        assert sample["pref_acc"] == (sample["logprob_right"] > sample["logprob_wrong"])
     again = arithmetic.run(lm, TaskOptions(data_dir=".", limit=12, max_new_tokens=4))
     assert again.samples == result.samples  # greedy and seeded: the same run twice
 

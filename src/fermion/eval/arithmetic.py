@@ -92,7 +92,7 @@ def run(lm: EvalModel, options: TaskOptions) -> TaskResult:
         samples.append({"id": f"{problem.a} {problem.op} {problem.b}", "question": problem.question,
                         "expected": problem.answer, "output": completion.text, "answer": got,
                         "exact": got == problem.answer, "wrong": wrong, "logprob_right": round(right_lp, 4),
-                        "logprob_wrong": round(wrong_lp, 4), "pref": right_lp > wrong_lp})
-    metrics = [mean_metric(name, [float(s[name if name == "exact" else "pref"]) for s in samples])
-               for name in ("exact", "pref_acc")]
+                        "logprob_wrong": round(wrong_lp, 4), "pref_acc": right_lp > wrong_lp})
+    # Each sample keeps its scores under the metrics' names, so two runs can be compared problem by problem.
+    metrics = [mean_metric(name, [float(s[name]) for s in samples]) for name in ("exact", "pref_acc")]
     return TaskResult(TASK, metrics, len(samples), 0, samples)
