@@ -228,6 +228,12 @@ class LoRAConfig(Section):
     # int4: QLoRA. The frozen matrices of every block are held in 4 bits while training (infer/quantize.py's int4
     # quantizer, dequantized on the fly); the adapters stay fp32. Inference merges them into the float base.
     quantize: Literal["none", "int4"] = "none"
+    # The tokens whose rows of the embedding (and of the output layer, tied to it or not) train beside the adapters
+    # (PEFT's trainable_token_indices). "auto": the special tokens the chat template writes that the tokenizer has
+    # (chatml's <|im_start|> and <|im_end|>, alpaca's eos): a base pretrained on plain text never saw them, so their
+    # rows are still at their random init, and with them frozen the adapters cannot learn to read or end a turn.
+    # A list: those tokens, each one token of the vocabulary. []: none (the embeddings stay frozen).
+    trainable_tokens: Literal["auto"] | list[str] = "auto"
 
 
 class SFTConfig(Section):

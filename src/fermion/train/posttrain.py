@@ -26,7 +26,7 @@ from fermion.checkpoint import base_reference
 from fermion.config import Recipe, RecipeError, SourceConfig
 from fermion.data.sources import DataError, iter_records, what_sources_read
 from fermion.data.tokenizer import Tokenizer
-from fermion.model.lora import add_adapters, check_targets
+from fermion.model.lora import add_adapters, check_targets, trainable_tokens
 from fermion.train.qlora import quantize_frozen
 from fermion.train.stage import StageSetup
 
@@ -90,10 +90,11 @@ def setup_stage(recipe: Recipe, name: str) -> Stage:
     if stage_recipe.train.seq_len and stage_recipe.train.seq_len > stage_recipe.model.context_length:
         raise RecipeError(f"{name}.train.seq_len ({stage_recipe.train.seq_len}) exceeds the model's context length "
                           f"({stage_recipe.model.context_length})")
-    if section.lora is not None:  # refused here, before the stage writes anything
-        check_targets(source_recipe.model, section.lora, f"{name}.lora")
     template = ChatTemplate.get(template_spec)
     template.require_tokens(tokenizer)
+    if section.lora is not None:  # refused here, before the stage writes anything
+        check_targets(source_recipe.model, section.lora, f"{name}.lora")
+        trainable_tokens(section.lora, tokenizer, template, f"{name}.lora")
     return Stage(name, stage_recipe, weights, tokenizer, layout.tokenizer_file(directory), template, init_from)
 
 
@@ -202,7 +203,9 @@ class PostTraining(StageSetup):
                               f"sharded into every checkpoint); set {self.kind}.train.distributed: ddp")
         base = base_reference(self.stage.init_from, self.stage.weights)
         self.stage.weights = None  # the model holds its own copy: a second float one would undo QLoRA's saving
-        add_adapters(model, self.cfg.lora, base, field=self.kind + ".lora")
+        field = self.kind + ".lora"
+        tokens = trainable_tokens(self.cfg.lora, self.stage.tokenizer, self.stage.template, field)
+        add_adapters(model, self.cfg.lora, base, field=field, tokens=tokens)
         return quantize_frozen(model) if self.cfg.lora.quantize == "int4" else model
 
     def write_files(self, console) -> None:
