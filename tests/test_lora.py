@@ -177,13 +177,14 @@ def test_dpo_trains_qlora_adapters_on_a_four_bit_base(tiny_run, tmp_path):
     result = cli("dpo", TINY, "--set", f"run.dir={tiny_run}", "--set", f"dpo.dir={stage_dir}",
                  "--set", f"dpo.train.init_from={tiny_run}", "--set", "dpo.epochs=null", "--set", "dpo.train.steps=3",
                  "--set", "dpo.train.checkpoint_every=3", "--set", "dpo.lora={rank: 2, targets: [wqkv, w_down], "
-                 "quantize: int4}")
+                 "quantize: int4, trainable_tokens: data}")
     assert result.returncode == 0, result.stderr
     final = checkpoint.find(stage_dir)
     assert set(load_file(final / "model.safetensors")) == {f"blocks.{i}.{path}.lora_{side}" for i in range(2)
                                                            for path in ("attn.wqkv", "ffn.w_down") for side in "AB"
                                                            } | {"tok_emb.token_rows"}
-    assert json.loads((final / "adapter.json").read_text())["lora"]["quantize"] == "int4"
+    record = json.loads((final / "adapter.json").read_text())
+    assert record["lora"]["quantize"] == "int4" and len(record["trainable_tokens"]) > 2  # the pairs' tokens too
     loaded = checkpoint.load(stage_dir)  # merged into the float base
     assert loaded.stage == "dpo" and not any(isinstance(m, lora.LoRALinear) for m in loaded.model.modules())
 
@@ -200,6 +201,17 @@ def test_bad_lora_settings_are_one_line_and_exit_2(tiny_run, tmp_path, setting, 
                  "--set", f"sft.lora={setting}")
     assert result.returncode == 2 and message in result.stderr
     assert len(result.stderr.strip().splitlines()) == 1 and not (tmp_path / "sft").exists()
+
+
+def test_trainable_tokens_data_trains_the_rows_of_every_token_the_conversations_hold(tiny_run, tmp_path):
+    stage_dir = tmp_path / "sft"
+    result = cli("sft", TINY, *lora_args(tiny_run, stage_dir, "--set", "sft.train.steps=2", "--set",
+                                         "sft.lora={rank: 2, trainable_tokens: data}"))
+    assert result.returncode == 0, result.stderr
+    final = checkpoint.find(stage_dir)
+    tokens = json.loads((final / "adapter.json").read_text())["trainable_tokens"]
+    assert list(tokens)[:2] == ["<|im_start|>", "<|im_end|>"] and len(tokens) > 100  # alpaca's words, in pieces
+    assert load_file(final / "model.safetensors")["tok_emb.token_rows"].shape == (len(tokens), 64)
 
 
 def test_moe_models_take_adapters_on_attention_only():

@@ -5,6 +5,7 @@ logits, tied and untied."""
 import copy
 import json
 
+import numpy as np
 import pytest
 import torch
 from conftest import tiny_model
@@ -33,6 +34,10 @@ def test_auto_picks_the_special_tokens_the_chat_template_writes(shakespeare_toke
     assert lora.trainable_tokens(LoRAConfig(trainable_tokens=[]), tokenizer, CHATML, "sft.lora") == {}
     listed = LoRAConfig(trainable_tokens=["<|tool|>", "<|im_end|>"])
     assert list(lora.trainable_tokens(listed, tokenizer, CHATML, "dpo.lora")) == ["<|tool|>", "<|im_end|>"]
+    # "data": the template's tokens, then every token the training examples hold, in id order, each once.
+    examples = [np.array([40, 9, tokenizer.token_id("<|im_end|>")]), np.array([9, 300])]
+    data = lora.trainable_tokens(LoRAConfig(trainable_tokens="data"), tokenizer, CHATML, "sft.lora", examples)
+    assert list(data.values()) == [*chat_tokens(tokenizer).values(), 9, 40, 300]
     with pytest.raises(RecipeError, match=r"^dpo.lora.trainable_tokens: '<\|tools\|>' is not a token of the "
                                           r"tokenizer's vocabulary; did you mean '<\|tool\|>'\?$"):
         lora.trainable_tokens(LoRAConfig(trainable_tokens=["<|tools|>"]), tokenizer, CHATML, "dpo.lora")

@@ -23,8 +23,10 @@ import difflib
 import hashlib
 import json
 import math
+from collections.abc import Iterable
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -67,10 +69,18 @@ def check_targets(cfg: ModelConfig, lora: LoRAConfig, field: str) -> tuple[str, 
     return tuple(dict.fromkeys(lora.targets or valid))
 
 
-def trainable_tokens(lora: LoRAConfig, tokenizer: Tokenizer, template: ChatTemplate, field: str) -> dict[str, int]:
-    """The tokens whose rows train (`lora.trainable_tokens` resolved) and their ids; one the vocabulary lacks is a
-    RecipeError naming `field` and the tokenizer's special tokens."""
-    names = template.special_tokens(tokenizer) if lora.trainable_tokens == "auto" else lora.trainable_tokens
+def trainable_tokens(lora: LoRAConfig, tokenizer: Tokenizer, template: ChatTemplate, field: str,
+                     data: Iterable[np.ndarray] = ()) -> dict[str, int]:
+    """The tokens whose rows train (`lora.trainable_tokens` resolved) and their ids, "data" taking those of `data`
+    (the training examples' token ids) after the template's; one the vocabulary lacks is a RecipeError naming
+    `field` and the tokenizer's special tokens."""
+    if lora.trainable_tokens in ("auto", "data"):
+        names = template.special_tokens(tokenizer)
+        if lora.trainable_tokens == "data":
+            used = np.unique(np.concatenate([np.asarray(ids, dtype=np.int64) for ids in data] or [np.zeros(0)]))
+            names += [tokenizer.inner.id_to_token(int(token_id)) for token_id in used]
+    else:
+        names = lora.trainable_tokens
     ids = {name: tokenizer.inner.token_to_id(name) for name in dict.fromkeys(names)}
     for name, token_id in ids.items():
         if token_id is None:

@@ -16,6 +16,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from fermion import layout
@@ -193,6 +194,10 @@ class PostTraining(StageSetup):
     def recipe(self, recipe: Recipe) -> None:
         self.stage.recipe = recipe
 
+    def token_arrays(self) -> Iterator[np.ndarray]:
+        """The token ids of every training example (lora.trainable_tokens: data); each stage says where they are."""
+        raise NotImplementedError
+
     def with_adapters(self, model: torch.nn.Module, info) -> torch.nn.Module:
         """The model to train: with the section's `lora`, its adapters (QLoRA: on a 4-bit base) and the rest
         frozen, recording the base they are trained on; else the model itself."""
@@ -204,7 +209,8 @@ class PostTraining(StageSetup):
         base = base_reference(self.stage.init_from, self.stage.weights)
         self.stage.weights = None  # the model holds its own copy: a second float one would undo QLoRA's saving
         field = self.kind + ".lora"
-        tokens = trainable_tokens(self.cfg.lora, self.stage.tokenizer, self.stage.template, field)
+        tokens = trainable_tokens(self.cfg.lora, self.stage.tokenizer, self.stage.template, field,
+                                  self.token_arrays() if self.cfg.lora.trainable_tokens == "data" else ())
         add_adapters(model, self.cfg.lora, base, field=field, tokens=tokens)
         return quantize_frozen(model) if self.cfg.lora.quantize == "int4" else model
 
