@@ -3,8 +3,9 @@
 Quality: the demo recipe (configs/demo.yaml: 6 layers x 256 wide, 5.5M parameters) is pretrained (or an existing
 pretrained run is given with --base), then fine-tuned on the demo's SFT data three ways from the same weights, with
 the same steps, batch, schedule and held-out conversations: every weight (the demo's sft.train: lr 2e-3), LoRA and
-QLoRA (rank 16, alpha 32, on every projection, lr 5e-3: adapters want a larger step than full fine-tuning; the chat
-template's special tokens' embedding rows train too, lora.trainable_tokens' default). Each is scored on the same
+QLoRA (rank 16, alpha 32, on every projection, lr 1e-2: adapters want a larger step than full fine-tuning, and 1e-2
+was the best of 2e-3 to 4e-2 measured; with trainable_tokens: data, the embedding rows of every token the SFT data
+holds train too, without which LoRA stays 17% or more above full SFT: bench/RESULTS.md). Each is scored on the same
 held-out conversations (the SFT validation split, assistant tokens) at its last step. `--set` changes the adapter
 sides' recipe (learning rate, rank, trainable tokens) and `--tag` names such a variation's folders and results;
 a side whose folder holds a finished run is read back, not retrained. results.json gathers every side measured.
@@ -42,9 +43,9 @@ from fermion.train.qlora import quantize_frozen  # noqa: E402
 from fermion.train.trainer import Trainer  # noqa: E402
 
 DEMO = REPO / "configs" / "demo.yaml"
-ADAPTERS = "{rank: 16, alpha: 32}"
-SIDES = {"full": [], "lora": ["sft.train.lr=5e-3", f"sft.lora={ADAPTERS}"],
-         "qlora": ["sft.train.lr=5e-3", "sft.lora={rank: 16, alpha: 32, quantize: int4}"]}
+ADAPTERS = "rank: 16, alpha: 32, trainable_tokens: data"
+SIDES = {"full": [], "lora": ["sft.train.lr=1e-2", f"sft.lora={{{ADAPTERS}}}"],
+         "qlora": ["sft.train.lr=1e-2", f"sft.lora={{{ADAPTERS}, quantize: int4}}"]}
 MEMORY_MODEL = {"vocab_size": 8192, "d_model": 512, "n_layers": 12, "n_heads": 8, "n_kv_heads": 4,
                 "ffn_hidden": 1408, "context_length": 256}
 
