@@ -177,8 +177,14 @@ def adapter_state(model: nn.Module) -> dict[str, torch.Tensor]:
             if name.rsplit(".", 1)[-1] in ADAPTER_TENSORS}
 
 
-def load_adapter_state(model: nn.Module, state: dict[str, torch.Tensor], where: str) -> None:
-    """Copy a checkpoint's adapter tensors into an adapted model, which must have exactly those adapters."""
+def load_adapter_state(model: nn.Module, state: dict[str, torch.Tensor], where: str,
+                       tokens: dict[str, int] | None = None) -> None:
+    """Copy a checkpoint's adapter tensors into an adapted model, which must have exactly those adapters and, when
+    the checkpoint's trainable `tokens` are given (resuming), train the rows of the same tokens."""
+    if tokens is not None and tokens != model.adapters["trainable_tokens"]:
+        raise CheckpointError(f"{where}'s adapters trained the rows of {_few(tokens)}, this stage trains those of "
+                              f"{_few(model.adapters['trainable_tokens'])}: the recipe's lora.trainable_tokens "
+                              "changed; restore it or use another run.dir")
     ours = adapter_state(model)
     if set(ours) != set(state):
         missing, extra = sorted(set(ours) - set(state)), sorted(set(state) - set(ours))
@@ -188,6 +194,11 @@ def load_adapter_state(model: nn.Module, state: dict[str, torch.Tensor], where: 
     with torch.no_grad():
         for name, tensor in ours.items():
             tensor.copy_(state[name])
+
+
+def _few(tokens: dict) -> str:
+    """Trainable tokens for a message: "data" can mean thousands, so the count and the first few."""
+    return f"{len(tokens)} tokens ({', '.join(list(tokens)[:3])}{', ...' if len(tokens) > 3 else ''})"
 
 
 def merge(model: Transformer) -> Transformer:
