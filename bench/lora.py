@@ -3,14 +3,19 @@
 Quality: the demo recipe (configs/demo.yaml: 6 layers x 256 wide, 5.5M parameters) is pretrained (or an existing
 pretrained run is given with --base), then fine-tuned on the demo's SFT data three ways from the same weights, with
 the same steps, batch, schedule and held-out conversations: every weight (the demo's sft.train: lr 2e-3), LoRA and
-QLoRA (rank 16, alpha 32, on every projection, lr 5e-3: adapters want a larger step than full fine-tuning). Each is
-scored on the same held-out conversations (the SFT validation split, assistant tokens) at its last step.
+QLoRA (rank 16, alpha 32, on every projection, lr 1e-2: adapters want a larger step than full fine-tuning, and 1e-2
+was the best of 2e-3 to 4e-2 measured; with trainable_tokens: data, the embedding rows of every token the SFT data
+holds train too, without which LoRA stays 17% or more above full SFT: bench/RESULTS.md). Each is scored on the same
+held-out conversations (the SFT validation split, assistant tokens) at its last step. `--set` changes the adapter
+sides' recipe (learning rate, rank, trainable tokens) and `--tag` names such a variation's folders and results;
+a side whose folder holds a finished run is read back, not retrained. results.json gathers every side measured.
 
 Memory: one LoRA training step of a ~30M model (12 layers x 512, fp32), with and without the 4-bit base: the bytes
 held (weights, buffers, optimizer state) plus the most the step allocates beyond them, measured with the project's
 allocation profiler (model/counting.allocation_peak, as tests/test_memory.py) on its second step.
 
     python bench/lora.py --work /tmp/lora-bench [--base runs/demo] [--pretrain-steps 260] [--sft-steps 120]
+        [--sides full,lora,qlora] [--set sft.train.lr=2e-3 --tag lr2e-3]
 """
 
 from __future__ import annotations
@@ -38,9 +43,9 @@ from fermion.train.qlora import quantize_frozen  # noqa: E402
 from fermion.train.trainer import Trainer  # noqa: E402
 
 DEMO = REPO / "configs" / "demo.yaml"
-ADAPTERS = "{rank: 16, alpha: 32}"
-SIDES = {"full": [], "lora": ["sft.train.lr=5e-3", f"sft.lora={ADAPTERS}"],
-         "qlora": ["sft.train.lr=5e-3", "sft.lora={rank: 16, alpha: 32, quantize: int4}"]}
+ADAPTERS = "rank: 16, alpha: 32, trainable_tokens: data"
+SIDES = {"full": [], "lora": ["sft.train.lr=1e-2", f"sft.lora={{{ADAPTERS}}}"],
+         "qlora": ["sft.train.lr=1e-2", f"sft.lora={{{ADAPTERS}, quantize: int4}}"]}
 MEMORY_MODEL = {"vocab_size": 8192, "d_model": 512, "n_layers": 12, "n_heads": 8, "n_kv_heads": 4,
                 "ffn_hidden": 1408, "context_length": 256}
 
@@ -55,13 +60,14 @@ def pretrained(work: Path, steps: int) -> Path:
     return run
 
 
-def fine_tune(base: Path, work: Path, side: str, steps: int) -> dict:
+def fine_tune(base: Path, work: Path, side: str, steps: int, extra: list[str], tag: str) -> dict:
     from fermion.train.sft import sft
 
-    stage_dir = work / side
+    stage_dir = work / (side + tag)
     overrides = [f"run.dir={base}", f"sft.dir={stage_dir}", "sft.epochs=null", f"sft.train.steps={steps}",
                  f"sft.train.eval_every={steps}", f"sft.train.checkpoint_every={steps}", "sft.train.compile=false",
-                 "sft.train.micro_batch_size=8", "sft.train.eval_batches=4", *SIDES[side]]
+                 "sft.train.micro_batch_size=8", "sft.train.eval_batches=4", *SIDES[side],
+                 *(extra if side != "full" else [])]
     started = time.perf_counter()
     result = sft(load_recipe(DEMO, overrides), resume="none" if not stage_dir.exists() else "auto")
     from fermion import checkpoint
@@ -106,10 +112,14 @@ def main() -> None:
     parser.add_argument("--sft-steps", type=int, default=120)
     parser.add_argument("--sides", default="full,lora,qlora")
     parser.add_argument("--skip-memory", action="store_true")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="a recipe override for the adapter sides (sft.train.lr=2e-3, sft.lora.rank=32)")
+    parser.add_argument("--tag", default="", help="appended to each side's folder and result name (a variation)")
     args = parser.parse_args()
     args.work.mkdir(parents=True, exist_ok=True)
     machine = {"cpu": platform.processor() or platform.machine(), "load": os.getloadavg(), "torch": torch.__version__}
-    results = {"machine": machine}
+    saved = args.work / "results.json"
+    results = {**(json.loads(saved.read_text()) if saved.is_file() else {}), "machine": machine}
     if not args.skip_memory:
         params = sum(p.numel() for p in Transformer.build(recipe_from_dict(
             {"model": MEMORY_MODEL}, check_paths=False).model).parameters())
@@ -118,9 +128,12 @@ def main() -> None:
         print(json.dumps(results["memory"]), flush=True)
     base = args.base or pretrained(args.work, args.pretrain_steps)
     for side in args.sides.split(","):
-        results[side] = fine_tune(base, args.work, side, args.sft_steps)
-        print(side, json.dumps(results[side]), flush=True)
-    (args.work / "results.json").write_text(json.dumps(results, indent=2))
+        name = side + args.tag
+        results[name] = {**fine_tune(base, args.work, side, args.sft_steps, args.overrides, args.tag),
+                         "steps": args.sft_steps, "overrides": SIDES[side] + (args.overrides if side != "full" else []),
+                         "load_after": os.getloadavg()}
+        print(name, json.dumps(results[name]), flush=True)
+        saved.write_text(json.dumps(results, indent=2))
     print(json.dumps(results, indent=2))
 
 

@@ -108,10 +108,15 @@ def test_qlora_holds_the_base_in_four_bits_and_trains_only_the_adapters():
 def test_lora_checkpoints_hold_only_the_adapters_and_resume_exactly(lora_run, tiny_run, tmp_path):
     final = checkpoint.find(lora_run)
     weights = load_file(final / "model.safetensors")
-    assert weights and all(".lora_" in name for name in weights)
-    assert len(weights) == 2 * 2 * 4  # A and B of 4 projections in each of 2 blocks
+    assert weights and all(".lora_" in name for name in weights if name != "tok_emb.token_rows")
+    assert len(weights) == 2 * 2 * 4 + 1  # A and B of 4 projections in each of 2 blocks, and the chat tokens' rows
     record = json.loads((final / "adapter.json").read_text())
     assert record["lora"]["rank"] == 4 and record["base"]["checkpoint"] == str(checkpoint.find(tiny_run).resolve())
+    # trainable_tokens "auto": the chatml markers' rows of the (tied) embedding trained, and only they.
+    tokens = record["trainable_tokens"]
+    assert list(tokens) == ["<|im_start|>", "<|im_end|>"]
+    base_rows = checkpoint.load(tiny_run).model.tok_emb.weight[list(tokens.values())]
+    assert (weights["tok_emb.token_rows"] - base_rows).abs().amin(dim=1).min() > 0
     optimizer = torch.load(final / "optimizer.pt", weights_only=True)
     assert len(optimizer["state"]) == len(weights)
 
@@ -123,6 +128,13 @@ def test_lora_checkpoints_hold_only_the_adapters_and_resume_exactly(lora_run, ti
     resumed = cli("sft", TINY, *lora_args(tiny_run, halted))
     assert resumed.returncode == 0 and "resuming from" in resumed.stdout, resumed.stderr
     assert losses(halted) == losses(lora_run) and len(losses(lora_run)) == STEPS
+
+    # Resuming with other trainable tokens would load rows into the wrong tokens: refused in one line.
+    shutil.rmtree(checkpoint.find(halted))
+    changed = cli("sft", TINY, *lora_args(tiny_run, halted), "--set",
+                  "sft.lora={rank: 4, alpha: 8, dropout: 0.1, trainable_tokens: ['<|im_end|>']}")
+    assert changed.returncode == 2 and "the recipe's lora.trainable_tokens changed" in changed.stderr
+    assert len(changed.stderr.strip().splitlines()) == 1
 
 
 def test_a_run_with_adapters_loads_merged_for_every_command(lora_run, tiny_run):
@@ -165,12 +177,14 @@ def test_dpo_trains_qlora_adapters_on_a_four_bit_base(tiny_run, tmp_path):
     result = cli("dpo", TINY, "--set", f"run.dir={tiny_run}", "--set", f"dpo.dir={stage_dir}",
                  "--set", f"dpo.train.init_from={tiny_run}", "--set", "dpo.epochs=null", "--set", "dpo.train.steps=3",
                  "--set", "dpo.train.checkpoint_every=3", "--set", "dpo.lora={rank: 2, targets: [wqkv, w_down], "
-                 "quantize: int4}")
+                 "quantize: int4, trainable_tokens: data}")
     assert result.returncode == 0, result.stderr
     final = checkpoint.find(stage_dir)
     assert set(load_file(final / "model.safetensors")) == {f"blocks.{i}.{path}.lora_{side}" for i in range(2)
-                                                           for path in ("attn.wqkv", "ffn.w_down") for side in "AB"}
-    assert json.loads((final / "adapter.json").read_text())["lora"]["quantize"] == "int4"
+                                                           for path in ("attn.wqkv", "ffn.w_down") for side in "AB"
+                                                           } | {"tok_emb.token_rows"}
+    record = json.loads((final / "adapter.json").read_text())
+    assert record["lora"]["quantize"] == "int4" and len(record["trainable_tokens"]) > 2  # the pairs' tokens too
     loaded = checkpoint.load(stage_dir)  # merged into the float base
     assert loaded.stage == "dpo" and not any(isinstance(m, lora.LoRALinear) for m in loaded.model.modules())
 
@@ -179,12 +193,25 @@ def test_dpo_trains_qlora_adapters_on_a_four_bit_base(tiny_run, tmp_path):
     ("{targets: [q_proj, wo]}", "sft.lora.targets: 'q_proj' is not a projection of this model; valid: wqkv, wo, "
                                 "w_gate_up, w_down (q_proj is Hugging Face's name; here it is part of wqkv)"),
     ("{rank: 0}", "sft.lora.rank: Input should be greater than or equal to 1 (got 0)"),
+    ("{trainable_tokens: ['<|im_start|>', '<|im_ned|>']}", "sft.lora.trainable_tokens: '<|im_ned|>' is not a token "
+                                                           "of the tokenizer's vocabulary; did you mean '<|im_end|>'?"),
 ])
 def test_bad_lora_settings_are_one_line_and_exit_2(tiny_run, tmp_path, setting, message):
     result = cli("sft", TINY, "--set", f"run.dir={tiny_run}", "--set", f"sft.dir={tmp_path / 'sft'}",
                  "--set", f"sft.lora={setting}")
     assert result.returncode == 2 and message in result.stderr
     assert len(result.stderr.strip().splitlines()) == 1 and not (tmp_path / "sft").exists()
+
+
+def test_trainable_tokens_data_trains_the_rows_of_every_token_the_conversations_hold(tiny_run, tmp_path):
+    stage_dir = tmp_path / "sft"
+    result = cli("sft", TINY, *lora_args(tiny_run, stage_dir, "--set", "sft.train.steps=2", "--set",
+                                         "sft.lora={rank: 2, trainable_tokens: data}"))
+    assert result.returncode == 0, result.stderr
+    final = checkpoint.find(stage_dir)
+    tokens = json.loads((final / "adapter.json").read_text())["trainable_tokens"]
+    assert list(tokens)[:2] == ["<|im_start|>", "<|im_end|>"] and len(tokens) > 100  # alpaca's words, in pieces
+    assert load_file(final / "model.safetensors")["tok_emb.token_rows"].shape == (len(tokens), 64)
 
 
 def test_moe_models_take_adapters_on_attention_only():
@@ -210,6 +237,11 @@ def test_peft_loads_the_adapter_folder_and_the_merged_export_matches(lora_run, t
     assert config["target_modules"] == sorted(["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",
                                                "down_proj"])
     ours = checkpoint.load(lora_run, merge_adapters=False).model
+    # The trained chat-token rows (tied embeddings: one list) are in the folder, and differ from the base's.
+    assert config["trainable_token_indices"] == list(ours.adapters["trainable_tokens"].values())
+    rows = load_file(tmp_path / "adapter" / "adapter_model.safetensors")[
+        "base_model.model.model.embed_tokens.token_adapter.trainable_tokens_delta"]
+    assert (rows - ours.tok_emb.base.weight[config["trainable_token_indices"]]).abs().max() > 1e-2
     ids = sample_ids(ours.cfg.vocab_size)
     expected = logits_of(ours, ids)
     base = AutoModelForCausalLM.from_pretrained(tmp_path / "adapter" / "base", dtype=torch.float32)

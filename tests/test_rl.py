@@ -428,7 +428,7 @@ def test_rl_trains_lora_adapters_and_the_run_loads_merged(tiny_run, tmp_path):
     from fermion import checkpoint
     from fermion.checkpoint import find
 
-    recipe = rl_recipe(tmp_path, tiny_run, lora={"rank": 4, "alpha": 8}, train={
+    recipe = rl_recipe(tmp_path, tiny_run, lora={"rank": 4, "alpha": 8, "trainable_tokens": "data"}, train={
         "init_from": str(tiny_run), "steps": 2, "micro_batch_size": 8, "lr": 1e-2, "warmup_steps": 1,
         "precision": "fp32", "compile": False, "eval_every": 100, "checkpoint_every": 1, "log_every": 1,
         "tensorboard": False, "progress": False})
@@ -440,9 +440,11 @@ def test_rl_trains_lora_adapters_and_the_run_loads_merged(tiny_run, tmp_path):
     from safetensors.torch import load_file
 
     names = list(load_file(ckpt / "model.safetensors"))
-    assert names and all("lora" in name for name in names), names[:5]
+    assert names and all("lora" in name for name in names if name != "tok_emb.token_rows"), names[:5]
+    # trainable_tokens "data": the rows of the chat markers and of every token of the prompts.
+    assert len(json.loads((ckpt / "adapter.json").read_text())["trainable_tokens"]) > 2
     loaded = checkpoint.load(rl_dir)
-    assert not any("lora" in name for name in loaded.model.state_dict())
+    assert not any("lora" in name or "token_rows" in name for name in loaded.model.state_dict())
 
 
 def test_prompts_that_leave_too_little_room_to_answer_are_counted_and_warned_about(tiny_run, tmp_path, monkeypatch):

@@ -378,7 +378,7 @@ def _load_state(ckpt: Path, model: torch.nn.Module, weights: dict[str, torch.Ten
         raise CheckpointError(f"{ckpt}'s adapters were trained on {record['base']['checkpoint']}, whose weights "
                               f"differ from those this stage starts from ({model.adapters['base']['checkpoint']}); "
                               "resume from the same base or use another run.dir")
-    lora.load_adapter_state(model, weights, str(ckpt))
+    lora.load_adapter_state(model, weights, str(ckpt), tokens=record.get("trainable_tokens", {}))
 
 
 def base_reference(source: str | os.PathLike, weights: dict[str, torch.Tensor]) -> dict:
@@ -525,7 +525,7 @@ def _adapted(ckpt: Path, record: dict, device: str, warn, merge_adapters: bool) 
     if lora.weights_digest(model.state_dict()) != base["digest"]:
         raise CheckpointError(f"{ckpt} holds LoRA adapters trained on other weights than {source} now has (it "
                               "changed since): they fit only the base they were trained on; restore it")
-    lora.add_adapters(model, LoRAConfig(**record["lora"]), base)
+    lora.add_adapters(model, LoRAConfig(**record["lora"]), base, tokens=record.get("trainable_tokens"))
     lora.load_adapter_state(model, load_file(ckpt / "model.safetensors", device=str(device)), str(ckpt))
     return lora.merge(model) if merge_adapters else model
 

@@ -184,6 +184,15 @@ class ChatTemplate:
         markers = set(_MARKER.findall(self.source))
         return sorted(marker for marker in markers if tokenizer.inner.token_to_id(marker) is None)
 
+    def special_tokens(self, tokenizer: Tokenizer) -> list[str]:
+        """The tokenizer's special tokens this template writes: those in its text, and bos/eos where it renders the
+        bos_token/eos_token variables (alpaca ends a reply with eos)."""
+        added = [t.content for _, t in sorted(tokenizer.inner.get_added_tokens_decoder().items()) if t.special]
+        written = {token for token in added if token in self.source}
+        written |= {token for name, token in (("bos_token", tokenizer.bos_token), ("eos_token", tokenizer.eos_token))
+                    if name in self.source and token in added}
+        return [token for token in added if token in written]
+
     def require_tokens(self, tokenizer: Tokenizer, where: str = "tokenizer.chat_template") -> None:
         """Refuse a template whose markers the vocabulary lacks, naming them and what would work instead."""
         missing = self.missing_tokens(tokenizer)

@@ -228,6 +228,15 @@ class LoRAConfig(Section):
     # int4: QLoRA. The frozen matrices of every block are held in 4 bits while training (infer/quantize.py's int4
     # quantizer, dequantized on the fly); the adapters stay fp32. Inference merges them into the float base.
     quantize: Literal["none", "int4"] = "none"
+    # The tokens whose rows of the embedding (and of the output layer, tied to it or not) train beside the adapters
+    # (PEFT's trainable_token_indices). "auto": the special tokens the chat template writes that the tokenizer has
+    # (chatml's <|im_start|> and <|im_end|>, alpaca's eos): a base pretrained on plain text never saw them, so their
+    # rows are still at their random init, and with them frozen the adapters cannot learn to read or end a turn.
+    # "data": those and every token of the stage's training examples (SFT's conversations, DPO's pairs, RL's
+    # prompts): the embedding adapts to the data's vocabulary, as full fine-tuning's does, at d_model parameters a
+    # token (the demo's SFT data: 1,101 of 4,096 tokens; bench/RESULTS.md). A list: those tokens, each one token of
+    # the vocabulary. []: none (the embeddings stay frozen).
+    trainable_tokens: Literal["auto", "data"] | list[str] = "auto"
 
 
 class SFTConfig(Section):

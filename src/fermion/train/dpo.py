@@ -320,6 +320,9 @@ def prepare(recipe: Recipe) -> tuple[Stage, list[TokenPair], list[TokenPair], Re
 
 
 class DPOSetup(PostTraining):
+    def token_arrays(self):
+        return (side.ids for pair in self.train for side in (pair.chosen, pair.rejected))
+
     def plan(self, info: DistInfo, console: Console) -> None:
         train_cfg = self.recipe.train
         self.global_batch = train_cfg.micro_batch_size * info.world_size

@@ -16,6 +16,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from fermion import layout
@@ -26,7 +27,7 @@ from fermion.checkpoint import base_reference
 from fermion.config import Recipe, RecipeError, SourceConfig
 from fermion.data.sources import DataError, iter_records, what_sources_read
 from fermion.data.tokenizer import Tokenizer
-from fermion.model.lora import add_adapters, check_targets
+from fermion.model.lora import add_adapters, check_targets, trainable_tokens
 from fermion.train.qlora import quantize_frozen
 from fermion.train.stage import StageSetup
 
@@ -90,10 +91,11 @@ def setup_stage(recipe: Recipe, name: str) -> Stage:
     if stage_recipe.train.seq_len and stage_recipe.train.seq_len > stage_recipe.model.context_length:
         raise RecipeError(f"{name}.train.seq_len ({stage_recipe.train.seq_len}) exceeds the model's context length "
                           f"({stage_recipe.model.context_length})")
-    if section.lora is not None:  # refused here, before the stage writes anything
-        check_targets(source_recipe.model, section.lora, f"{name}.lora")
     template = ChatTemplate.get(template_spec)
     template.require_tokens(tokenizer)
+    if section.lora is not None:  # refused here, before the stage writes anything
+        check_targets(source_recipe.model, section.lora, f"{name}.lora")
+        trainable_tokens(section.lora, tokenizer, template, f"{name}.lora")
     return Stage(name, stage_recipe, weights, tokenizer, layout.tokenizer_file(directory), template, init_from)
 
 
@@ -192,6 +194,10 @@ class PostTraining(StageSetup):
     def recipe(self, recipe: Recipe) -> None:
         self.stage.recipe = recipe
 
+    def token_arrays(self) -> Iterator[np.ndarray]:
+        """The token ids of every training example (lora.trainable_tokens: data); each stage says where they are."""
+        raise NotImplementedError
+
     def with_adapters(self, model: torch.nn.Module, info) -> torch.nn.Module:
         """The model to train: with the section's `lora`, its adapters (QLoRA: on a 4-bit base) and the rest
         frozen, recording the base they are trained on; else the model itself."""
@@ -202,7 +208,10 @@ class PostTraining(StageSetup):
                               f"sharded into every checkpoint); set {self.kind}.train.distributed: ddp")
         base = base_reference(self.stage.init_from, self.stage.weights)
         self.stage.weights = None  # the model holds its own copy: a second float one would undo QLoRA's saving
-        add_adapters(model, self.cfg.lora, base, field=self.kind + ".lora")
+        field = self.kind + ".lora"
+        tokens = trainable_tokens(self.cfg.lora, self.stage.tokenizer, self.stage.template, field,
+                                  self.token_arrays() if self.cfg.lora.trainable_tokens == "data" else ())
+        add_adapters(model, self.cfg.lora, base, field=field, tokens=tokens)
         return quantize_frozen(model) if self.cfg.lora.quantize == "int4" else model
 
     def write_files(self, console) -> None:

@@ -13,6 +13,7 @@ every decoding step.
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 from rich.console import Console
 
@@ -82,6 +83,10 @@ def prepare(recipe: Recipe) -> tuple[Stage, list[Prompt], list[Prompt], Report]:
 
 
 class RLSetup(PostTraining):
+    def token_arrays(self):
+        stage, tools = self.stage, toolbox.get(self.cfg.tools)
+        return (np.asarray(prompt_ids(stage.template, stage.tokenizer, p.messages, tools)) for p in self.train)
+
     def plan(self, info: DistInfo, console: Console) -> None:
         cfg, train_cfg = self.cfg, self.recipe.train
         if info.distributed and train_cfg.distributed == "fsdp":

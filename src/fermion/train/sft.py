@@ -200,6 +200,9 @@ class SFTSetup(PostTraining):
         self.recipe = self.recipe.model_copy(update={"train": train_cfg.model_copy(update={"steps": steps})})
         self.report.extra.update(steps=steps, rows_per_epoch=len(self.loader._items), packing=self.cfg.packing)
 
+    def token_arrays(self):
+        return (example.ids for example in self.train)
+
     def build(self, info: DistInfo, console: Console) -> Parts:
         train_cfg, tokenizer = self.recipe.train, self.stage.tokenizer
         validation = val_batches(self.val, self.recipe.seq_len, train_cfg.micro_batch_size, tokenizer.pad_id,
