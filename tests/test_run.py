@@ -166,7 +166,6 @@ def demo_run(tmp_path_factory):
              "data.sources.0.max_documents=40", "data.sources.1.max_documents=300", "data.sources.2.max_documents=200",
              "data.sources.3.max_documents=200", "sft.epochs=1", "sft.sources.0.max_documents=200",
              "sft.sources.1.max_documents=200", "sft.sources.2.max_documents=100", "sft.train.compile=false",
-             "dpo.sources.0.max_documents=64", "dpo.sources.1.max_documents=32", "dpo.train.compile=false",
              "eval.limit=6"]
     result = cli("demo", *[arg for item in quick for arg in ("--set", item)])
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr
@@ -176,13 +175,14 @@ def demo_run(tmp_path_factory):
 def test_demo_runs_every_stage_and_chats(demo_run):
     run_dir, out = demo_run
     assert all(record["status"] == "done" for record in ledger(run_dir).values())
-    assert list(ledger(run_dir)) == ["tokenizer", "pretrain", "sft", "dpo", "eval", "export", "card"]
+    assert list(ledger(run_dir)) == ["tokenizer", "pretrain", "sft", "eval", "export", "card"]
     assert "evaluation by stage" in out and "demo finished in" in out
     assert out.count("user ") >= 4 and out.count("assistant ") >= 4
-    for directory in (run_dir, run_dir / "sft", run_dir / "dpo"):
+    for directory in (run_dir, run_dir / "sft"):
         results = json.loads((directory / "eval" / "results.json").read_text())
         assert {r["task"] for r in results["results"]} == {"arithmetic", "tinytask", "smoke"}
-    assert any((run_dir / "dpo" / "export" / "gguf").glob("*.gguf"))
+        assert not any(r["cut_prompts"] for r in results["results"])  # every prompt fits the demo's context
+    assert any((run_dir / "sft" / "export" / "gguf").glob("*.gguf"))
 
 
 def test_demo_export_loads_in_transformers_with_its_chat_template(demo_run):
@@ -192,19 +192,19 @@ def test_demo_export_loads_in_transformers_with_its_chat_template(demo_run):
     from fermion.data.tokenizer import Tokenizer
 
     run_dir, _ = demo_run
-    folder = run_dir / "dpo" / "export" / "hf"
+    folder = run_dir / "sft" / "export" / "hf"
     hf_tokenizer = transformers.AutoTokenizer.from_pretrained(folder)
     hf_model = transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
     messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "What is 7 + 8?"}]
-    recipe = load_recipe(run_dir / "dpo" / "recipe.yaml", check_paths=False)
+    recipe = load_recipe(run_dir / "sft" / "recipe.yaml", check_paths=False)
     ours = ChatTemplate.get(recipe.tokenizer.chat_template)
-    tokenizer = Tokenizer.load(run_dir / "dpo" / "tokenizer.json")
+    tokenizer = Tokenizer.load(run_dir / "sft" / "tokenizer.json")
     ids = ours.encode(tokenizer, messages, add_generation_prompt=True).ids
     rendered = hf_tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=True)
     assert list(rendered["input_ids"]) == ids
     assert hf_tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False) == \
         ours.render(messages, tokenizer, add_generation_prompt=True)
-    model = load(run_dir / "dpo", dtype=torch.float32).model
+    model = load(run_dir / "sft", dtype=torch.float32).model
     with torch.no_grad():  # the export is bf16: compare the same weights (parameters only: the rotary tables stay fp32)
         for param in model.parameters():
             param.copy_(param.to(torch.bfloat16).float())
@@ -216,7 +216,7 @@ def test_demo_export_loads_in_transformers_with_its_chat_template(demo_run):
 
 def test_demo_card_has_every_section_and_the_runs_numbers(demo_run):
     run_dir, _ = demo_run
-    text = (run_dir / "dpo" / "export" / "hf" / "README.md").read_text()
+    text = (run_dir / "sft" / "export" / "hf" / "README.md").read_text()
     for heading in ["## Architecture", "## Parameters", "## Training", "### Loss curves", "## Data",
                     "### Pretraining mix", "## Evaluation", "## Smoke test", "## Sample generations", "## Usage",
                     "### transformers", "### llama.cpp and Ollama", "### fermion", "## Limitations", "## License"]:
@@ -224,18 +224,18 @@ def test_demo_card_has_every_section_and_the_runs_numbers(demo_run):
     recipe = load_recipe(run_dir / "recipe.yaml", check_paths=False)
     counts = count(recipe.model, recipe.seq_len)
     assert f"| total parameters | {counts.total_params:,} |" in text
-    for directory in (run_dir, run_dir / "sft", run_dir / "dpo"):
+    for directory in (run_dir, run_dir / "sft"):
         state = trainer_state_of(find(directory))
         assert f"{state['step']:,}" in text and f"{state['tokens_seen']:,}" in text
     index = json.loads((run_dir / "data" / "index.json").read_text())
     for name, entry in index["sources"].items():
         assert f"| {entry['train']['tokens']:,} | {entry['val']['tokens']:,} |" in text, name
-    for directory in (run_dir, run_dir / "sft", run_dir / "dpo"):
+    for directory in (run_dir, run_dir / "sft"):
         results = json.loads((directory / "eval" / "results.json").read_text())
         for task in results["results"]:
             for metric in task["metrics"]:
                 assert f"{metric['value']:.3f}" in text or f"{metric['value']:.4f}" in text, (directory, metric)
-    assert os.path.getsize(run_dir / "dpo" / "export" / "hf" / "loss_pretrain.png") > 1000
+    assert os.path.getsize(run_dir / "sft" / "export" / "hf" / "loss_pretrain.png") > 1000
 
 
 def test_demo_data_swaps_in_the_users_corpora(tmp_path):
