@@ -232,13 +232,7 @@ class Rollouts:
         if not rows:
             return [0.0, 0.0]
         inputs, targets = collate(rows, self.tokenizer.pad_id, self.seq_len)
-        training = self.model.training
-        self.model.eval()
-        try:
-            with self._autocast():
-                scores, _ = token_logps(self.model, inputs.to(self.info.device), targets.to(self.info.device))
-        finally:
-            self.model.train(training)
+        scores = self.logps(self.model, inputs, targets, temperature=1.0)
         return [-float(scores.sum()), float((targets != IGNORE_INDEX).sum())]
 
     def _answer_calls(self, rollout: Rollout, conversation: list[dict], text: str, calls: list[dict],
@@ -262,15 +256,16 @@ class Rollouts:
         return True
 
     @torch.no_grad()
-    def logps(self, model: torch.nn.Module, inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        """Per-token log-probabilities at the sampling temperature, in the training precision (old and reference
-        log-probs are taken exactly as the loss takes the policy's)."""
+    def logps(self, model: torch.nn.Module, inputs: torch.Tensor, targets: torch.Tensor,
+              temperature: float | None = None) -> torch.Tensor:
+        """Per-token log-probabilities at the sampling temperature (or the one given), in the training precision
+        (old and reference log-probs are taken exactly as the loss takes the policy's)."""
         training = model.training
         model.eval()
         try:
             with self._autocast():
                 scores, _ = token_logps(model, inputs.to(self.info.device), targets.to(self.info.device),
-                                        self.cfg.temperature)
+                                        self.cfg.temperature if temperature is None else temperature)
         finally:
             model.train(training)
         return scores.float().cpu()
