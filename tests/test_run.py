@@ -161,8 +161,8 @@ def test_only_needs_the_steps_before_it(tmp_path):
 def demo_run(tmp_path_factory):
     """`fermion demo`, shrunk to a minute: every stage, generated data, eval at every stage, hf + gguf, card."""
     run_dir = tmp_path_factory.mktemp("demo") / "demo"
-    quick = [f"run.dir={run_dir}", "train.steps=30", "train.warmup_steps=3", "train.eval_every=30",
-             "train.checkpoint_every=30", "train.compile=false", "tokenizer.train_bytes=400000",
+    quick = [f"run.dir={run_dir}", "model.n_layers=2", "train.steps=12", "train.warmup_steps=2", "train.eval_every=12",
+             "train.checkpoint_every=12", "train.compile=false", "tokenizer.train_bytes=400000",
              "data.sources.0.max_documents=40", "data.sources.1.max_documents=300", "data.sources.2.max_documents=200",
              "data.sources.3.max_documents=200", "sft.epochs=1", "sft.sources.0.max_documents=200",
              "sft.sources.1.max_documents=200", "sft.sources.2.max_documents=100", "sft.train.compile=false",
