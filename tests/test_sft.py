@@ -2,6 +2,7 @@
 record formats, bad input counted or refused with the record named, and the stage end to end with exact resume."""
 
 import json
+import random
 import signal
 import subprocess
 import sys
@@ -87,8 +88,9 @@ def test_packed_rows_give_each_conversation_the_loss_it_has_alone(window):
         ids = rng.integers(0, 97, length)
         targets = np.where(rng.random(length - 1) < 0.6, ids[1:], IGNORE_INDEX)
         examples.append(Example(ids, targets))
-    rows = pack(examples, seq_len=32)
+    rows = pack(examples, seq_len=32, rng=random.Random(0))
     assert len(rows) == 1 and len(rows[0]) == 3  # all three share one row (29 of 32 positions)
+    examples = rows[0]  # longest first
     inputs, targets, positions, segments = collate_packed(rows, 32, pad_id=0)
     with torch.no_grad():
         logits, _ = model(inputs, positions, segments)
@@ -98,6 +100,21 @@ def test_packed_rows_give_each_conversation_the_loss_it_has_alone(window):
             expected = F.cross_entropy(alone[0], torch.from_numpy(example.targets), ignore_index=IGNORE_INDEX,
                                        reduction="none")
             torch.testing.assert_close(packed[segments[0] == s], expected, atol=1e-5, rtol=1e-5)
+
+
+def test_packing_fills_rows_best_fit_longest_first_and_keeps_every_conversation_once():
+    lengths = [9, 3, 7, 5, 2, 6, 8, 4, 1, 5, 7]  # in this order, filling rows as they come needs 7 rows of 10
+    examples = [Example(np.arange(n + 1), np.arange(1, n + 1)) for n in lengths]
+    rows = pack(examples, seq_len=10, rng=random.Random(0))
+    assert sorted(len(e.targets) for row in rows for e in row) == sorted(lengths)
+    assert sorted(id(e) for row in rows for e in row) == sorted(id(e) for e in examples)
+    assert all(sum(len(e.targets) for e in row) <= 10 for row in rows)
+    assert len(rows) == 6  # 57 tokens: 6 rows is the fewest that can hold them
+    assert [[len(e.targets) for e in row] for row in pack(examples, 10, random.Random(0))] == \
+        [[len(e.targets) for e in row] for row in rows]  # the same seed, the same rows in the same order
+    orders = {tuple(tuple(len(e.targets) for e in row) for row in pack(examples, 10, random.Random(seed)))
+              for seed in range(5)}
+    assert len(orders) > 1  # rows are shuffled, not left longest-first
 
 
 @pytest.mark.parametrize("record, expected", [

@@ -12,6 +12,7 @@ others of similar length (shuffle, then sort within groups of 64 batches) so lit
 
 from __future__ import annotations
 
+import bisect
 import random
 from dataclasses import dataclass
 
@@ -56,17 +57,32 @@ def encode(template: ChatTemplate, tokenizer: Tokenizer, messages: list[dict], m
     return Example(np.array(ids, dtype=np.int64), targets), truncated
 
 
-def pack(examples: list[Example], seq_len: int) -> list[list[Example]]:
-    """Greedy, in order: a conversation goes into the current row if its inputs fit, else starts a new row."""
+def pack(examples: list[Example], seq_len: int, rng: random.Random) -> list[list[Example]]:
+    """Rows of at most seq_len inputs, packed best-fit decreasing: the longest conversation first, each into the row
+    it leaves the least room in (a new row when none has room), then the rows in an order shuffled by `rng`. On the
+    demo's conversations (up to 277 of 512 tokens) rows come out ~99% full where filling them in the given order left
+    a fifth of each row padding (TRL's SFT packs the same way: its "bfd" strategy). Ties keep the given order."""
     rows: list[list[Example]] = []
-    used = seq_len
-    for example in examples:
+    rooms: list[int] = []  # the distinct amounts of room left in open rows, ascending
+    open_rows: dict[int, list[int]] = {}  # room left -> the rows with that much room
+    for example in sorted(examples, key=lambda e: len(e.targets), reverse=True):
         length = len(example.targets)
-        if used + length > seq_len:
+        at = bisect.bisect_left(rooms, length)
+        if at < len(rooms):
+            room = rooms[at]
+            row = open_rows[room].pop()
+            if not open_rows[room]:
+                del open_rows[room], rooms[at]
+        else:
+            room, row = seq_len, len(rows)
             rows.append([])
-            used = 0
-        rows[-1].append(example)
-        used += length
+        rows[row].append(example)
+        if room - length > 0:
+            if room - length not in open_rows:
+                bisect.insort(rooms, room - length)
+                open_rows[room - length] = []
+            open_rows[room - length].append(row)
+    rng.shuffle(rows)
     return rows
 
 
@@ -122,7 +138,7 @@ class SFTLoader:
         order = list(self.examples)
         random.Random(self.seed * 1_000_003 + epoch).shuffle(order)
         if self.packing:
-            return pack(order, self.seq_len)
+            return pack(order, self.seq_len, random.Random(self.seed * 1_000_003 + epoch + 1))
         global_batch = self.batch_size * self.world_size
         group = global_batch * GROUP_BATCHES
         items = []
@@ -158,7 +174,7 @@ class SFTLoader:
 def val_batches(examples: list[Example], seq_len: int, batch_size: int, pad_id: int, packing: bool,
                 limit: int) -> list[tuple[torch.Tensor, ...]]:
     if packing:
-        rows = pack(examples, seq_len)
+        rows = pack(examples, seq_len, random.Random(0))  # shuffled: a capped val set is not the longest only
         chunks = [rows[i:i + batch_size] for i in range(0, len(rows), batch_size)]
         return [collate_packed(chunk, seq_len, pad_id) for chunk in chunks[:limit]]
     # In split order, not sorted by length: capped at `limit` batches, sorting would score only the shortest.
