@@ -87,10 +87,42 @@ def chunked_nll(model, hidden: torch.Tensor, targets: torch.Tensor, chunk_tokens
     return torch.cat(pieces).view(targets.shape)
 
 
+def target_nll(model, inputs: torch.Tensor, targets: torch.Tensor, *packing, reduction: str = "sum",
+               temperature: float = 1.0, cross_entropy: str = "full", chunk_tokens: int = CHUNK_TOKENS,
+               only_targets: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """The NLL of `targets` under softmax(logits / temperature) (fp32, whatever the autocast dtype), summed
+    (reduction "sum") or per token ("none": in the targets' shape, 0 where IGNORE_INDEX), and the MoE aux loss.
+
+    `only_targets`: the output layer and cross-entropy run only at the positions that have a target, the way the
+    objectives that learn from a few tokens of each sequence want it (SFT's assistant tokens, DPO's replies, RL's
+    completions: on the demo's SFT a third of the positions). The selection has a data-dependent size, so under
+    torch.compile the loss is two graphs (the body, then the head on the selected rows), and on a GPU it waits for
+    the count; pretraining, where every position has a target, leaves it off."""
+    def head(inner, hidden):
+        flat_targets = targets.flatten()
+        if only_targets:
+            keep = (flat_targets != IGNORE_INDEX).nonzero().squeeze(1)
+            hidden, selected = hidden.flatten(0, -2).index_select(0, keep), flat_targets.index_select(0, keep)
+        else:
+            hidden, selected = hidden.flatten(0, -2), flat_targets
+        if cross_entropy == "chunked":
+            nll = chunked_nll(inner, hidden, selected, chunk_tokens, reduction, temperature)
+        else:
+            nll = _chunk_nll(inner, hidden, selected, reduction, temperature)
+        if reduction == "sum":
+            return nll
+        if only_targets:
+            nll = nll.new_zeros(flat_targets.shape).index_copy(0, keep, nll)
+        return nll.view(targets.shape)
+
+    return model(inputs, *packing, head=head)
+
+
 class _Objective:
     """What the objectives here share: how the vocabulary is met (see the module docstring), and no state."""
 
     logged: tuple[str, ...] = ()
+    only_targets = True  # the output layer only where a target is (see target_nll); pretraining's has one everywhere
 
     def __init__(self, cross_entropy: str = "full", chunk_tokens: int = CHUNK_TOKENS):
         if chunk_tokens < 1:
@@ -112,20 +144,15 @@ class _Objective:
     def token_nll(self, model, inputs: torch.Tensor, targets: torch.Tensor, *packing,
                   reduction: str) -> tuple[torch.Tensor, torch.Tensor]:
         """(NLL of the targets, "sum" over them or per token ("none", 0 where ignored), and the MoE aux loss)."""
-        if self.cross_entropy == "chunked":
-            def head(inner, hidden):
-                return chunked_nll(inner, hidden, targets, self.chunk_tokens, reduction)
-            return model(inputs, *packing, head=head)
-        logits, aux_loss = model(inputs, *packing)
-        nll = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=IGNORE_INDEX,
-                              reduction=reduction)
-        return (nll if reduction == "sum" else nll.view(targets.shape)), aux_loss
+        return target_nll(model, inputs, targets, *packing, reduction=reduction, cross_entropy=self.cross_entropy,
+                          chunk_tokens=self.chunk_tokens, only_targets=self.only_targets)
 
 
 class Pretrain(_Objective):
     """Next-token cross-entropy, plus the MoE auxiliary losses the model returns."""
 
     name = "pretrain"
+    only_targets = False
 
     def __init__(self, token_bytes: torch.Tensor, cross_entropy: str = "full", chunk_tokens: int = CHUNK_TOKENS):
         super().__init__(cross_entropy, chunk_tokens)
@@ -133,12 +160,8 @@ class Pretrain(_Objective):
 
     def loss(self, model, batch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         inputs, targets, *packing = batch  # packed batches add (positions, segments)
-        if self.cross_entropy == "chunked":
-            nll, aux_loss = self.token_nll(model, inputs, targets, *packing, reduction="sum")
-            ce = nll / (targets != IGNORE_INDEX).sum()  # the mean F.cross_entropy takes (NaN with no targets, too)
-        else:
-            logits, aux_loss = model(inputs, *packing)
-            ce = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=IGNORE_INDEX)
+        nll, aux_loss = self.token_nll(model, inputs, targets, *packing, reduction="sum")
+        ce = nll / (targets != IGNORE_INDEX).sum()  # the mean F.cross_entropy takes (NaN with no targets, too)
         # Metrics are returned undetached: under torch.compile (2.13) returning a detached copy of `ce` beside the
         # loss makes the loss lose its graph. Callers detach what they keep.
         return ce + aux_loss, {"ce": ce, "aux": aux_loss}
@@ -178,16 +201,9 @@ def token_logps(model, inputs: torch.Tensor, targets: torch.Tensor, temperature:
                 cross_entropy: str = "full", chunk_tokens: int = CHUNK_TOKENS) -> tuple[torch.Tensor, torch.Tensor]:
     """Each target's log-probability under softmax(logits / temperature), [rows, T] with 0 where ignored
     (log-softmax in fp32, whatever the autocast dtype of the logits), and the model's MoE auxiliary loss."""
-    if cross_entropy == "chunked":
-        def head(inner, hidden):
-            return chunked_nll(inner, hidden, targets, chunk_tokens, reduction="none", temperature=temperature)
-        token_nll, aux_loss = model(inputs, head=head)
-        return -token_nll, aux_loss
-    logits, aux_loss = model(inputs)
-    logits = logits.flatten(0, 1).float()
-    logits = logits if temperature == 1.0 else logits / temperature
-    nll = F.cross_entropy(logits, targets.flatten(), ignore_index=IGNORE_INDEX, reduction="none")
-    return -nll.view(targets.shape), aux_loss
+    nll, aux_loss = target_nll(model, inputs, targets, reduction="none", temperature=temperature,
+                               cross_entropy=cross_entropy, chunk_tokens=chunk_tokens, only_targets=True)
+    return -nll, aux_loss
 
 
 def sequence_logps(model, inputs: torch.Tensor, targets: torch.Tensor, cross_entropy: str = "full",
