@@ -160,3 +160,36 @@ def test_compiled_chunked_loss_matches_eager_full():
     torch._dynamo.reset()
     chunked.loss = torch.compile(chunked.loss)  # as the trainer compiles objective.loss
     assert_same(full, run(chunked, model, batch))
+
+
+@pytest.mark.parametrize("cross_entropy", ["full", "chunked"])
+def test_output_layer_only_at_targets_gives_the_loss_and_gradients_of_every_position(cross_entropy, monkeypatch):
+    """SFT's loss, gradients and per-token log-probs with the output layer run only where a target is equal those
+    with it run everywhere; the logits it computes are for the targets' positions only."""
+    from fermion.train.objectives import token_logps
+
+    model, batch = tiny_model().train(), pretrain_batch(ignore=True)
+    everywhere = SFT(TOKEN_BYTES, cross_entropy=cross_entropy, chunk_tokens=13)
+    everywhere.only_targets = False
+    only = SFT(TOKEN_BYTES, cross_entropy=cross_entropy, chunk_tokens=13)
+    assert only.only_targets and not Pretrain(TOKEN_BYTES).only_targets
+    rows = []
+    real_logits = type(model).logits
+    monkeypatch.setattr(type(model), "logits", lambda self, hidden: rows.append(hidden.shape[0])
+                        or real_logits(self, hidden))
+    expected = run(everywhere, model, batch)
+    rows.clear()
+    assert_same(expected, run(only, model, batch), tol=1e-6)
+    counted = int((batch[1] != IGNORE_INDEX).sum())
+    assert counted < batch[1].numel()
+    # Chunked: each chunk's logits once in forward and again in backward (recomputed under checkpointing).
+    assert sum(rows) == (2 * counted if cross_entropy == "chunked" else counted)
+    assert max(rows) <= (13 if cross_entropy == "chunked" else counted)
+    rows.clear()
+    with torch.no_grad():
+        logps, _ = token_logps(model, *batch, temperature=0.7, cross_entropy=cross_entropy, chunk_tokens=13)
+    assert sum(rows) == counted  # no logits for a position without a target
+    logits = model(batch[0])[0].float() / 0.7
+    expected = torch.log_softmax(logits, -1).gather(-1, batch[1].clamp(min=0)[..., None])[..., 0]
+    expected = torch.where(batch[1] == IGNORE_INDEX, 0.0, expected)
+    torch.testing.assert_close(logps, expected, atol=1e-5, rtol=1e-5)

@@ -187,6 +187,7 @@ class SFT(Pretrain):
     packed conversations (each attending only to itself, positions restarting) or padded ones."""
 
     name = "sft"
+    only_targets = True
 
     def describe(self, metrics: dict[str, float]) -> str:
         return f"val loss {metrics['val_loss']:.4f} (assistant tokens) · val bits/byte {metrics['val_bpb']:.4f}"
