@@ -349,12 +349,15 @@ def test_exact_resume_after_sigkill(uninterrupted, tiny_run, tmp_path):
 
 
 @pytest.mark.slow
-def test_two_processes_under_ddp_match_one_process(uninterrupted, tiny_run, tmp_path):
+@pytest.mark.parametrize("distributed", ["ddp", "fsdp"])
+def test_two_processes_match_one_process(uninterrupted, tiny_run, tmp_path, distributed):
     """torchrun, 2 processes (gloo, CPU), the same global batch: each samples its half of the prompts with the seeds
-    one process would use, so the rewards are the same at every step and the losses agree to float noise."""
+    one process would use, so the rewards are the same at every step and the losses agree to float noise. Under
+    FSDP2 each process decodes with a whole copy of the weights, gathered from the shards before every rollout
+    batch and validation: the same rewards at every step say the copy follows the training."""
     folder, _ = uninterrupted
     recipe = rl_recipe(tmp_path, tiny_run, train={**yaml.safe_load((folder / "rl.yaml").read_text())["rl"]["train"],
-                                                  "micro_batch_size": 4, "distributed": "ddp"})
+                                                  "micro_batch_size": 4, "distributed": distributed})
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tmp_path), os.environ.get("PYTHONPATH", "")])}
     result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
                              "-m", "fermion", "rl", str(recipe)], cwd=REPO, env=env, capture_output=True, text=True,
@@ -363,6 +366,8 @@ def test_two_processes_under_ddp_match_one_process(uninterrupted, tiny_run, tmp_
     two, one = ([r for r in rl_metrics(d / "run") if "loss" in r] for d in (tmp_path, folder))
     assert [r["reward"] for r in two] == [r["reward"] for r in one]
     assert max(abs(a["loss"] - b["loss"]) for a, b in zip(two, one, strict=True)) < 1e-5
+    validations = [[r["val_reward"] for r in rl_metrics(d / "run") if "val_reward" in r] for d in (tmp_path, folder)]
+    assert len(validations[0]) >= 2 and validations[0] == validations[1]
 
 
 @pytest.mark.parametrize("change, said", [

@@ -6,12 +6,15 @@ has no dpo section) unless rl.train.init_from says otherwise, and trains into `<
 post-training stages: checkpoints, metrics.jsonl, report.json. What happens in a step is in train/rollout.py (the
 rollouts, advantages, the loader and its exact resume) and objectives.GRPO (the loss).
 
-Distributed: DDP. Each process samples its share of the prompts with its own full copy of the weights, as decoding
-needs them whole; FSDP2 shards them, so rl refuses train.distributed: fsdp rather than gather the whole model for
-every decoding step.
+Distributed: DDP or FSDP2. Each process samples its share of the prompts with the whole weights, as decoding needs
+them: under DDP the policy's own, under FSDP2 (which shards them) a copy on each process that the shards are
+gathered into before each rollout batch and each validation (`Rollouts.sync`): one model's weights more per
+process, the price of decoding without a collective per token.
 """
 
 from __future__ import annotations
+
+import copy
 
 import numpy as np
 import torch
@@ -89,9 +92,6 @@ class RLSetup(PostTraining):
 
     def plan(self, info: DistInfo, console: Console) -> None:
         cfg, train_cfg = self.cfg, self.recipe.train
-        if info.distributed and train_cfg.distributed == "fsdp":
-            raise RecipeError("rl.train.distributed: fsdp shards the weights, and each process decodes its rollouts "
-                              "with the whole model; use ddp")
         if cfg.prompts_per_step % info.world_size:
             raise RecipeError(f"rl.prompts_per_step ({cfg.prompts_per_step}) must be a multiple of the "
                               f"{info.world_size} processes")
@@ -131,13 +131,16 @@ class RLSetup(PostTraining):
             reference = build_model(self.recipe, info.device, stage.weights).eval().requires_grad_(False)
         model = self.with_adapters(build_model(self.recipe, info.device, stage.weights), info)
         precision = resolve_precision(train_cfg.precision, info.device)
+        sharded = info.distributed and train_cfg.distributed == "fsdp"
         rollouts = Rollouts(model, stage.tokenizer, stage.template, toolbox.get(cfg.tools),
                             Rewards.from_recipe(cfg.verifiers), cfg, self.recipe.seq_len, precision, info, self.seed,
-                            reference)
+                            reference, decoder=copy.deepcopy(model).requires_grad_(False) if sharded else None)
         loader = RolloutLoader(rollouts, self.train, train_cfg.micro_batch_size, train_cfg.grad_accum)
         val, val_ids = self.val, [rollouts.prompt_ids(p.messages) for p in self.val]
 
         def validate(indices: list[int]) -> torch.Tensor:
+            if indices[0] == 0:  # the first batch of a validation (every process scores them all, in order)
+                rollouts.sync()
             return rollouts.greedy_sums([val[i] for i in indices], [val_ids[i] for i in indices])
 
         objective = GRPO(rollouts.rewards.names, cfg.epsilon, cfg.clip_high, cfg.beta, cfg.loss_type,

@@ -144,12 +144,25 @@ class Rollouts:
 
     def __init__(self, model: torch.nn.Module, tokenizer: Tokenizer, template: ChatTemplate, tools: list[Tool],
                  rewards: Rewards, cfg, seq_len: int, precision: str, info: DistInfo, seed: int,
-                 reference: torch.nn.Module | None = None):
+                 reference: torch.nn.Module | None = None, decoder: torch.nn.Module | None = None):
         self.model, self.tokenizer, self.template, self.tools = model, tokenizer, template, tools
         self.rewards, self.cfg, self.seq_len, self.precision = rewards, cfg, seq_len, precision
         self.info, self.seed, self.reference = info, seed, reference
+        # What the engine decodes with: the policy itself, or (FSDP2, which shards the policy's weights) a whole
+        # copy on each process that `sync` refreshes from the shards before each rollout batch and validation.
+        self.decoder = model if decoder is None else decoder
         self.tool_defs = [tool.definition for tool in tools] or None
         self._engine: Engine | None = None
+
+    def sync(self) -> None:
+        """Under FSDP2: gather the policy's whole weights into the decoding copy. A collective: every process calls
+        it at the same point (before each rollout batch; before each validation)."""
+        if self.decoder is self.model:
+            return
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+        whole = get_model_state_dict(self.model, options=StateDictOptions(full_state_dict=True))
+        self.decoder.load_state_dict(whole)
 
     def prompt_ids(self, messages: list[dict]) -> list[int]:
         return prompt_ids(self.template, self.tokenizer, messages, self.tools)
@@ -157,7 +170,7 @@ class Rollouts:
     @property
     def engine(self) -> Engine:
         if self._engine is None:  # the KV cache is allocated once, on first use
-            self._engine = Engine(self.model, self.tokenizer, max_batch=MAX_ENGINE_BATCH, max_seq=self.seq_len)
+            self._engine = Engine(self.decoder, self.tokenizer, max_batch=MAX_ENGINE_BATCH, max_seq=self.seq_len)
         return self._engine
 
     def _autocast(self):
@@ -167,7 +180,7 @@ class Rollouts:
     def sample(self, prompts: list[Prompt], ids: list[list[int]], seeds: list[list[int]] | None) -> list[Rollout]:
         """Each prompt continued for up to max_turns model turns; `seeds[i][turn]` seeds sequence i's turn (None:
         greedy). The policy's train/eval mode is put back afterwards (the engine decodes in eval mode)."""
-        training = self.model.training
+        training = self.decoder.training
         rollouts = [Rollout(list(row), [False] * len(row)) for row in ids]
         conversations = [list(p.messages) for p in prompts]
         names = {tool.name: tool for tool in self.tools}
@@ -200,7 +213,7 @@ class Rollouts:
                                 carry_on.append(i)
                     live = carry_on
         finally:
-            self.model.train(training)
+            self.decoder.train(training)
         for prompt, rollout in zip(prompts, rollouts, strict=True):
             rollout.reward, rollout.each = self.rewards.score(rollout.text, prompt.record)
         return rollouts
@@ -349,6 +362,7 @@ class RolloutLoader:
         ids = [self.ids[i] for i in chosen for _ in range(g)]
         seeds = [[sample_seed(self.rollouts.seed, self.rollout, first + j, s, t) for t in range(cfg.max_turns)]
                  for j in range(len(chosen)) for s in range(g)]
+        self.rollouts.sync()
         done = self.rollouts.sample(prompts, ids, seeds)
         rewards = torch.tensor([r.reward for r in done], dtype=torch.float32)
         advantage, zero_std = advantages(rewards, g)
