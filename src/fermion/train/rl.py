@@ -15,6 +15,7 @@ process, the price of decoding without a collective per token.
 from __future__ import annotations
 
 import copy
+from dataclasses import replace
 
 import numpy as np
 import torch
@@ -44,7 +45,9 @@ def read_prompts(stage: Stage, tools: list, report: Report) -> list[Prompt]:
             report.read += 1
             try:
                 prompt = to_prompt(record, where)
-                length = len(prompt_ids(stage.template, stage.tokenizer, prompt.messages, tools))
+                # Rendered and tokenized once, here: the loader, the validation and LoRA's token rows take these.
+                prompt = replace(prompt, ids=prompt_ids(stage.template, stage.tokenizer, prompt.messages, tools))
+                length = len(prompt.ids)
                 if length >= room:
                     raise Skipped(where, "no room to answer", f" (the prompt is {length} tokens of {room + 1})")
             except Skipped as skipped:
@@ -87,8 +90,7 @@ def prepare(recipe: Recipe) -> tuple[Stage, list[Prompt], list[Prompt], Report]:
 
 class RLSetup(PostTraining):
     def token_arrays(self):
-        stage, tools = self.stage, toolbox.get(self.cfg.tools)
-        return (np.asarray(prompt_ids(stage.template, stage.tokenizer, p.messages, tools)) for p in self.train)
+        return (np.asarray(p.ids) for p in self.train)
 
     def plan(self, info: DistInfo, console: Console) -> None:
         cfg, train_cfg = self.cfg, self.recipe.train
@@ -136,7 +138,7 @@ class RLSetup(PostTraining):
                             Rewards.from_recipe(cfg.verifiers), cfg, self.recipe.seq_len, precision, info, self.seed,
                             reference, decoder=copy.deepcopy(model).requires_grad_(False) if sharded else None)
         loader = RolloutLoader(rollouts, self.train, train_cfg.micro_batch_size, train_cfg.grad_accum)
-        val, val_ids = self.val, [rollouts.prompt_ids(p.messages) for p in self.val]
+        val, val_ids = self.val, [p.ids for p in self.val]
 
         def validate(indices: list[int]) -> torch.Tensor:
             if indices[0] == 0:  # the first batch of a validation (every process scores them all, in order)

@@ -60,6 +60,7 @@ class Prompt:
     messages: list[dict]  # the conversation to answer (ends with a user turn)
     record: dict  # what the verifiers read: "answer", "messages", "tools" (the ones the prompt offers)
     where: str
+    ids: list[int] = field(default_factory=list)  # as the model sees it (`prompt_ids`); rl.read_prompts sets them
 
 
 def builtin_prompts(source: SourceConfig) -> list[tuple[str, dict]]:
@@ -334,7 +335,7 @@ class RolloutLoader:
         self.rollouts, self.prompts, self.cfg, self.info = rollouts, prompts, cfg, info
         self.micro_batch, self.grad_accum = micro_batch, grad_accum
         self.per_rank = cfg.prompts_per_step // info.world_size
-        self.ids = [rollouts.prompt_ids(p.messages) for p in prompts]
+        self.ids = [p.ids for p in prompts]
         self.data = fingerprint(self.ids)
         self.rollout, self.iteration, self.micro = 0, 0, 0
         self.buffer: dict | None = None  # the current rollout batch: rows, normaliser, statistics
