@@ -84,3 +84,31 @@ def test_tied_embeddings_share_one_table():
     model = build(tie_embeddings=True)
     assert model.lm_head is None and model.output_weight() is model.tok_emb.weight
     assert count(model.cfg).total_params == sum(p.numel() for p in model.parameters())
+
+
+@pytest.mark.parametrize("window", [None, 40])
+def test_masked_attention_by_query_block_equals_one_call_and_skips_what_no_query_sees(window, monkeypatch):
+    """On CPU a masked SDPA runs QUERY_BLOCK queries at a time over only the keys they may see: the same outputs
+    and gradients as one call with the whole mask, from far fewer query-key pairs on packed rows."""
+    import torch.nn.functional as F
+
+    from fermion.model import attention
+
+    g = torch.Generator().manual_seed(0)
+    T = 4 * attention.QUERY_BLOCK + 7  # a last, partial block
+    lengths = [[150, 60, 40, T - 250], [100, 90, T - 190]]
+    segments = torch.stack([torch.cat([torch.full((n,), s) for s, n in enumerate(row)]) for row in lengths])
+    mask = attention.document_mask(segments, window)
+    q = torch.randn(2, 4, T, 16, generator=g, requires_grad=True)
+    k, v = (torch.randn(2, 2, T, 16, generator=g, requires_grad=True) for _ in range(2))
+    pairs = []
+    real = F.scaled_dot_product_attention
+    monkeypatch.setattr(F, "scaled_dot_product_attention", lambda q_, k_, v_, **kw: pairs.append(
+        q_.shape[2] * k_.shape[2]) or real(q_, k_, v_, **kw))
+    got = attention.sdpa(q, k, v, mask)
+    assert len(pairs) == 5 and sum(pairs) < 0.55 * T * T  # causality alone would leave 62%
+    grads = torch.autograd.grad(got.square().sum(), (q, k, v))
+    expected = real(q, k.repeat_interleave(2, 1), v.repeat_interleave(2, 1), attn_mask=mask)
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+    for a, b in zip(grads, torch.autograd.grad(expected.square().sum(), (q, k, v)), strict=True):
+        torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
