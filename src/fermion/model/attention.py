@@ -65,12 +65,12 @@ def _sdpa_by_query_block(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask
     """Masked SDPA on a CPU, QUERY_BLOCK queries at a time, each block over only the keys its queries may see
     (from the first to the last key any of them may see, in any row): the masked CPU kernel computes every query
     against every key, so causality and packed documents (a row of packed conversations is mostly masked) cost
-    nothing skipped. The demo's SFT attention (rows of 512, six conversations of up to 277 tokens) took 40% less
-    time in forward and backward, in fp32 and bf16. Keys outside a block's range are masked for all its queries, so
-    the result equals one call's up to float summation order. Eager only: the ranges are read from the mask, which
-    a compiled graph would have to break for."""
+    nothing skipped. On the demo's SFT rows (512 positions, conversations of up to 277 tokens) attention alone took
+    54 -> 30-35 ms a layer in forward and backward (fp32), the whole eager step 7-8% less (bench/RESULTS.md). Keys
+    outside a block's range are masked for all its queries, so the result equals one call's up to float summation
+    order. Eager only: the ranges are read from the mask, which a compiled graph would have to break for."""
     T = q.shape[2]
-    allowed = mask.reshape(-1, T, mask.shape[-1]).any(0)  # [queries, keys]: allowed in some row
+    allowed = mask.reshape(-1, T, T).any(0)  # [queries, keys]: allowed in some row
     starts = list(range(0, T, QUERY_BLOCK))
     seen = torch.stack([allowed[s:s + QUERY_BLOCK].any(0) for s in starts]).int()  # [blocks, keys]
     first = seen.argmax(1).tolist()
@@ -78,9 +78,8 @@ def _sdpa_by_query_block(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask
     outputs = []
     for s, lo, hi in zip(starts, first, last, strict=True):
         e = min(s + QUERY_BLOCK, T)  # (a block whose queries see nothing gets every key, as in one call)
-        block_mask = mask[..., s:e, lo:hi] if mask.shape[-2] == T else mask[..., lo:hi]
         outputs.append(F.scaled_dot_product_attention(q[:, :, s:e], k[:, :, lo:hi], v[:, :, lo:hi],
-                                                      attn_mask=block_mask))
+                                                      attn_mask=mask[..., s:e, lo:hi]))
     return torch.cat(outputs, 2)
 
 

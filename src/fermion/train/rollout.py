@@ -180,7 +180,7 @@ class Rollouts:
     @torch.no_grad()
     def sample(self, prompts: list[Prompt], ids: list[list[int]], seeds: list[list[int]] | None) -> list[Rollout]:
         """Each prompt continued for up to max_turns model turns; `seeds[i][turn]` seeds sequence i's turn (None:
-        greedy). The policy's train/eval mode is put back afterwards (the engine decodes in eval mode)."""
+        greedy). The decoder's train/eval mode is put back afterwards (the engine decodes in eval mode)."""
         training = self.decoder.training
         rollouts = [Rollout(list(row), [False] * len(row)) for row in ids]
         conversations = [list(p.messages) for p in prompts]
